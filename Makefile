@@ -1,0 +1,43 @@
+# feedrank — the two set-up commands are `make demo` and `make test`.
+# Both create/refresh .venv idempotently and install the project into it.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3 2>/dev/null)
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.feedrank-installed
+PYTEST_ARGS ?=
+
+.PHONY: test demo venv preflight clean help
+
+help:
+	@echo "make test   - create .venv, install feedrank, run the test suite"
+	@echo "make demo   - create .venv, install feedrank, run the end-to-end demo"
+
+preflight:
+	@if [ -z "$(PYTHON)" ]; then echo "feedrank needs Python 3.11: apt-get install -y python3.11 python3.11-venv (or pyenv install 3.11)"; exit 1; fi
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)' || { \
+	  echo "feedrank needs Python 3.11 (found $$($(PYTHON) --version 2>&1)): install it, or run 'make PYTHON=/path/to/python3.11 ...'"; exit 1; }
+	@command -v java >/dev/null 2>&1 || { echo "Flink needs Java 17: apt-get install -y openjdk-17-jre-headless"; exit 1; }
+	@v=$$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -1); \
+	  if [ "$$v" != "17" ]; then echo "Flink needs Java 17 (found Java $$v): apt-get install -y openjdk-17-jre-headless, and put it first on PATH / JAVA_HOME"; exit 1; fi
+
+$(VPY):
+	$(PYTHON) -m venv $(VENV)
+
+# Re-install only when the dependency list changes.
+$(STAMP): pyproject.toml | $(VPY)
+	$(VPY) -m pip install --upgrade pip setuptools wheel
+	$(VPY) -m pip install -e '.[dev]'
+	@touch $(STAMP)
+
+venv: preflight $(STAMP)
+
+test: venv
+	@set +e; $(VPY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "ERROR: pytest collected no tests"; exit 1; fi; exit $$rc
+
+demo: venv
+	$(VENV)/bin/feedrank demo
+
+clean:
+	rm -rf var reports .pytest_cache

@@ -1,0 +1,217 @@
+"""Typed, versioned events: the one vocabulary of the event log.
+
+Every event is one compact JSON line with ``v`` (schema version), ``type``, ``event_id``
+(for de-duplication downstream) and ``ts`` (event time, epoch milliseconds). Serving,
+the simulator, the Flink jobs and the tests all go through :func:`parse_event`, so a
+malformed event is rejected once, at the edge, with a reason a person can act on.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from enum import Enum
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+SCHEMA_VERSION = 1
+#: Event time bounds: 2000-01-01 .. 2100-01-01 in epoch ms. Catches seconds-vs-ms mistakes.
+TS_MIN_MS = 946_684_800_000
+TS_MAX_MS = 4_102_444_800_000
+
+Id = Annotated[int, Field(ge=0, lt=2**63)]
+TsMs = Annotated[int, Field(ge=TS_MIN_MS, lt=TS_MAX_MS)]
+
+
+class ContentType(str, Enum):
+    TEXT = "text"
+    IMAGE = "image"
+    VIDEO = "video"
+
+
+CONTENT_TYPES = [c.value for c in ContentType]
+
+
+class FeedType(str, Enum):
+    HOME = "home"
+    EXPLORE = "explore"
+    FOLLOWING = "following"
+
+
+class Source(str, Enum):
+    """Where a served candidate came from."""
+
+    IN_NETWORK = "in_network"
+    OUT_OF_NETWORK = "out_of_network"
+    AD = "ad"
+    TRENDING = "trending"
+
+
+class Action(str, Enum):
+    """What a user did with a post. ``view`` is the client's viewport exposure signal."""
+
+    VIEW = "view"
+    CLICK = "click"
+    LIKE = "like"
+    COMMENT = "comment"
+    SHARE = "share"
+    DWELL = "dwell"
+    HIDE = "hide"
+    NOT_INTERESTED = "not_interested"
+    SEE_LESS = "see_less"
+
+
+NEGATIVE_ACTIONS = frozenset({Action.HIDE, Action.NOT_INTERESTED, Action.SEE_LESS})
+
+
+def new_event_id() -> str:
+    return uuid.uuid4().hex
+
+
+class BaseEvent(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=True)
+
+    v: Literal[1] = SCHEMA_VERSION
+    event_id: Annotated[str, Field(min_length=1, max_length=128)] = Field(default_factory=new_event_id)
+    ts: TsMs
+
+    def to_json(self) -> str:
+        """The canonical JSON line (no newline). Identical bytes in every backend."""
+        return self.model_dump_json()
+
+    @property
+    def partition_key(self) -> int:
+        """Events are partitioned by the acting user (the author for a publish)."""
+        return int(getattr(self, "user_id"))
+
+
+class PostPublished(BaseEvent):
+    type: Literal["post_published"] = "post_published"
+    post_id: Id
+    author_id: Id
+    topic: Annotated[int, Field(ge=0, lt=10_000)]
+    content_type: ContentType
+    is_original: bool = True
+    original_post_id: Id | None = None
+    policy_flagged: bool = False
+    text: Annotated[str, Field(max_length=20_000)] = ""
+
+    @model_validator(mode="after")
+    def _repost_has_origin(self) -> "PostPublished":
+        if not self.is_original and self.original_post_id is None:
+            raise ValueError("a repost (is_original=false) needs original_post_id")
+        return self
+
+    @property
+    def partition_key(self) -> int:
+        return self.author_id
+
+
+class Followed(BaseEvent):
+    type: Literal["followed"] = "followed"
+    user_id: Id
+    author_id: Id
+
+    @model_validator(mode="after")
+    def _not_self(self) -> "Followed":
+        if self.user_id == self.author_id:
+            raise ValueError("a user cannot follow themself")
+        return self
+
+
+class Unfollowed(BaseEvent):
+    type: Literal["unfollowed"] = "unfollowed"
+    user_id: Id
+    author_id: Id
+
+
+class Exposure(BaseEvent):
+    """A post served to a user at a position: what training must see of serving."""
+
+    type: Literal["exposure"] = "exposure"
+    request_id: Annotated[str, Field(min_length=1, max_length=128)]
+    user_id: Id
+    post_id: Id
+    author_id: Id | None = None
+    position: Annotated[int, Field(ge=1, le=10_000)]
+    feed_type: FeedType
+    source: Source
+    model_version: str = ""
+    experiments: dict[str, str] = Field(default_factory=dict)
+    snapshot_id: str | None = None
+
+
+class Engagement(BaseEvent):
+    type: Literal["engagement"] = "engagement"
+    user_id: Id
+    post_id: Id
+    action: Action
+    dwell_ms: Annotated[int, Field(ge=0, le=86_400_000)] | None = None
+    author_id: Id | None = None
+    position: Annotated[int, Field(ge=1, le=10_000)] | None = None
+    request_id: str | None = None
+
+    @model_validator(mode="after")
+    def _dwell(self) -> "Engagement":
+        if self.action == Action.DWELL.value and self.dwell_ms is None:
+            raise ValueError("dwell_ms is required when action is 'dwell'")
+        if self.action != Action.DWELL.value and self.dwell_ms is not None:
+            raise ValueError("dwell_ms is only allowed when action is 'dwell'")
+        return self
+
+
+Event = Annotated[
+    Union[PostPublished, Followed, Unfollowed, Exposure, Engagement], Field(discriminator="type")
+]
+EVENT_TYPES: dict[str, type[BaseEvent]] = {
+    c.model_fields["type"].default: c for c in (PostPublished, Followed, Unfollowed, Exposure, Engagement)
+}
+_ADAPTER: TypeAdapter[Any] = TypeAdapter(Event)
+
+
+class InvalidEvent(ValueError):
+    """A malformed event. ``reason`` says what is wrong, field by field."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _reason(e: ValidationError, data: Any) -> str:
+    parts = []
+    for err in e.errors():
+        loc = [str(x) for x in err["loc"]]
+        if loc and loc[0] in EVENT_TYPES:  # the discriminator tag adds the type name first
+            loc = loc[1:]
+        where = ".".join(loc) or "event"
+        parts.append(f"{where}: {err['msg']}")
+    kind = data.get("type") if isinstance(data, dict) else None
+    return (f"{kind}: " if isinstance(kind, str) else "") + "; ".join(parts)
+
+
+def parse_event(data: str | bytes | dict[str, Any]) -> BaseEvent:
+    """Validate one event (a JSON line or a dict) and return its typed model.
+
+    Raises :class:`InvalidEvent` with a reason; never anything else for bad input.
+    """
+    if isinstance(data, (str, bytes)):
+        try:
+            data = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InvalidEvent(f"not JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise InvalidEvent(f"an event must be a JSON object, got {type(data).__name__}")
+    if data.get("v", SCHEMA_VERSION) != SCHEMA_VERSION:
+        raise InvalidEvent(f"unsupported schema version v={data.get('v')!r} (this build reads v={SCHEMA_VERSION})")
+    if data.get("type") not in EVENT_TYPES:
+        raise InvalidEvent(f"type: must be one of {sorted(EVENT_TYPES)}, got {data.get('type')!r}")
+    try:
+        return _ADAPTER.validate_python(data)
+    except ValidationError as e:
+        raise InvalidEvent(_reason(e, data)) from None
+
+
+def coerce_event(event: BaseEvent | dict[str, Any] | str | bytes) -> BaseEvent:
+    """An event model from a model, dict or JSON line (validated unless already a model)."""
+    return event if isinstance(event, BaseEvent) else parse_event(event)

@@ -1,0 +1,270 @@
+"""The `feedrank` command line: one entry point for the stack, the simulator and the jobs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from feedrank.config import ConfigError, get_config
+
+app = typer.Typer(help="feedrank: feed ranking with two-tower retrieval, a 4-stage funnel and streaming features.",
+                  no_args_is_help=True, add_completion=False)
+flink_app = typer.Typer(help="The standalone Flink cluster (jobmanager + taskmanager) from pyflink/bin.", no_args_is_help=True)
+sim_app = typer.Typer(help="The simulated social world and its clients.", no_args_is_help=True)
+config_app = typer.Typer(help="Inspect and validate feedrank.toml + FEEDRANK_* overrides.", no_args_is_help=True)
+jobs_app = typer.Typer(help="PyFlink jobs, run embedded on a local MiniCluster.", no_args_is_help=True)
+events_app = typer.Typer(help="The event log.", no_args_is_help=True)
+app.add_typer(flink_app, name="flink")
+app.add_typer(sim_app, name="sim")
+app.add_typer(config_app, name="config")
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(events_app, name="events")
+console = Console(stderr=True)
+
+
+def _cfg():
+    try:
+        return get_config()
+    except ConfigError as e:
+        console.print(f"[red]config error[/red]: {e}")
+        raise typer.Exit(2)
+
+
+def _fail(msg: str, code: int = 1) -> None:
+    console.print(f"[red]error[/red]: {msg}")
+    raise typer.Exit(code)
+
+
+# ----------------------------------------------------------------------------- stack
+
+
+@app.command()
+def up() -> None:
+    """Start Redis, prepare the event log, and start Tansu when the event log is kafka://."""
+    from infra import runtime
+    from infra.procs import ServiceError
+
+    cfg = _cfg()
+    try:
+        for name, outcome in runtime.up(cfg):
+            console.print(f"[green]✓[/green] {name}: {outcome}")
+    except ServiceError as e:
+        _fail(str(e))
+
+
+@app.command()
+def down() -> None:
+    """Stop everything `up` (and `flink up`) started; nothing else."""
+    from infra import runtime
+
+    for name, outcome in runtime.down(_cfg()):
+        console.print(f"{name}: {outcome}")
+
+
+@app.command()
+def status(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+    """Health of each service of the embedded stack. Exit code 1 if any is unhealthy."""
+    from infra import runtime
+
+    rows = runtime.status(_cfg())
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        t = Table("service", "address", "pid", "healthy")
+        for r in rows:
+            t.add_row(r["name"], r["address"], str(r.get("pid") or "-"),
+                      "[green]healthy[/green]" if r["healthy"] else "[red]down[/red]")
+        Console().print(t)
+    if not all(r["healthy"] for r in rows):
+        raise typer.Exit(1)
+
+
+# ----------------------------------------------------------------------------- flink
+
+
+@flink_app.command("up")
+def flink_up() -> None:
+    """Start the standalone cluster (conf, logs, pids under var/flink)."""
+    from infra import flink
+    from infra.procs import ServiceError
+
+    try:
+        console.print(f"[green]✓[/green] flink: {flink.cluster_up(_cfg())}")
+    except ServiceError as e:
+        _fail(str(e))
+
+
+@flink_app.command("down")
+def flink_down() -> None:
+    """Stop the standalone cluster started by `feedrank flink up`."""
+    from infra import flink
+
+    console.print(f"flink: {flink.cluster_down(_cfg())}")
+
+
+@flink_app.command("status")
+def flink_status() -> None:
+    """Cluster overview from the REST API."""
+    from infra import flink
+
+    cfg = _cfg()
+    ov = flink.rest_overview(cfg)
+    print(json.dumps({"running": ov is not None, "pids": flink.cluster_pids(cfg), "overview": ov}, indent=2))
+    if ov is None:
+        raise typer.Exit(1)
+
+
+@flink_app.command("submit")
+def flink_submit(job: Path = typer.Argument(..., help="Python job file, e.g. jobs/audit.py"),
+                 args: Optional[list[str]] = typer.Argument(None)) -> None:
+    """`flink run -py JOB -pyexec <venv python>` against the standalone cluster (detached)."""
+    from infra import flink
+
+    r = flink.submit(_cfg(), job, list(args or []))
+    print(r.stdout)
+    if r.returncode != 0:
+        _fail(r.stderr[-2000:] or "flink run failed")
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@config_app.command("check")
+def config_check() -> None:
+    """Validate the configuration; exit 2 naming the key and reason if invalid."""
+    _cfg()
+    console.print("[green]configuration is valid[/green]")
+
+
+@config_app.command("show")
+def config_show() -> None:
+    """Print the effective configuration as JSON."""
+    print(_cfg().model_dump_json(indent=2))
+
+
+# ----------------------------------------------------------------------------- sim
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                    TimeElapsedColumn(), console=console)
+
+
+@sim_app.command("generate")
+def sim_generate(
+    scale: str = typer.Option(None, help="small | medium | large (default: sim.scale)"),
+    seed: int = typer.Option(None, help="Random seed (default: sim.seed). Same seed, same tables."),
+    out: Path = typer.Option(None, help="Output directory (default: var/sim/<scale>-<seed>)"),
+) -> None:
+    """Generate a simulated world: users, posts, follows, impressions, engagements + ground truth."""
+    from sim.generate import generate
+
+    cfg = _cfg()
+    scale = scale or cfg.sim.scale
+    seed = cfg.sim.seed if seed is None else seed
+    out = out or cfg.data_dir / "sim" / f"{scale}-{seed}"
+    with _progress() as prog:
+        task = prog.add_task(f"generating {scale} world", total=1.0)
+        try:
+            meta = generate(cfg, scale, seed, out, progress=lambda stage, f: prog.update(task, completed=f, description=f"{scale}: {stage}"))
+        except ValueError as e:
+            _fail(str(e))
+    print(json.dumps({k: meta[k] for k in ("scale", "seed", "users", "posts", "follows", "impressions", "engagements", "seconds")}))
+    console.print(f"written to {out}")
+
+
+@sim_app.command("clients")
+def sim_clients(
+    world_dir: Path = typer.Option(None, "--world", help="World directory (default: var/sim/<sim.scale>-<sim.seed>)"),
+    users: int = typer.Option(200, help="Simulated users"),
+    duration: float = typer.Option(1800.0, help="Simulated seconds to run"),
+    target: str = typer.Option("local", help="local = in-process V0 feed writing to the event log"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Run simulated users and creators against a feed API; events go to the event log."""
+    from features.eventlog import open_configured_event_log
+    from serving.chronological import ChronologicalFeed
+    from sim.clients import Population, SimClock
+    from sim.world import World
+
+    cfg = _cfg()
+    world_dir = world_dir or cfg.data_dir / "sim" / f"{cfg.sim.scale}-{cfg.sim.seed}"
+    if not (world_dir / "ground_truth.npz").exists():
+        _fail(f"no world at {world_dir}: run `feedrank sim generate` first")
+    if target != "local":
+        _fail("only --target local exists until the gRPC FeedService is built")
+    world = World.load(world_dir)
+    log = open_configured_event_log(cfg)
+    api = ChronologicalFeed(world, log)
+    pop = Population(world, cfg.clients, users, seed=seed, page_size=cfg.funnel.page_size,
+                     repost_rate=cfg.sim.repost_rate, policy_flag_rate=cfg.sim.policy_flag_rate)
+    with _progress() as prog:
+        task = prog.add_task("simulated clients", total=duration)
+        stats = pop.run(api, SimClock(world.end_ms), duration,
+                        on_tick=lambda el, st: prog.update(task, completed=el / 1000.0))
+    log.close()
+    print(json.dumps({"sessions": stats.sessions, "impressions": stats.impressions, "ctr": round(stats.ctr, 4),
+                      "actions": dict(stats.actions), "published": stats.published, "follows": stats.follows,
+                      "errors": stats.errors, "event_log": log.uri}))
+
+
+# ----------------------------------------------------------------------------- events & jobs
+
+
+@events_app.command("stats")
+def events_stats() -> None:
+    """Count sealed events by type in the configured event log (reads it all)."""
+    from collections import Counter
+
+    from features.eventlog import open_configured_event_log, read_all
+
+    log = open_configured_event_log(_cfg())
+    lines = read_all(log.reader(), idle_s=1.0)
+    log.close()
+    counts = Counter(json.loads(x).get("type", "?") for x in lines)
+    print(json.dumps({"events": len(lines), "by_type": dict(counts), "uri": log.uri}))
+
+
+@jobs_app.command("run")
+def jobs_run(
+    job: str = typer.Argument(..., help="audit"),
+    expect: int = typer.Option(None, help="Stop after this many events (default: when idle)"),
+    idle: float = typer.Option(10.0, help="Stop after this many seconds without new events"),
+) -> None:
+    """Run a PyFlink job embedded (local MiniCluster, thread mode) and print its result as JSON."""
+    from infra.procs import ServiceError
+
+    cfg = _cfg()
+    if job != "audit":
+        _fail(f"unknown job {job!r} (available: audit)")
+    from jobs.audit import run_embedded
+
+    try:
+        result = run_embedded(cfg, expect=expect, idle_s=idle, on_progress=lambda n: console.print(f"  {n} events", end="\r"))
+    except ServiceError as e:
+        _fail(str(e))
+    print(json.dumps(result))
+
+
+@app.command()
+def demo(
+    scale: str = typer.Option("small", help="World scale"),
+    users: int = typer.Option(300, help="Simulated users"),
+    minutes: float = typer.Option(60.0, help="Simulated minutes of client traffic"),
+    keep_up: bool = typer.Option(False, help="Leave the stack running afterwards"),
+) -> None:
+    """End-to-end on the embedded stack: world -> simulated clients -> event log -> PyFlink job."""
+    from infra.demo import run_demo
+
+    sys.exit(run_demo(_cfg(), scale=scale, users=users, minutes=minutes, keep_up=keep_up, console=console))
+
+
+if __name__ == "__main__":
+    app()
