@@ -65,9 +65,13 @@ def python_path() -> str:
     return os.pathsep.join(parts + ([old] if old else []))
 
 
-def _prepare_python_env() -> None:
+def _prepare_python_env(cfg: Config) -> None:
     os.environ["PYTHONPATH"] = python_path()
     os.environ.setdefault("PYFLINK_CLIENT_EXECUTABLE", sys.executable)
+    # the local gateway JVM logs to FLINK_LOG_DIR (default: inside site-packages)
+    log_dir = cfg.data_dir / "flink" / "log-local"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("FLINK_LOG_DIR", str(log_dir))
 
 
 def base_configuration(cfg: Config) -> dict[str, str]:
@@ -78,13 +82,26 @@ def base_configuration(cfg: Config) -> dict[str, str]:
         "python.client.executable": sys.executable,
         "parallelism.default": str(cfg.flink.parallelism),
         "execution.checkpointing.interval": f"{cfg.flink.checkpoint_interval_ms}ms",
+        # keyed state outgrows the 5 MB JobManager-memory checkpoint limit quickly
+        "execution.checkpointing.storage": "filesystem",
+        "execution.checkpointing.dir": "file://" + str(cfg.data_dir / "flink" / "checkpoints"),
     }
+
+
+def job_config(argv: list[str]) -> Config:
+    """The configuration a submitted job runs with: ``--feedrank-config FILE`` or the defaults."""
+    from feedrank.config import get_config
+
+    if "--feedrank-config" in argv:
+        path = argv[argv.index("--feedrank-config") + 1]
+        return Config.model_validate_json(Path(path).read_text())
+    return get_config()
 
 
 def stream_env(cfg: Config, extra: dict[str, str] | None = None) -> Any:
     """A StreamExecutionEnvironment (local MiniCluster unless run by `flink run`)."""
     require_java()
-    _prepare_python_env()
+    _prepare_python_env(cfg)
     from pyflink.common import Configuration
     from pyflink.datastream import StreamExecutionEnvironment
 
@@ -152,7 +169,6 @@ def write_cluster_conf(cfg: Config) -> Path:
         "rest.bind-address": "localhost",
         "rest.port": str(cfg.flink.rest_port),
         "io.tmp.dirs": str(d["tmp"]),
-        "state.checkpoints.dir": "file://" + str(cfg.data_dir / "flink" / "checkpoints"),
         **base_configuration(cfg),
     }
     text = "# written by `feedrank flink up` from feedrank.toml; edits are overwritten\n"
@@ -230,7 +246,15 @@ def cluster_down(cfg: Config) -> str:
 
 
 def submit(cfg: Config, job_py: Path, args: list[str], detached: bool = True) -> subprocess.CompletedProcess:
-    """`flink run -py job.py -pyexec <venv python>` against our standalone cluster."""
+    """`flink run -py job.py -pyexec <venv python>` against our standalone cluster.
+
+    The job gets ``--feedrank-config FILE``: the exact effective configuration of the
+    caller (file + env overrides), so the cluster-side job reads what the caller meant.
+    """
+    conf_file = cluster_dirs(cfg)["conf"] / f"feedrank-{job_py.stem}.json"
+    conf_file.parent.mkdir(parents=True, exist_ok=True)
+    conf_file.write_text(cfg.model_dump_json())
+    args = ["--feedrank-config", str(conf_file), *args]
     argv = [
         "bash", str(flink_home() / "bin" / "flink"), "run",
         "-m", f"localhost:{cfg.flink.rest_port}",

@@ -11,10 +11,9 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections import Counter
 from typing import Any
 
-from feedrank.config import Config, get_config
+from feedrank.config import Config
 
 
 def validate_line(line: str) -> tuple[str, str, str]:
@@ -32,22 +31,98 @@ def validate_line(line: str) -> tuple[str, str, str]:
         return eid, "invalid", e.reason
 
 
+DEDUP_RETENTION_MS = 3_600_000  # an event_id is remembered this long
+SUMMARY_EVERY = 5000  # events between two summaries (also emitted every 500 ms of processing time)
+
+
+def _functions() -> tuple[type, type]:
+    """The keyed process functions (imported lazily: pyflink is heavy)."""
+    from pyflink.common import Types
+    from pyflink.datastream import KeyedProcessFunction
+    from pyflink.datastream.state import ValueStateDescriptor
+
+    class FirstSeenFunction(KeyedProcessFunction):
+        """Keyed by event_id: marks every repeat of an id as a duplicate.
+
+        State expires through a processing-time timer, not StateTtlConfig: in thread mode
+        on a standalone cluster, building a TTL config calls back into a py4j gateway the
+        TaskManager does not have, and the job fails.
+        """
+
+        def open(self, ctx: Any) -> None:
+            self.seen = ctx.get_state(ValueStateDescriptor("seen", Types.BOOLEAN()))
+
+        def process_element(self, value: Any, ctx: Any):
+            eid, typ, err = value
+            dup = bool(eid) and not err and self.seen.value() is not None
+            if eid and not err and not dup:
+                self.seen.update(True)
+                ctx.timer_service().register_processing_time_timer(
+                    ctx.timer_service().current_processing_time() + DEDUP_RETENTION_MS)
+            yield typ, dup, err.split(":")[0] if err else ""
+
+        def on_timer(self, timestamp: int, ctx: Any):
+            self.seen.clear()
+            return iter(())
+
+    class TallyFunction(KeyedProcessFunction):
+        """One key: running counts, emitted as a JSON summary every N events and when idle."""
+
+        def open(self, ctx: Any) -> None:
+            self.state = ctx.get_state(ValueStateDescriptor("tally", Types.STRING()))
+            self.timer = ctx.get_state(ValueStateDescriptor("timer", Types.LONG()))
+
+        def _tally(self) -> dict:
+            raw = self.state.value()
+            return json.loads(raw) if raw else {"events": 0, "duplicates": 0, "by_type": {}, "invalid_reasons": {}}
+
+        def process_element(self, value: Any, ctx: Any):
+            typ, dup, reason = value
+            t = self._tally()
+            t["events"] += 1
+            t["duplicates"] += int(dup)
+            t["by_type"][typ] = t["by_type"].get(typ, 0) + 1
+            if reason:
+                t["invalid_reasons"][reason] = t["invalid_reasons"].get(reason, 0) + 1
+            raw = json.dumps(t)
+            self.state.update(raw)
+            if t["events"] % SUMMARY_EVERY == 0:
+                yield raw
+            if self.timer.value() is None:
+                due = ctx.timer_service().current_processing_time() + 500
+                ctx.timer_service().register_processing_time_timer(due)
+                self.timer.update(due)
+
+        def on_timer(self, timestamp: int, ctx: Any):
+            self.timer.clear()
+            raw = self.state.value()
+            if raw:
+                yield raw
+
+    return FirstSeenFunction, TallyFunction
+
+
 def build(env: Any, cfg: Config) -> Any:
-    """The job graph: event lines -> (event_id, type, error)."""
+    """Event lines -> validate -> duplicate check keyed by event_id -> running summaries (JSON)."""
     from pyflink.common import Types
 
     from jobs.sources import event_lines
 
-    return event_lines(env, cfg, "events").map(
-        validate_line, output_type=Types.TUPLE([Types.STRING(), Types.STRING(), Types.STRING()])
+    first_seen, tally = _functions()
+    checked = (
+        event_lines(env, cfg, "events")
+        .map(validate_line, output_type=Types.TUPLE([Types.STRING(), Types.STRING(), Types.STRING()]))
+        .key_by(lambda r: r[0] or r[2], key_type=Types.STRING())
+        .process(first_seen(), output_type=Types.TUPLE([Types.STRING(), Types.BOOLEAN(), Types.STRING()]))
     )
+    return checked.key_by(lambda r: 0, key_type=Types.INT()).process(tally(), output_type=Types.STRING())
 
 
 def run_embedded(cfg: Config, expect: int | None = None, idle_s: float = 10.0, max_s: float = 600.0,
                  on_progress: Any = None) -> dict:
-    """Run on a local MiniCluster; stop after ``expect`` events or ``idle_s`` without new ones.
+    """Run on a local MiniCluster until ``expect`` events were audited, or ``idle_s`` without progress.
 
-    Returns counts by type, invalid reasons, duplicates seen and throughput.
+    Returns the job's own counts: events, by type, invalid reasons, duplicates, throughput.
     """
     import threading
 
@@ -55,59 +130,50 @@ def run_embedded(cfg: Config, expect: int | None = None, idle_s: float = 10.0, m
 
     env = stream_env(cfg)
     stream = build(env, cfg)
-    counts: Counter = Counter()
-    reasons: Counter = Counter()
-    ids: set[str] = set()
-    dups = 0
     t0 = time.monotonic()
-    first = None
+    summary: dict = {"events": 0, "duplicates": 0, "by_type": {}, "invalid_reasons": {}}
+    first: float | None = None
     last = time.monotonic()
+    closed_by_watchdog = threading.Event()
     with stream.execute_and_collect("feedrank-audit") as it:
-        # the collect iterator blocks; a watchdog closes it when the stream goes idle
         done = threading.Event()
 
-        def watchdog() -> None:
+        def watchdog() -> None:  # the collect iterator blocks; close it when the stream goes idle
             while not done.wait(0.5):
                 if time.monotonic() - last > idle_s or time.monotonic() - t0 > max_s:
+                    closed_by_watchdog.set()
                     it.close()
                     return
 
         threading.Thread(target=watchdog, daemon=True).start()
         try:
-            for eid, typ, err in it:
-                last = time.monotonic()
-                first = first or last
-                counts[typ] += 1
-                if err:
-                    reasons[err.split(":")[0]] += 1
-                elif eid in ids:
-                    dups += 1
-                else:
-                    ids.add(eid)
-                n = sum(counts.values())
-                if on_progress and n % 5000 == 0:
-                    on_progress(n)
-                if expect is not None and n >= expect:
+            for raw in it:
+                s = json.loads(raw)
+                if s["events"] > summary["events"]:
+                    last = time.monotonic()
+                    first = first or last
+                    summary = s
+                    if on_progress:
+                        on_progress(s["events"])
+                if expect is not None and s["events"] >= expect:
                     break
-        except Exception:  # noqa: BLE001 - closing the iterator from the watchdog ends the loop
-            if not (time.monotonic() - last > idle_s or time.monotonic() - t0 > max_s):
+        except Exception:  # noqa: BLE001
+            if not closed_by_watchdog.is_set():
                 raise
         finally:
             done.set()
-    n = sum(counts.values())
-    span = (last - first) if first else 0.0
-    return {
-        "events": n, "by_type": dict(counts), "invalid_reasons": dict(reasons), "duplicates": dups,
-        "unique_ids": len(ids), "seconds_to_first": round((first or t0) - t0, 2),
-        "events_per_s": round(n / span, 1) if span > 0 else None,
-    }
+    summary["unique_ids"] = summary["events"] - summary["duplicates"] - summary["by_type"].get("invalid", 0)
+    summary["seconds_to_first"] = round((first or t0) - t0, 2)
+    summary["seconds"] = round(last - t0, 2)
+    summary["events_per_s_incl_startup"] = round(summary["events"] / (last - t0), 1) if last > t0 else None
+    return summary
 
 
 def main(argv: list[str]) -> None:
     """Entry point for `flink run -py jobs/audit.py`: prints one line per event."""
-    from infra.flink import stream_env
+    from infra.flink import job_config, stream_env
 
-    cfg = get_config()
+    cfg = job_config(argv)
     env = stream_env(cfg)
     build(env, cfg).print()
     env.execute("feedrank-audit")

@@ -97,8 +97,8 @@ class RunStats:
     """What the population did and got; every figure is counted, never assumed."""
 
     sessions: int = 0
-    impressions: int = 0
-    views: int = 0
+    served: int = 0                 # items returned by the feed (logged as exposures server-side)
+    impressions: int = 0            # items that entered the viewport (reported as `view` signals)
     examined: int = 0
     actions: Counter = field(default_factory=Counter)
     published: int = 0
@@ -128,16 +128,16 @@ class SimulatedUser:
         u, w, rng = self.user_id, self.world, self.rng
         cursor = ""
         stats.sessions += 1
+        now = clock.now_ms()  # sessions overlap in time: each scrolls on its own timeline
         while True:
-            page = api.get_feed(u, feed_type, cursor, self.page_size, now_ms=clock.now_ms())
+            page = api.get_feed(u, feed_type, cursor, self.page_size, now_ms=now)
             if not page.items:
                 return
+            stats.served += len(page.items)
             signals: list[Engagement] = []
             stop = False
             for item in page.items:
-                now = clock.now_ms()
                 stats.impressions += 1
-                stats.views += 1
                 stats.impressions_by_pos[item.position] += 1
                 stats.sources[item.source] += 1
                 base = dict(user_id=u, post_id=item.post_id, author_id=item.author_id, position=item.position,
@@ -146,7 +146,7 @@ class SimulatedUser:
                 if rng.random() < w.examination_prob(np.array([item.position]))[0]:
                     stats.examined += 1
                     self._act(api, item, now, base, signals, stats)
-                clock.sleep_until(now + truth.SESSION_STEP_MS)
+                now += truth.SESSION_STEP_MS
                 if rng.random() > self.params.continue_prob:
                     stop = True
                     break
