@@ -1,0 +1,210 @@
+"""Point-in-time features from logged history (training and offline evaluation).
+
+Every count is "events of this key strictly before t", answered for millions of rows at
+once with one sorted array and ``searchsorted`` — no feature ever sees the future of the
+impression it describes. The streaming feature job computes the same counters online;
+both produce vectors in the order of :mod:`features.schema`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from features.schema import N_CTYPES, N_TOPICS
+from sim.world import HOUR_MS, World
+
+NEGATIVE = ("hide", "not_interested", "see_less")
+PRIOR_CTR, PRIOR_N = 0.1, 20.0
+
+
+class CountIndex:
+    """Counts events per integer group before / between times, vectorised."""
+
+    def __init__(self, groups: np.ndarray, ts: np.ndarray):
+        groups = np.asarray(groups, dtype=np.int64)
+        ts = np.asarray(ts, dtype=np.int64)
+        self.values = np.unique(groups)
+        self.t0 = int(ts.min()) if ts.size else 0
+        self.span = (int(ts.max()) - self.t0 + 2) if ts.size else 2
+        dense = np.searchsorted(self.values, groups)
+        self.keys = np.sort(dense * self.span + (ts - self.t0))
+
+    def _dense(self, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        groups = np.asarray(groups, dtype=np.int64)
+        if self.values.size == 0:
+            return np.zeros(groups.shape, dtype=np.int64), np.zeros(groups.shape, dtype=bool)
+        d = np.minimum(np.searchsorted(self.values, groups), self.values.size - 1)
+        return d, self.values[d] == groups
+
+    def before(self, groups: np.ndarray, t: np.ndarray) -> np.ndarray:
+        d, ok = self._dense(groups)
+        rel = np.clip(np.asarray(t, dtype=np.int64) - self.t0, 0, self.span - 1)
+        n = np.searchsorted(self.keys, d * self.span + rel) - np.searchsorted(self.keys, d * self.span)
+        return np.where(ok, n, 0)
+
+    def between(self, groups: np.ndarray, t_from: np.ndarray, t_to: np.ndarray) -> np.ndarray:
+        return self.before(groups, t_to) - self.before(groups, t_from)
+
+
+def _rate(k: np.ndarray, n: np.ndarray, prior: float = PRIOR_CTR) -> np.ndarray:
+    return (k + PRIOR_N * prior) / (n + PRIOR_N)
+
+
+@dataclass
+class UserState:
+    """What the user tower and the rankers know about users at time t."""
+
+    topic_clicks: np.ndarray   # [n, T] share
+    topic_neg: np.ndarray      # [n, T] share
+    ctype_clicks: np.ndarray   # [n, 3] share
+    neg_total: np.ndarray      # [n]
+    log_activity: np.ndarray   # [n]
+
+    def dense(self) -> np.ndarray:
+        """The user tower's dense input."""
+        return np.hstack([self.topic_clicks, self.topic_neg, self.ctype_clicks,
+                          self.neg_total[:, None], self.log_activity[:, None] / 8.0]).astype(np.float32)
+
+
+USER_DENSE_DIM = 2 * N_TOPICS + N_CTYPES + 2
+
+
+class History:
+    """The logged world, indexed for point-in-time questions."""
+
+    def __init__(self, world: World, impressions, engagements):
+        self.world = world
+        T = world.n_topics
+        eng = engagements
+        act = eng["action"].to_numpy()
+        e_user = eng["user_id"].to_numpy().astype(np.int64)
+        e_post = eng["post_id"].to_numpy().astype(np.int64)
+        e_ts = eng["ts"].to_numpy().astype(np.int64)
+        dwell = eng["dwell_ms"].to_numpy(dtype=np.float64, na_value=0)
+        click = act == "click"
+        neg = np.isin(act, NEGATIVE)
+        i_post = impressions["post_id"].to_numpy().astype(np.int64)
+        i_ts = impressions["ts"].to_numpy().astype(np.int64)
+        topic_e = world.post_topic[e_post].astype(np.int64)
+        self.post = {
+            "impressions": CountIndex(i_post, i_ts),
+            "clicks": CountIndex(e_post[click], e_ts[click]),
+            "likes": CountIndex(e_post[act == "like"], e_ts[act == "like"]),
+            "comments": CountIndex(e_post[act == "comment"], e_ts[act == "comment"]),
+            "shares": CountIndex(e_post[act == "share"], e_ts[act == "share"]),
+            "long_dwell": CountIndex(e_post[(act == "dwell") & (dwell >= 30_000)], e_ts[(act == "dwell") & (dwell >= 30_000)]),
+            "negative": CountIndex(e_post[neg], e_ts[neg]),
+        }
+        i_author = world.post_author[i_post]
+        self.author = {"impressions": CountIndex(i_author, i_ts),
+                       "clicks": CountIndex(world.post_author[e_post[click]], e_ts[click])}
+        self.user_topic_clicks = CountIndex(e_user[click] * T + topic_e[click], e_ts[click])
+        self.user_topic_neg = CountIndex(e_user[neg] * T + topic_e[neg], e_ts[neg])
+        self.user_ctype = CountIndex(e_user[click] * N_CTYPES + world.post_ctype[e_post[click]], e_ts[click])
+        self.user_clicks = CountIndex(e_user[click], e_ts[click])
+        self.user_neg = CountIndex(e_user[neg], e_ts[neg])
+        pair = e_user[click] * np.int64(world.n_users) + world.post_author[e_post[click]]
+        self.affinity_index = CountIndex(pair, e_ts[click])
+        self.topic_clicks = CountIndex(topic_e[click], e_ts[click])
+        self.topic_impr = CountIndex(world.post_topic[i_post].astype(np.int64), i_ts)
+        self.e_user, self.e_post, self.e_ts, self.click = e_user, e_post, e_ts, click
+        self.follower_counts = world.follower_counts()
+
+    @classmethod
+    def load(cls, data_dir: str | Path, world: World | None = None) -> "History":
+        d = Path(data_dir)
+        world = world or World.load(d)
+        imp = pq.read_table(d / "impressions.parquet", columns=["post_id", "ts"]).to_pandas()
+        eng = pq.read_table(d / "engagements.parquet", columns=["user_id", "post_id", "action", "dwell_ms", "ts"]).to_pandas()
+        return cls(world, imp, eng)
+
+    # ------------------------------------------------------------------ users
+    def user_state(self, users: np.ndarray, t: np.ndarray) -> UserState:
+        users = np.asarray(users, dtype=np.int64)
+        t = np.broadcast_to(np.asarray(t, dtype=np.int64), users.shape)
+        T = self.world.n_topics
+        tc = np.stack([self.user_topic_clicks.before(users * T + k, t) for k in range(T)], axis=1).astype(np.float32)
+        tn = np.stack([self.user_topic_neg.before(users * T + k, t) for k in range(T)], axis=1).astype(np.float32)
+        cc = np.stack([self.user_ctype.before(users * N_CTYPES + k, t) for k in range(N_CTYPES)], axis=1).astype(np.float32)
+        nc = tc.sum(1)
+        nn = tn.sum(1)
+        return UserState(
+            topic_clicks=tc / np.maximum(nc, 1)[:, None],
+            topic_neg=tn / np.maximum(nn, 1)[:, None],
+            ctype_clicks=cc / np.maximum(cc.sum(1), 1)[:, None],
+            neg_total=(nn / np.maximum(nn + nc, 1)).astype(np.float32),
+            log_activity=np.log1p(nc).astype(np.float32),
+        )
+
+    # ------------------------------------------------------------------ features
+    def light_features(self, users: np.ndarray, posts: np.ndarray, t: np.ndarray, ann: np.ndarray,
+                       in_network: np.ndarray | None = None, state: UserState | None = None,
+                       rows: np.ndarray | None = None) -> np.ndarray:
+        """[n, 20] in LIGHT_FEATURES order. ``state`` may hold one row per user of ``rows``."""
+        w = self.world
+        users = np.asarray(users, dtype=np.int64)
+        posts = np.asarray(posts, dtype=np.int64)
+        t = np.broadcast_to(np.asarray(t, dtype=np.int64), posts.shape)
+        if state is None:
+            state, rows = self.user_state(users, t), np.arange(users.size)
+        author = w.post_author[posts]
+        topic = w.post_topic[posts].astype(np.int64)
+        ctype = w.post_ctype[posts].astype(np.int64)
+        age_h = np.maximum(t - w.post_ts[posts], 0) / HOUR_MS
+        pc = {k: v.before(posts, t) for k, v in self.post.items()}
+        follows = w.follows(users, author)
+        aff = self.affinity_index.before(users * np.int64(w.n_users) + author, t)
+        a_imp = self.author["impressions"].before(author, t)
+        a_clk = self.author["clicks"].before(author, t)
+        vel = self.post["clicks"].between(posts, t - HOUR_MS, t)
+        t_recent = _rate(self.topic_clicks.between(topic, t - HOUR_MS, t), self.topic_impr.between(topic, t - HOUR_MS, t))
+        t_long = _rate(self.topic_clicks.before(topic, t), self.topic_impr.before(topic, t))
+        fc = self.follower_counts
+        return np.stack([
+            np.exp(-age_h / 12.0), np.log1p(age_h), np.log1p(aff), follows.astype(float),
+            (follows if in_network is None else in_network).astype(float), ann,
+            state.topic_clicks[rows, topic], state.topic_neg[rows, topic], state.ctype_clicks[rows, ctype],
+            _rate(pc["clicks"], pc["impressions"]), _rate(pc["likes"], pc["impressions"], 0.05),
+            _rate(pc["negative"], pc["impressions"], 0.01), np.log1p(vel), np.log1p(pc["impressions"]),
+            np.log(t_recent / t_long), np.log1p(fc[author]), _rate(a_clk, a_imp),
+            w.post_original[posts].astype(float), w.post_flagged[posts].astype(float), state.log_activity[rows],
+        ], axis=1).astype(np.float32)
+
+    def heavy_features(self, users: np.ndarray, posts: np.ndarray, t: np.ndarray, user_emb: np.ndarray,
+                       post_emb: np.ndarray, in_network: np.ndarray | None = None) -> np.ndarray:
+        """[n, ~304] in HEAVY_FEATURES order; embeddings are per row."""
+        users = np.asarray(users, dtype=np.int64)
+        posts = np.asarray(posts, dtype=np.int64)
+        t = np.broadcast_to(np.asarray(t, dtype=np.int64), posts.shape)
+        state = self.user_state(users, t)
+        rows = np.arange(users.size)
+        ann = np.sum(user_emb * post_emb, axis=1)
+        light = self.light_features(users, posts, t, ann, in_network, state, rows)
+        pc = {k: self.post[k].before(posts, t) for k in ("impressions", "comments", "shares", "long_dwell")}
+        ctype = self.world.post_ctype[posts].astype(np.int64)
+        hour = (t // HOUR_MS) % 24
+        extra = np.hstack([
+            user_emb, post_emb, state.topic_clicks, np.eye(N_CTYPES, dtype=np.float32)[ctype],
+            np.stack([state.neg_total, _rate(pc["comments"], pc["impressions"], 0.02),
+                      _rate(pc["shares"], pc["impressions"], 0.015), _rate(pc["long_dwell"], pc["impressions"], 0.05),
+                      np.sin(2 * np.pi * hour / 24), np.cos(2 * np.pi * hour / 24)], axis=1),
+        ]).astype(np.float32)
+        return np.hstack([light, extra])
+
+
+def labels(impressions, engagements, long_dwell_ms: int = 30_000) -> np.ndarray:
+    """[n, 6] head labels per impression (click, like, comment, share, long dwell, negative)."""
+    key_i = impressions["request_id"].astype(str) + "#" + impressions["position"].astype(str)
+    key_e = engagements["request_id"].astype(str) + "#" + engagements["position"].astype(str)
+    act = engagements["action"].to_numpy()
+    dwell = engagements["dwell_ms"].to_numpy(dtype=np.float64, na_value=0)
+    out = np.zeros((len(impressions), 6), dtype=np.float32)
+    for j, mask in enumerate([act == "click", act == "like", act == "comment", act == "share",
+                              (act == "dwell") & (dwell >= long_dwell_ms), np.isin(act, NEGATIVE)]):
+        out[:, j] = key_i.isin(set(key_e[mask])).to_numpy()
+    return out
+

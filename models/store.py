@@ -1,0 +1,242 @@
+"""Versioned model store on any fsspec filesystem (a local directory by default).
+
+Layout under the store URI::
+
+    <model>/versions/<version>/   files + meta.json (with a sha256 per file) + _COMPLETE
+    <model>/staging/<tmp>/        a checkpoint being written (never loaded)
+    <model>/current.json          {"version": ..., "history": [previous current versions]}
+
+Publishing writes into staging, records checksums, marks ``_COMPLETE`` and then moves the
+directory into ``versions/``. ``promote`` re-verifies every checksum before it rewrites
+the pointer (write temp + rename), so a corrupt or half-written checkpoint can never
+become ``current``. ``rollback`` points back at the previous current version. Retention
+keeps the newest ``retention_versions`` and anything younger than ``retention_hours``,
+and never deletes the current version or the one a rollback would return to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+META = "meta.json"
+COMPLETE = "_COMPLETE"
+
+
+class ModelStoreError(RuntimeError):
+    """A checkpoint is missing, incomplete or corrupt, or an operation is not allowed."""
+
+
+@dataclass
+class Checkpoint:
+    model: str
+    version: str
+    created_at: float
+    parent: str | None = None
+    data_window: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    feature_schema_hash: str = ""
+    files: dict[str, str] = field(default_factory=dict)  # name -> sha256
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=2, sort_keys=True)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+_last_us = 0
+
+
+def new_version() -> str:
+    """Sortable and unique: <epoch microseconds, strictly increasing in-process>-<random>."""
+    global _last_us
+    _last_us = max(_last_us + 1, time.time_ns() // 1000)
+    return f"{_last_us:016d}-{uuid.uuid4().hex[:6]}"
+
+
+class ModelStore:
+    def __init__(self, uri: str, retention_hours: float = 48.0, retention_versions: int = 50,
+                 cache_dir: str | Path | None = None):
+        self.uri = uri.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.uri)
+        self.fs.makedirs(self.root, exist_ok=True)
+        self.retention_s = retention_hours * 3600.0
+        self.retention_versions = retention_versions
+        self.cache_dir = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "feedrank-model-cache"
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "ModelStore":
+        return cls(cfg.resolve_uri(cfg.model_store.uri), cfg.model_store.retention_hours,
+                   cfg.model_store.retention_versions, cfg.data_dir / "model-cache")
+
+    def _p(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    # ------------------------------------------------------------------ write
+    def publish(self, model: str, files: dict[str, bytes | Path], *, parent: str | None = None,
+                data_window: dict | None = None, metrics: dict | None = None, feature_schema_hash: str = "",
+                extra: dict | None = None, promote: bool = False) -> Checkpoint:
+        """Write a new version atomically; optionally make it current."""
+        if not files:
+            raise ModelStoreError("a checkpoint needs at least one file")
+        version = new_version()
+        stage = self._p(model, "staging", f"{version}-{uuid.uuid4().hex[:6]}")
+        self.fs.makedirs(stage, exist_ok=True)
+        sums = {}
+        for name, content in files.items():
+            if "/" in name or name in (META, COMPLETE):
+                raise ModelStoreError(f"invalid checkpoint file name {name!r}")
+            data = content.read_bytes() if isinstance(content, Path) else content
+            with self.fs.open(f"{stage}/{name}", "wb") as f:
+                f.write(data)
+            sums[name] = _sha256(data)
+        ck = Checkpoint(model, version, time.time(), parent, data_window or {}, metrics or {}, feature_schema_hash,
+                        sums, extra or {})
+        with self.fs.open(f"{stage}/{META}", "w") as f:
+            f.write(ck.to_json())
+        with self.fs.open(f"{stage}/{COMPLETE}", "w") as f:
+            f.write(version)
+        self.fs.makedirs(self._p(model, "versions"), exist_ok=True)
+        self.fs.mv(stage, self._p(model, "versions", version), recursive=True)
+        if promote:
+            self.promote(model, version)
+        return ck
+
+    # ------------------------------------------------------------------ read
+    def models(self) -> list[str]:
+        if not self.fs.exists(self.root):
+            return []
+        return sorted(Path(p).name for p in self.fs.ls(self.root, detail=False) if self.fs.isdir(p))
+
+    def versions(self, model: str) -> list[str]:
+        d = self._p(model, "versions")
+        if not self.fs.exists(d):
+            return []
+        return sorted(Path(p).name for p in self.fs.ls(d, detail=False))
+
+    def meta(self, model: str, version: str) -> Checkpoint:
+        path = self._p(model, "versions", version, META)
+        try:
+            with self.fs.open(path, "r") as f:
+                return Checkpoint(**json.load(f))
+        except FileNotFoundError:
+            raise ModelStoreError(f"{model}@{version}: no such version") from None
+        except (ValueError, TypeError) as e:
+            raise ModelStoreError(f"{model}@{version}: unreadable metadata: {e}") from None
+
+    def verify(self, model: str, version: str) -> Checkpoint:
+        """Raise ModelStoreError unless the version is complete and every checksum matches."""
+        ck = self.meta(model, version)
+        base = self._p(model, "versions", version)
+        if not self.fs.exists(f"{base}/{COMPLETE}"):
+            raise ModelStoreError(f"{model}@{version}: incomplete (no {COMPLETE} marker)")
+        for name, want in ck.files.items():
+            try:
+                with self.fs.open(f"{base}/{name}", "rb") as f:
+                    got = _sha256(f.read())
+            except FileNotFoundError:
+                raise ModelStoreError(f"{model}@{version}: file {name} is missing") from None
+            if got != want:
+                raise ModelStoreError(f"{model}@{version}: file {name} is corrupt (sha256 mismatch)")
+        return ck
+
+    def pointer(self, model: str) -> dict:
+        try:
+            with self.fs.open(self._p(model, "current.json"), "r") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return {"version": None, "history": []}
+
+    def current(self, model: str) -> str | None:
+        return self.pointer(model)["version"]
+
+    def fetch(self, model: str, version: str | None = None) -> tuple[Checkpoint, Path]:
+        """Verify a version (default: current) and return a local directory with its files."""
+        version = version or self.current(model)
+        if version is None:
+            raise ModelStoreError(f"{model}: no current version (train and promote one first)")
+        ck = self.verify(model, version)
+        base = self._p(model, "versions", version)
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        if "file" in protocols or "local" in protocols:
+            return ck, Path(base)
+        local = self.cache_dir / model / version
+        if not (local / COMPLETE).exists():
+            tmp = local.with_name(local.name + f".tmp{uuid.uuid4().hex[:6]}")
+            self.fs.get(base, str(tmp), recursive=True)
+            os.replace(tmp, local)
+        return ck, local
+
+    # ------------------------------------------------------------------ pointer ops
+    def _write_pointer(self, model: str, data: dict) -> None:
+        path = self._p(model, "current.json")
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:6]}"
+        with self.fs.open(tmp, "w") as f:
+            f.write(json.dumps(data))
+        self.fs.mv(tmp, path)  # rename: readers see the old or the new pointer, never half
+
+    def promote(self, model: str, version: str) -> Checkpoint:
+        ck = self.verify(model, version)  # a corrupt checkpoint never becomes current
+        ptr = self.pointer(model)
+        if ptr["version"] == version:
+            return ck
+        history = ([ptr["version"]] if ptr["version"] else []) + ptr["history"]
+        self._write_pointer(model, {"version": version, "history": history[:100], "updated_at": time.time()})
+        return ck
+
+    def rollback(self, model: str) -> str:
+        """Point `current` back at the previous current version that still verifies."""
+        ptr = self.pointer(model)
+        history = list(ptr["history"])
+        while history:
+            prev = history.pop(0)
+            try:
+                self.verify(model, prev)
+            except ModelStoreError:
+                continue
+            self._write_pointer(model, {"version": prev, "history": history, "updated_at": time.time(),
+                                        "rolled_back_from": ptr["version"]})
+            return prev
+        raise ModelStoreError(f"{model}: nothing to roll back to")
+
+    def apply_retention(self, model: str, now: float | None = None) -> list[str]:
+        """Delete old versions; returns what was deleted."""
+        now = time.time() if now is None else now
+        ptr = self.pointer(model)
+        protected = {ptr["version"], *(ptr["history"][:1])}
+        versions = self.versions(model)
+        keep_newest = set(versions[-self.retention_versions:])
+        deleted = []
+        for v in versions:
+            if v in protected or v in keep_newest:
+                continue
+            try:
+                created = self.meta(model, v).created_at
+            except ModelStoreError:
+                created = 0.0  # unreadable: treat as old
+            if now - created > self.retention_s:
+                self.fs.rm(self._p(model, "versions", v), recursive=True)
+                deleted.append(v)
+        # abandoned staging dirs older than an hour are debris from crashed writers
+        stage = self._p(model, "staging")
+        if self.fs.exists(stage):
+            for p in self.fs.ls(stage, detail=False):
+                try:
+                    age = now - float(Path(p).name.split("-")[0]) / 1e6
+                except ValueError:
+                    age = float("inf")
+                if age > 3600:
+                    self.fs.rm(p, recursive=True)
+        return deleted
