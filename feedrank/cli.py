@@ -21,11 +21,15 @@ sim_app = typer.Typer(help="The simulated social world and its clients.", no_arg
 config_app = typer.Typer(help="Inspect and validate feedrank.toml + FEEDRANK_* overrides.", no_args_is_help=True)
 jobs_app = typer.Typer(help="PyFlink jobs, run embedded on a local MiniCluster.", no_args_is_help=True)
 events_app = typer.Typer(help="The event log.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks: measured numbers as JSON + markdown in bench/results/.", no_args_is_help=True)
+models_app = typer.Typer(help="The model store: versions, promotion, rollback, retention.", no_args_is_help=True)
 app.add_typer(flink_app, name="flink")
 app.add_typer(sim_app, name="sim")
 app.add_typer(config_app, name="config")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(events_app, name="events")
+app.add_typer(models_app, name="models")
+app.add_typer(bench_app, name="bench")
 console = Console(stderr=True)
 
 
@@ -251,6 +255,176 @@ def jobs_run(
     except ServiceError as e:
         _fail(str(e))
     print(json.dumps(result))
+
+
+def _world_dir(cfg, data: Optional[Path]) -> Path:
+    d = data or cfg.data_dir / "sim" / f"{cfg.sim.scale}-{cfg.sim.seed}"
+    if not (d / "ground_truth.npz").exists():
+        _fail(f"no simulated world at {d}: run `feedrank sim generate` (or pass --data)")
+    return d
+
+
+class _StageProgress:
+    """One rich progress bar per named stage, fed by (stage, fraction) callbacks."""
+
+    def __init__(self, prog: Progress):
+        self.prog, self.tasks = prog, {}
+
+    def __call__(self, stage: str, frac: float) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.prog.add_task(stage, total=1.0)
+        self.prog.update(self.tasks[stage], completed=frac)
+
+
+@app.command()
+def train(
+    what: str = typer.Argument("all", help="two-tower | light | heavy | all"),
+    data: Optional[Path] = typer.Option(None, help="Simulated world directory (default: var/sim/<scale>-<seed>)"),
+    heavy_rows: int = typer.Option(300_000, help="Training impressions sampled for the rankers"),
+    epochs: int = typer.Option(4, help="Two-tower epochs"),
+) -> None:
+    """Train models on the simulator's logs (time-based split) and publish + promote them."""
+    import torch
+
+    from models.train import train_all
+
+    if what not in ("two-tower", "light", "heavy", "all"):
+        _fail(f"unknown model {what!r}: two-tower | light | heavy | all")
+    cfg = _cfg()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    d = _world_dir(cfg, data)
+    with _progress() as prog:
+        out = train_all(cfg, str(d), what, tt_epochs=epochs, heavy_rows=heavy_rows, progress=_StageProgress(prog))
+    print(json.dumps({k: v for k, v in out.items() if k not in ("trained", "data")}, default=str))
+
+
+@app.command("eval")
+def eval_(
+    dataset: str = typer.Option("sim", help="sim | ml-100k"),
+    json_out: Path = typer.Option(None, "--json", help="Metrics JSON path (report.md and PNGs go beside it)"),
+    data: Optional[Path] = typer.Option(None, help="Simulated world directory"),
+) -> None:
+    """Offline evaluation: trains on the time split and writes metrics JSON, a markdown report and plots."""
+    from datetime import datetime, timezone
+
+    from feedrank.config import PROJECT_ROOT
+
+    cfg = _cfg()
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    json_out = json_out or PROJECT_ROOT / "reports" / f"eval-{dataset}-{stamp}" / "metrics.json"
+    if dataset == "sim":
+        from models.evaluate import evaluate_sim
+
+        d = _world_dir(cfg, data)
+        with _progress() as prog:
+            res = evaluate_sim(cfg, str(d), json_out, progress=_StageProgress(prog))
+        summary = {"retrieval_recall@8000": res["retrieval"]["two_tower"].get(8000), "ndcg": res["ndcg"],
+                   "click_auc": res["heads"]["heavy"]["auc"]["click"],
+                   "click_auc_observed": res["heads"]["heavy"]["auc_observed"]["click"],
+                   "position_bias_max_rel_error": res["position_bias"]["max_rel_error_pos1_10"]}
+    elif dataset == "ml-100k":
+        from models.evaluate import write_ml100k_report
+        from models.movielens import evaluate as ml_eval
+
+        with _progress() as prog:
+            res = ml_eval(cfg.data_dir / "cache", progress=lambda f: _StageProgress(prog)("two-tower (ml-100k)", f))
+        write_ml100k_report(res, json_out)
+        summary = {k: res[k] for k in ("popularity", "bpr_mf", "two_tower")}
+    else:
+        _fail("dataset must be sim or ml-100k")
+    print(json.dumps(summary))
+    console.print(f"report: {json_out.parent / 'report.md'}")
+
+
+@models_app.command("list")
+def models_list(model: Optional[str] = typer.Argument(None)) -> None:
+    """Versions per model, with the current one marked."""
+    from models.store import ModelStore
+
+    store = ModelStore.from_config(_cfg())
+    t = Table("model", "version", "current", "created", "parent", "metrics")
+    for m in [model] if model else store.models():
+        cur = store.current(m)
+        for v in store.versions(m):
+            try:
+                ck = store.meta(m, v)
+            except Exception as e:  # noqa: BLE001 - show unreadable versions rather than hide them
+                t.add_row(m, v, "", "", "", f"[red]{e}[/red]")
+                continue
+            from datetime import datetime
+
+            metrics = json.dumps({k: v for k, v in ck.metrics.items() if not isinstance(v, (list, dict))})[:60]
+            t.add_row(m, v, "*" if v == cur else "", datetime.fromtimestamp(ck.created_at).strftime("%Y-%m-%d %H:%M:%S"),
+                      ck.parent or "", metrics)
+    Console().print(t)
+
+
+@models_app.command("promote")
+def models_promote(model: str, version: str) -> None:
+    """Make VERSION current (after verifying every checksum)."""
+    from models.store import ModelStore, ModelStoreError
+
+    try:
+        ModelStore.from_config(_cfg()).promote(model, version)
+    except ModelStoreError as e:
+        _fail(str(e))
+    console.print(f"{model}: current = {version}")
+
+
+@models_app.command("rollback")
+def models_rollback(model: str) -> None:
+    """Point current back at the previous current version."""
+    from models.store import ModelStore, ModelStoreError
+
+    try:
+        v = ModelStore.from_config(_cfg()).rollback(model)
+    except ModelStoreError as e:
+        _fail(str(e))
+    console.print(f"{model}: rolled back to {v}")
+
+
+@models_app.command("retention")
+def models_retention(model: str) -> None:
+    """Delete versions outside the retention policy (model_store.retention_*)."""
+    from models.store import ModelStore
+
+    deleted = ModelStore.from_config(_cfg()).apply_retention(model)
+    console.print(f"{model}: deleted {len(deleted)} versions")
+
+
+@bench_app.command("retrieval")
+def bench_retrieval(
+    scale: str = typer.Option("large", help="World scale whose posts are indexed (large = 1M posts)"),
+    k: int = typer.Option(8000, help="Candidates per query"),
+    queries: int = typer.Option(1000, help="Queries timed for latency"),
+) -> None:
+    """FAISS recall@k vs exact search and per-query latency (1 thread) over a world's posts."""
+    from infra.bench import bench_retrieval as run, write_result
+
+    cfg = _cfg()
+    d = cfg.data_dir / "sim" / f"{scale}-{cfg.sim.seed}"
+    if not (d / "ground_truth.npz").exists():
+        from sim.generate import generate
+
+        with _progress() as prog:
+            sp = _StageProgress(prog)
+            generate(cfg, scale, cfg.sim.seed, d, progress=lambda s, f: sp(f"generating {scale} world", f))
+    with _progress() as prog:
+        res = run(cfg, d, k=k, n_latency=queries, progress=_StageProgress(prog))
+    path = write_result("retrieval", res)
+    print(json.dumps({k_: res[k_] for k_ in ("posts", "k", "nlist", "nprobe", "recall_vs_exact", "latency_ms")}))
+    console.print(f"written to {path}")
+
+
+@bench_app.command("rankers")
+def bench_rankers() -> None:
+    """Light ranker over 10K candidates and TorchScript heavy ranker over 500 (current models, 1 thread)."""
+    from infra.bench import bench_rankers as run, write_result
+
+    res = run(_cfg())
+    path = write_result("rankers", res)
+    print(json.dumps(res))
+    console.print(f"written to {path}")
 
 
 @app.command()

@@ -77,8 +77,10 @@ class TwoTower(nn.Module):
     def __init__(self, n_topics: int = 24, dim: int = 128, text_dim: int = 0, hidden: int = 256):
         super().__init__()
         self.config = {"n_topics": n_topics, "dim": dim, "text_dim": text_dim, "hidden": hidden}
-        self.author = nn.Embedding(AUTHOR_BUCKETS, 32)
-        self.text = nn.EmbeddingBag(TEXT_BUCKETS, 64, mode="mean") if text_dim == 0 else None
+        # sparse gradients: a step touches only the rows in the batch (dense Adam over these
+        # tables was measured ~10x slower)
+        self.author = nn.Embedding(AUTHOR_BUCKETS, 32, sparse=True)
+        self.text = nn.EmbeddingBag(TEXT_BUCKETS, 64, mode="mean", sparse=True) if text_dim == 0 else None
         self.text_proj = nn.Linear(text_dim, 64) if text_dim else None
         self.topic = nn.Embedding(n_topics, 16)
         self.ctype = nn.Embedding(3, 8)
@@ -97,7 +99,7 @@ class TwoTower(nn.Module):
         return F.normalize(self.post_mlp(h), dim=1)
 
     def user(self, x: UserInputs) -> torch.Tensor:
-        follows = F.embedding_bag(x.follow_ids, self.author.weight, x.follow_offsets, mode="mean")
+        follows = F.embedding_bag(x.follow_ids, self.author.weight, x.follow_offsets, mode="mean", sparse=True)
         return F.normalize(self.user_mlp(torch.cat([x.dense, follows], dim=1)), dim=1)
 
 
@@ -182,7 +184,9 @@ def train_two_tower(model: TwoTower, users: UserInputs, posts: PostInputs, post_
     qd = torch.from_numpy(np.asarray(query_day, dtype=np.float32))
     pd_ = torch.from_numpy(np.asarray(publish_day, dtype=np.float32))
     model.config["temperature"] = temperature
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sparse = [model.author.weight] + ([model.text.weight] if model.text is not None else [])
+    dense = [p for p in model.parameters() if all(p is not q for q in sparse)]
+    opts = [torch.optim.SparseAdam(sparse, lr=lr), torch.optim.Adam(dense, lr=lr)]
     losses = []
     steps = max(1, n // batch)
     for ep in range(epochs):
@@ -198,9 +202,11 @@ def train_two_tower(model: TwoTower, users: UserInputs, posts: PostInputs, post_
             invalid = (same | (age > 0)) & ~torch.eye(len(idx), dtype=torch.bool)
             logits = logits.masked_fill(invalid, float("-inf"))
             loss = F.cross_entropy(logits, torch.arange(len(idx)))
-            opt.zero_grad()
+            for o in opts:
+                o.zero_grad()
             loss.backward()
-            opt.step()
+            for o in opts:
+                o.step()
             total += float(loss.detach())
             if progress:
                 progress((ep * steps + s + 1) / (epochs * steps))

@@ -271,7 +271,11 @@ def simulate_history(world: World, spec: WorldSpec, rng: np.random.Generator, pr
         np.put_along_axis(dup, order, dup_sorted, axis=1)
         z = world.logit(su[:, None], cand, st[:, None])
         innet = world.follows(su[:, None], world.post_author[cand])
-        score = 0.5 * z + rng.normal(0.0, 1.0, size=z.shape) + 0.3 * innet
+        # the logging policy: the previous production ranker (V0/V1-like), which knew relevance
+        # only partly and leaned on recency and the follow graph, plus exploration noise
+        age_h = np.maximum(st[:, None] - world.post_ts[cand], 0) / HOUR_MS
+        score = (truth.LOG_REL * z + truth.LOG_RECENCY * np.exp(-age_h / 12.0) + truth.LOG_IN_NETWORK * innet
+                 + rng.normal(0.0, truth.LOG_NOISE, size=z.shape))
         score[dup] = -np.inf
         top = np.argsort(-score, axis=1, kind="stable")[:, :L]
         rows = np.arange(n)[:, None]

@@ -13,6 +13,9 @@ metric (NDCG vs true utility, the position-bias curve) is scored against them:
     P(negative | examined, no click) = sigmoid(-z + NEG_B + FLAG_NEG * flagged_p)
 
 Policy-flagged posts are engagement bait: a little more clickable, much more often hidden.
+The logged history was served by a previous production ranker (``LOG_*`` below) that
+knew relevance only in part and leaned on recency and the follow graph, so positions in
+the logs correlate with observable features, as they do in real logs.
 """
 
 from __future__ import annotations
@@ -35,6 +38,12 @@ DWELL_Z = 0.35
 DWELL_SIGMA = 0.8
 NEG_SPLIT = np.array([0.4, 0.4, 0.2])  # hide, not_interested, see_less
 SESSION_STEP_MS = 1_500  # time between two positions while scrolling
+# Logging policy of the history (the previous production ranker):
+#   score = LOG_REL * z + LOG_RECENCY * exp(-age_h / 12) + LOG_IN_NETWORK * follows + N(0, LOG_NOISE)
+LOG_REL = 0.4
+LOG_RECENCY = 1.0
+LOG_IN_NETWORK = 0.5
+LOG_NOISE = 0.7
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:

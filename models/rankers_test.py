@@ -1,0 +1,47 @@
+import numpy as np
+import torch
+
+from models.rankers import HeavyRanker, LightRanker, export_torchscript, heavy_from_bytes, load_torchscript, state_bytes, train_heavy
+
+
+def test_light_ranker_recovers_logistic_weights():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20_000, 3)).astype(np.float32) * [1, 2, 1] + [0, 5, 0]
+    logit = 1.5 * x[:, 0] - 0.5 * (x[:, 1] - 5) / 2
+    y = (rng.random(20_000) < 1 / (1 + np.exp(-logit))).astype(np.float32)
+    lr = LightRanker.fit(x, y)
+    assert lr.w[0] > 1.2 and lr.w[1] < -0.3 and abs(lr.w[2]) < 0.1
+    again = LightRanker.from_bytes(lr.to_bytes())
+    assert np.allclose(again.score(x[:10]), lr.score(x[:10]))
+
+
+def _heavy_data(n=60_000, f=12, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, f)).astype(np.float32)
+    rel = 1 / (1 + np.exp(-(x[:, :6] * 1.5 - 0.5)))  # head j depends on feature j
+    pos = rng.integers(1, 11, n)
+    exam = (1.0 / pos) ** 1.0
+    y = (rng.random((n, 6)) < rel * exam[:, None]).astype(np.float32)
+    return x, y, pos
+
+
+def test_pal_heavy_ranker_learns_position_and_relevance_and_exports():
+    x, y, pos = _heavy_data()
+    m = HeavyRanker(x.shape[1], hidden=32, expert_dim=16)
+    m.set_normalization(x.mean(0), x.std(0), np.full(12, -1e9), np.full(12, 1e9))
+    losses = train_heavy(m, x, y, pos, epochs=4, batch=1024)
+    assert losses[-1] < losses[0]
+    curve = m.examination_curve(np.arange(1, 11))
+    rel_curve = curve / curve[0]
+    assert np.all(np.abs(rel_curve - 1.0 / np.arange(1, 11)) < 0.1 * (1.0 / np.arange(1, 11)) + 0.02), rel_curve
+    ts = load_torchscript(export_torchscript(m, np.array([1, 2, 4, 6, 3, -8], dtype=np.float32)))
+    batch = torch.from_numpy(x[:500])
+    p, score = ts(batch)  # 500 rows, one call
+    with torch.no_grad():
+        eager = torch.sigmoid(m.relevance_logits(batch))
+    assert p.shape == (500, 6) and score.shape == (500,)
+    assert torch.allclose(p, eager, atol=1e-5)
+    assert torch.allclose(score, eager @ torch.tensor([1.0, 2, 4, 6, 3, -8]), atol=1e-4)
+    again = heavy_from_bytes(state_bytes(m))
+    with torch.no_grad():
+        assert torch.allclose(torch.sigmoid(again.relevance_logits(batch)), eager)
