@@ -327,7 +327,8 @@ def eval_(
         from models.movielens import evaluate as ml_eval
 
         with _progress() as prog:
-            res = ml_eval(cfg.data_dir / "cache", progress=lambda f: _StageProgress(prog)("two-tower (ml-100k)", f))
+            stage = _StageProgress(prog)
+            res = ml_eval(cfg.data_dir / "cache", progress=lambda f: stage("two-tower (ml-100k)", f))
         write_ml100k_report(res, json_out)
         summary = {k: res[k] for k in ("popularity", "bpr_mf", "two_tower")}
     else:

@@ -215,24 +215,20 @@ def train_two_tower(model: TwoTower, users: UserInputs, posts: PostInputs, post_
 
 
 @torch.no_grad()
+def _embed(model: TwoTower, tower, inputs, subset, n: int, batch: int) -> np.ndarray:
+    """Run one tower over ``n`` rows in batches, in eval mode."""
+    model.eval()
+    out = np.zeros((n, model.config["dim"]), dtype=np.float32)
+    for i in range(0, n, batch):
+        idx = np.arange(i, min(i + batch, n))
+        out[idx] = tower(subset(inputs, idx)).numpy()
+    model.train()
+    return out
+
+
 def embed_posts(model: TwoTower, posts: PostInputs, batch: int = 8192) -> np.ndarray:
-    model.eval()
-    n = posts.author.numel()
-    out = np.zeros((n, model.config["dim"]), dtype=np.float32)
-    for i in range(0, n, batch):
-        idx = np.arange(i, min(i + batch, n))
-        out[idx] = model.post(subset_posts(posts, idx)).numpy()
-    model.train()
-    return out
+    return _embed(model, model.post, posts, subset_posts, posts.author.numel(), batch)
 
 
-@torch.no_grad()
 def embed_users(model: TwoTower, users: UserInputs, batch: int = 8192) -> np.ndarray:
-    model.eval()
-    n = users.dense.shape[0]
-    out = np.zeros((n, model.config["dim"]), dtype=np.float32)
-    for i in range(0, n, batch):
-        idx = np.arange(i, min(i + batch, n))
-        out[idx] = model.user(subset_users(users, idx)).numpy()
-    model.train()
-    return out
+    return _embed(model, model.user, users, subset_users, users.dense.shape[0], batch)

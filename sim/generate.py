@@ -239,6 +239,8 @@ def simulate_history(world: World, spec: WorldSpec, rng: np.random.Generator, pr
     span = np.int64(world.end_ms + 1)
     a_key = a_sorted.astype(np.int64) * span + t_sorted
     deg = np.diff(world._follow_offsets)
+    fc = world.follower_counts()
+    pop_feature = np.log1p(fc) / np.log1p(max(int(fc.max()), 1))
     imp_cols: dict[str, list[np.ndarray]] = {k: [] for k in ("sess", "user", "post", "pos", "ts", "z", "innet")}
     chunk = max(1, 2_000_000 // K)
     for c0 in range(0, S, chunk):
@@ -271,10 +273,10 @@ def simulate_history(world: World, spec: WorldSpec, rng: np.random.Generator, pr
         np.put_along_axis(dup, order, dup_sorted, axis=1)
         z = world.logit(su[:, None], cand, st[:, None])
         innet = world.follows(su[:, None], world.post_author[cand])
-        # the logging policy: the previous production ranker (V0/V1-like), which knew relevance
-        # only partly and leaned on recency and the follow graph, plus exploration noise
+        # the logging policy: the previous production ranker, from observable signals only
         age_h = np.maximum(st[:, None] - world.post_ts[cand], 0) / HOUR_MS
-        score = (truth.LOG_REL * z + truth.LOG_RECENCY * np.exp(-age_h / 12.0) + truth.LOG_IN_NETWORK * innet
+        score = (truth.LOG_RECENCY * np.exp(-age_h / 12.0) + truth.LOG_IN_NETWORK * innet
+                 + truth.LOG_POPULARITY * pop_feature[world.post_author[cand]] + truth.LOG_CTYPE[world.post_ctype[cand]]
                  + rng.normal(0.0, truth.LOG_NOISE, size=z.shape))
         score[dup] = -np.inf
         top = np.argsort(-score, axis=1, kind="stable")[:, :L]

@@ -13,9 +13,9 @@ metric (NDCG vs true utility, the position-bias curve) is scored against them:
     P(negative | examined, no click) = sigmoid(-z + NEG_B + FLAG_NEG * flagged_p)
 
 Policy-flagged posts are engagement bait: a little more clickable, much more often hidden.
-The logged history was served by a previous production ranker (``LOG_*`` below) that
-knew relevance only in part and leaned on recency and the follow graph, so positions in
-the logs correlate with observable features, as they do in real logs.
+The logged history was served by a previous production ranker (``LOG_*`` below) that used
+only observable signals (recency, follow graph, author popularity, content type), so
+positions in the logs correlate with those features, as they do in real logs.
 """
 
 from __future__ import annotations
@@ -38,11 +38,15 @@ DWELL_Z = 0.35
 DWELL_SIGMA = 0.8
 NEG_SPLIT = np.array([0.4, 0.4, 0.2])  # hide, not_interested, see_less
 SESSION_STEP_MS = 1_500  # time between two positions while scrolling
-# Logging policy of the history (the previous production ranker):
-#   score = LOG_REL * z + LOG_RECENCY * exp(-age_h / 12) + LOG_IN_NETWORK * follows + N(0, LOG_NOISE)
-LOG_REL = 0.4
+# Logging policy of the history: the previous production ranker (EdgeRank-like). It sees
+# only what a server could see — never the latent z — or the logs would leak the truth:
+#   score = LOG_RECENCY * exp(-age_h / 12) + LOG_IN_NETWORK * follows
+#           + LOG_POPULARITY * log1p(author followers) / log1p(max followers)
+#           + LOG_CTYPE[content type] + N(0, LOG_NOISE)
 LOG_RECENCY = 1.0
 LOG_IN_NETWORK = 0.5
+LOG_POPULARITY = 0.5
+LOG_CTYPE = np.array([0.0, 0.1, 0.2])
 LOG_NOISE = 0.7
 
 
