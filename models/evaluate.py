@@ -203,6 +203,15 @@ def eval_position_bias(data: SimData, trained, train: dict, n_positions: int = 2
 # --------------------------------------------------------------------------- report
 
 
+def _save(fig, out: Path, name: str, files: list[str]) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    files.append(name)
+
+
 def plots(res: dict, out: Path) -> list[str]:
     import matplotlib
 
@@ -219,10 +228,7 @@ def plots(res: dict, out: Path) -> list[str]:
     ax.set_xlabel("K")
     ax.set_ylabel("Recall@K of held-out clicks")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "recall_at_k.png", dpi=110)
-    files.append("recall_at_k.png")
-    plt.close(fig)
+    _save(fig, out, "recall_at_k.png", files)
 
     heads = res["heads"]
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -233,10 +239,7 @@ def plots(res: dict, out: Path) -> list[str]:
     ax.set_ylim(0.5, 1.0)
     ax.set_ylabel("AUC (validation window)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "head_auc.png", dpi=110)
-    files.append("head_auc.png")
-    plt.close(fig)
+    _save(fig, out, "head_auc.png", files)
 
     fig, axes = plt.subplots(2, 3, figsize=(10, 6))
     for ax, h in zip(axes.ravel(), HEAD_NAMES):
@@ -247,10 +250,7 @@ def plots(res: dict, out: Path) -> list[str]:
         ax.set_title(h)
         ax.set_xlabel("predicted")
         ax.set_ylabel("observed")
-    fig.tight_layout()
-    fig.savefig(out / "calibration.png", dpi=110)
-    files.append("calibration.png")
-    plt.close(fig)
+    _save(fig, out, "calibration.png", files)
 
     pb = res["position_bias"]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -263,20 +263,14 @@ def plots(res: dict, out: Path) -> list[str]:
     ax.set_xlabel("position")
     ax.set_ylabel("P(examined) relative to position 1")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "position_bias.png", dpi=110)
-    files.append("position_bias.png")
-    plt.close(fig)
+    _save(fig, out, "position_bias.png", files)
 
     nd = res["ndcg"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     names = [n for n in ("random", "light", "heavy_position_blind", "heavy") if n in nd]
     ax.bar(names, [nd[n] for n in names])
     ax.set_ylabel("NDCG@20 vs true utility")
-    fig.tight_layout()
-    fig.savefig(out / "ndcg.png", dpi=110)
-    files.append("ndcg.png")
-    plt.close(fig)
+    _save(fig, out, "ndcg.png", files)
     return files
 
 
