@@ -21,6 +21,7 @@ sim_app = typer.Typer(help="The simulated social world and its clients.", no_arg
 config_app = typer.Typer(help="Inspect and validate feedrank.toml + FEEDRANK_* overrides.", no_args_is_help=True)
 jobs_app = typer.Typer(help="PyFlink jobs, run embedded on a local MiniCluster.", no_args_is_help=True)
 events_app = typer.Typer(help="The event log.", no_args_is_help=True)
+feast_app = typer.Typer(help="The Feast repository in feast_repo/ (then use the feast CLI there).", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks: measured numbers as JSON + markdown in bench/results/.", no_args_is_help=True)
 models_app = typer.Typer(help="The model store: versions, promotion, rollback, retention.", no_args_is_help=True)
 app.add_typer(flink_app, name="flink")
@@ -30,6 +31,7 @@ app.add_typer(jobs_app, name="jobs")
 app.add_typer(events_app, name="events")
 app.add_typer(models_app, name="models")
 app.add_typer(bench_app, name="bench")
+app.add_typer(feast_app, name="feast")
 console = Console(stderr=True)
 
 
@@ -391,6 +393,23 @@ def models_retention(model: str) -> None:
 
     deleted = ModelStore.from_config(_cfg()).apply_retention(model)
     console.print(f"{model}: deleted {len(deleted)} versions")
+
+
+@feast_app.command("configure")
+def feast_configure() -> None:
+    """Write feast_repo/feature_store.yaml from feedrank.toml (Redis address, registry path)."""
+    from features.feast_repo import configure
+
+    console.print(f"written {configure(_cfg())}")
+
+
+@feast_app.command("export")
+def feast_export(world: Optional[Path] = typer.Option(None, help="Simulated world directory")) -> None:
+    """Write the offline sources (Parquet under var/feast) from a simulated world's logs."""
+    from features.feast_repo import export
+
+    cfg = _cfg()
+    print(json.dumps(export(cfg, _world_dir(cfg, world))))
 
 
 @bench_app.command("retrieval")
