@@ -68,6 +68,11 @@ HEAVY_EXTRA: list[Feature] = (
        Feature("hour_cos", "context", -1, 1, "time of day")]
 )
 HEAVY_FEATURES: list[Feature] = LIGHT_FEATURES + HEAVY_EXTRA
+#: What the ranker that logged the history ranked by (the V0/EdgeRank-style production
+#: ranker): propensity estimation conditions on these, because given them the logged
+#: position is independent of relevance.
+LOGGING_POLICY_FEATURES = ["recency", "log_age_hours", "in_network", "follows_author", "log_author_followers",
+                           "post_ctype_0", "post_ctype_1", "post_ctype_2"]
 LIGHT_NAMES = [f.name for f in LIGHT_FEATURES]
 HEAVY_NAMES = [f.name for f in HEAVY_FEATURES]
 

@@ -183,9 +183,10 @@ def eval_ndcg(data: SimData, trained, weights: np.ndarray, n_sessions: int = 400
 
 def eval_position_bias(data: SimData, trained, train: dict, n_positions: int = 20, progress: Progress | None = None) -> dict:
     w = data.world
-    x = train["x"]
+    from features.schema import HEAVY_NAMES, LOGGING_POLICY_FEATURES
+
+    x = train["x"][:, [HEAVY_NAMES.index(c) for c in LOGGING_POLICY_FEATURES]]
     est = regression_em(train["position"], train["y"][:, 0], x, n_positions=n_positions,
-                        users=train["users"], posts=train["posts"],
                         progress=(lambda f: progress("position-bias EM", f)) if progress else None)
     truth = w.examination_prob(np.arange(1, n_positions + 1))
     truth = truth / truth[0]
@@ -193,7 +194,9 @@ def eval_position_bias(data: SimData, trained, train: dict, n_positions: int = 2
     err = np.abs(rel[:10] - truth[:10]) / truth[:10]
     out = {"true": truth.round(4).tolist(), "regression_em": rel.round(4).tolist(),
            "naive_ctr": np.round(est["naive_ctr_curve"], 4).tolist(),
-           "max_rel_error_pos1_10": round(float(err.max()), 4), "rel_error_pos1_10": err.round(4).tolist()}
+           "max_rel_error_pos1_10": round(float(err.max()), 4), "rel_error_pos1_10": err.round(4).tolist(),
+           "em_iterations": est["iterations"], "em_converged": est["converged"],
+           "conditioning": LOGGING_POLICY_FEATURES}
     if trained.heavy is not None and trained.heavy.position is not None:
         pal = trained.heavy.examination_curve(np.arange(1, n_positions + 1))
         out["pal_tower"] = (pal / pal[0]).round(4).tolist()

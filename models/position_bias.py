@@ -37,8 +37,13 @@ class _Relevance(nn.Module):
 
 
 def regression_em(positions: np.ndarray, clicks: np.ndarray, features: np.ndarray, n_positions: int = 20,
-                  iters: int = 12, epochs_per_iter: int = 1, batch: int = 8192, seed: int = 0,
-                  progress=None, users: np.ndarray | None = None, posts: np.ndarray | None = None) -> dict:
+                  iters: int = 160, epochs_per_iter: int = 1, batch: int = 8192, seed: int = 0,
+                  progress=None, users: np.ndarray | None = None, posts: np.ndarray | None = None,
+                  tol: float = 1e-5) -> dict:
+    """``features`` should be what the *logging policy* ranked by: given those, position is
+    independent of relevance, so theta is identified. Iterates until the relative curve
+    moves less than ``tol`` in one iteration (EM converges slowly here: ~100+ iterations).
+    """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     keep = positions <= n_positions
@@ -77,5 +82,7 @@ def regression_em(positions: np.ndarray, clicks: np.ndarray, features: np.ndarra
         history.append((theta / theta[0]).round(4).tolist())
         if progress:
             progress((it + 1) / iters)
+        if it >= 2 and np.abs(np.array(history[-1]) - np.array(history[-2])).max() < tol:
+            break
     return {"relative": (theta / theta[0]).tolist(), "absolute": theta.tolist(), "naive_ctr_curve": (ctr / ctr[0]).tolist(),
-            "iterations": iters, "history": history}
+            "iterations": len(history), "converged": len(history) < iters, "history": history[-5:]}
