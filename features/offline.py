@@ -64,6 +64,16 @@ class UserState:
     neg_total: np.ndarray      # [n]
     log_activity: np.ndarray   # [n]
 
+    @classmethod
+    def from_counts(cls, tc: np.ndarray, tn: np.ndarray, cc: np.ndarray) -> "UserState":
+        """From per-user counts of topic clicks [n, T], topic negatives [n, T], content-type clicks [n, 3]."""
+        nc, nn = tc.sum(1), tn.sum(1)
+        return cls(topic_clicks=(tc / np.maximum(nc, 1)[:, None]).astype(np.float32),
+                   topic_neg=(tn / np.maximum(nn, 1)[:, None]).astype(np.float32),
+                   ctype_clicks=(cc / np.maximum(cc.sum(1), 1)[:, None]).astype(np.float32),
+                   neg_total=(nn / np.maximum(nn + nc, 1)).astype(np.float32),
+                   log_activity=np.log1p(nc).astype(np.float32))
+
     def dense(self) -> np.ndarray:
         """The user tower's dense input."""
         return np.hstack([self.topic_clicks, self.topic_neg, self.ctype_clicks,
@@ -130,15 +140,7 @@ class History:
         tc = np.stack([self.user_topic_clicks.before(users * T + k, t) for k in range(T)], axis=1).astype(np.float32)
         tn = np.stack([self.user_topic_neg.before(users * T + k, t) for k in range(T)], axis=1).astype(np.float32)
         cc = np.stack([self.user_ctype.before(users * N_CTYPES + k, t) for k in range(N_CTYPES)], axis=1).astype(np.float32)
-        nc = tc.sum(1)
-        nn = tn.sum(1)
-        return UserState(
-            topic_clicks=tc / np.maximum(nc, 1)[:, None],
-            topic_neg=tn / np.maximum(nn, 1)[:, None],
-            ctype_clicks=cc / np.maximum(cc.sum(1), 1)[:, None],
-            neg_total=(nn / np.maximum(nn + nc, 1)).astype(np.float32),
-            log_activity=np.log1p(nc).astype(np.float32),
-        )
+        return UserState.from_counts(tc, tn, cc)
 
     # ------------------------------------------------------------------ features
     def light_features(self, users: np.ndarray, posts: np.ndarray, t: np.ndarray, ann: np.ndarray,

@@ -181,6 +181,16 @@ class Serving(_Section):
     experiments_file: str
 
 
+class Streaming(_Section):
+    flush_ms: PosInt
+    max_buffer_rows: PosInt
+    dedupe_retention_s: PosFloat
+    out_of_orderness_ms: NonNegInt
+    change_stream_maxlen: PosInt
+    bootstrap_world: str
+    restart_attempts: NonNegInt
+
+
 class OnlineLearning(_Section):
     lr: PosFloat
     lr_cap: PosFloat
@@ -277,6 +287,7 @@ class Config(_Section):
     heads: Heads
     rerank: Rerank
     serving: Serving
+    streaming: Streaming
     online_learning: OnlineLearning
     sim: Sim
     clients: Clients

@@ -197,12 +197,18 @@ def train_all(cfg: Config, data_dir: str, which: str = "all", store: ModelStore 
     return out
 
 
-def load_two_tower(store: ModelStore, data: SimData | None = None) -> tuple[TwoTower, np.ndarray]:
-    _, path = store.fetch("two_tower")
+def load_two_tower_model(store: ModelStore, version: str | None = None) -> TwoTower:
+    """The two-tower model of ``version`` (default: current), in eval mode."""
+    _, path = store.fetch("two_tower", version)
     blob = torch.load(path / "model.pt", weights_only=False)
     model = TwoTower(**{k: v for k, v in blob["config"].items() if k in ("n_topics", "dim", "text_dim", "hidden")})
     model.config.update(blob["config"])
     model.load_state_dict(blob["state"])
+    return model.eval()
+
+
+def load_two_tower(store: ModelStore, data: SimData | None = None) -> tuple[TwoTower, np.ndarray]:
+    model = load_two_tower_model(store)
     if data is not None:
         return model, embed_posts(model, data.post_inputs())
     _, rpath = store.fetch("retrieval")

@@ -1,0 +1,214 @@
+"""Real-time feature state: the per-post, per-user and per-topic arithmetic of the feature job.
+
+Kept apart from the Flink wiring (``jobs/features.py``) so that the exact rules are
+plain functions with plain tests, and so the values the job pushes are defined once:
+
+* post stats: counts of impressions (exposures), clicks, likes, comments, shares,
+  negative feedback (hide / not interested / see less) and long dwells; clicks in the
+  last 5 minutes and hour (per-minute buckets, event time); smoothed CTR; trending score.
+* user topic: clicks and negative feedback per topic, clicks per content type, recent
+  engagement — and the user tower's dense input built from them.
+* topic stats: clicks in the last 5 minutes / hour against the topic's long-run rate.
+
+State values are small lists (pickled by Flink); every update is idempotent given the
+state, so a replay from a checkpoint reproduces the same values: the job pushes
+absolute values, never increments.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from features.events import NEGATIVE_ACTIONS, Action, InvalidEvent, parse_event
+from features.feast_repo import post_trending_score, topic_trend
+from features.schema import N_CTYPES, N_TOPICS
+
+MINUTE_MS = 60_000
+HOUR_MS = 3_600_000
+CTYPE_CODE = {"text": 0, "image": 1, "video": 2}
+ACTIONS = [a.value for a in Action]
+A = {a: i for i, a in enumerate(ACTIONS)}
+NEGATIVE_CODES = frozenset(A[a.value] for a in NEGATIVE_ACTIONS)
+
+# event kinds of the compact tuple
+PUBLISH, FOLLOW, UNFOLLOW, EXPOSURE, ENGAGEMENT = range(5)
+KIND = {"post_published": PUBLISH, "followed": FOLLOW, "unfollowed": UNFOLLOW, "exposure": EXPOSURE,
+        "engagement": ENGAGEMENT}
+# compact event: (kind, event_id, ts, user_id, post_id, author_id, action, dwell_ms, topic, ctype, text, position)
+Compact = tuple
+K_KIND, K_ID, K_TS, K_USER, K_POST, K_AUTHOR, K_ACTION, K_DWELL, K_TOPIC, K_CTYPE, K_TEXT, K_POS = range(12)
+
+
+def compact(line: str) -> Compact | str:
+    """Validate one JSON line into the job's compact tuple, or return the rejection reason."""
+    try:
+        ev: Any = parse_event(line)
+    except InvalidEvent as e:
+        return e.reason
+    k = KIND[ev.type]
+    if k == PUBLISH:
+        return (k, ev.event_id, ev.ts, ev.author_id, ev.post_id, ev.author_id, -1, 0, ev.topic,
+                CTYPE_CODE[ev.content_type], ev.text, 0)
+    if k in (FOLLOW, UNFOLLOW):
+        return (k, ev.event_id, ev.ts, ev.user_id, -1, ev.author_id, -1, 0, -1, -1, "", 0)
+    if k == EXPOSURE:
+        return (k, ev.event_id, ev.ts, ev.user_id, ev.post_id, ev.author_id if ev.author_id is not None else -1,
+                -1, 0, -1, -1, "", ev.position)
+    return (k, ev.event_id, ev.ts, ev.user_id, ev.post_id, ev.author_id if ev.author_id is not None else -1,
+            A[ev.action], ev.dwell_ms or 0, -1, -1, "", ev.position or 0)
+
+
+# ----------------------------------------------------------------------------- buckets
+
+
+def bump(buckets: dict[int, int], ts: int, n: int = 1) -> None:
+    """Count ``n`` at the minute of ``ts``; forget minutes older than an hour before it."""
+    m = ts // MINUTE_MS
+    buckets[m] = buckets.get(m, 0) + n
+    if len(buckets) > 61:
+        for old in [b for b in buckets if b <= m - 60]:
+            del buckets[old]
+
+
+def window(buckets: dict[int, int], now_ms: int, minutes: int) -> int:
+    """Clicks in the ``minutes`` minute buckets ending with the one holding ``now_ms``."""
+    m = now_ms // MINUTE_MS
+    return sum(c for b, c in buckets.items() if m - minutes < b <= m)
+
+
+# ----------------------------------------------------------------------------- posts
+
+# post state: [impressions, clicks, likes, comments, shares, negatives, long_dwells, last_ts, buckets, meta]
+# meta = (author_id, topic, ctype, published_ms) once known, else None
+P_IMP, P_CLK, P_LIKE, P_COMM, P_SHARE, P_NEG, P_LDW, P_LAST, P_BUCKETS, P_META = range(10)
+
+
+def new_post_state(meta: tuple[int, int, int, int] | None = None) -> list:
+    return [0, 0, 0, 0, 0, 0, 0, 0, {}, meta]
+
+
+def post_update(s: list, e: Compact, long_dwell_ms: int) -> bool:
+    """Apply one exposure/engagement/publish event; True when it changed a pushed value."""
+    k = e[K_KIND]
+    s[P_LAST] = max(s[P_LAST], e[K_TS])
+    if k == EXPOSURE:
+        s[P_IMP] += 1
+        return True
+    if k == PUBLISH:
+        s[P_META] = (e[K_AUTHOR], e[K_TOPIC], e[K_CTYPE], e[K_TS])
+        return True
+    a = e[K_ACTION]
+    if a == A["click"]:
+        s[P_CLK] += 1
+        bump(s[P_BUCKETS], e[K_TS])
+    elif a == A["like"]:
+        s[P_LIKE] += 1
+    elif a == A["comment"]:
+        s[P_COMM] += 1
+    elif a == A["share"]:
+        s[P_SHARE] += 1
+    elif a in NEGATIVE_CODES:
+        s[P_NEG] += 1
+    elif a == A["dwell"] and e[K_DWELL] >= long_dwell_ms:
+        s[P_LDW] += 1
+    else:
+        return False  # views and short dwells change nothing we publish
+    return True
+
+
+def post_row(s: list, now_ms: int | None = None) -> tuple[list[int], list[float]]:
+    """(ints in POST_STATS_INT order, floats in POST_STATS_FLOAT order)."""
+    now = s[P_LAST] if now_ms is None else now_ms
+    c5, c1h = window(s[P_BUCKETS], now, 5), window(s[P_BUCKETS], now, 60)
+    ctr = (s[P_CLK] + 2.0) / (s[P_IMP] + 20.0)  # same prior as the offline export
+    trend = float(post_trending_score(c1h, s[P_CLK]))
+    return [s[P_IMP], s[P_CLK], s[P_LIKE], s[P_COMM], s[P_SHARE], s[P_NEG], s[P_LDW], c5, c1h], [ctr, trend]
+
+
+# ----------------------------------------------------------------------------- users
+
+# user state: [topic_clicks[T], topic_neg[T], ctype_clicks[3], clicks, negatives, last_ms, buckets, follows]
+U_TC, U_TN, U_CC, U_CLK, U_NEG, U_LAST, U_BUCKETS, U_FOLLOWS = range(8)
+MAX_FOLLOWS_KEPT = 200
+
+
+def new_user_state(follows: list[int] | None = None) -> list:
+    return [[0] * N_TOPICS, [0] * N_TOPICS, [0] * N_CTYPES, 0, 0, 0, {}, list(follows or [])]
+
+
+def user_update(s: list, e: Compact) -> tuple[bool, bool]:
+    """Apply an enriched engagement or a follow change. Returns (features changed, embedding input changed)."""
+    k = e[K_KIND]
+    if k == FOLLOW:
+        if e[K_AUTHOR] not in s[U_FOLLOWS]:
+            s[U_FOLLOWS].append(e[K_AUTHOR])
+            del s[U_FOLLOWS][:-MAX_FOLLOWS_KEPT]
+        return False, True
+    if k == UNFOLLOW:
+        if e[K_AUTHOR] in s[U_FOLLOWS]:
+            s[U_FOLLOWS].remove(e[K_AUTHOR])
+        return False, True
+    a, topic, ctype = e[K_ACTION], e[K_TOPIC], e[K_CTYPE]
+    s[U_LAST] = max(s[U_LAST], e[K_TS])
+    if a == A["click"]:
+        s[U_CLK] += 1
+        bump(s[U_BUCKETS], e[K_TS])
+        if 0 <= topic < N_TOPICS:
+            s[U_TC][topic] += 1
+        if 0 <= ctype < N_CTYPES:
+            s[U_CC][ctype] += 1
+        return True, True
+    if a in NEGATIVE_CODES:
+        s[U_NEG] += 1
+        if 0 <= topic < N_TOPICS:
+            s[U_TN][topic] += 1
+        return True, True
+    return True, False  # any other engagement still moves last_engagement_ms
+
+
+def _shares(v: list[int]) -> list[float]:
+    n = max(sum(v), 1)
+    return [x / n for x in v]
+
+
+def user_row(s: list) -> dict[str, Any]:
+    """The user_topic view's values: shares (as the offline export and the rankers use), counts, recency."""
+    return {"topic_clicks": _shares(s[U_TC]), "topic_negative": _shares(s[U_TN]), "ctype_clicks": _shares(s[U_CC]),
+            "clicks": s[U_CLK], "negatives": s[U_NEG], "clicks_1h": window(s[U_BUCKETS], s[U_LAST], 60),
+            "last_engagement_ms": s[U_LAST]}
+
+
+def user_dense(s: list) -> np.ndarray:
+    """The user tower's dense input, exactly as :meth:`features.offline.UserState.dense` builds it offline."""
+    from features.offline import UserState
+
+    tc, tn, cc = (np.asarray([x], dtype=np.float32) for x in (s[U_TC], s[U_TN], s[U_CC]))
+    return UserState.from_counts(tc, tn, cc).dense()[0]
+
+
+# ----------------------------------------------------------------------------- topics
+
+# topic state: [clicks_total, first_ts, last_ts, buckets]
+T_CLK, T_FIRST, T_LAST, T_BUCKETS = range(4)
+
+
+def new_topic_state() -> list:
+    return [0, 0, 0, {}]
+
+
+def topic_update(s: list, ts: int, n: int = 1) -> None:
+    s[T_CLK] += n
+    s[T_FIRST] = ts if s[T_FIRST] == 0 else min(s[T_FIRST], ts)
+    s[T_LAST] = max(s[T_LAST], ts)
+    bump(s[T_BUCKETS], ts, n)
+
+
+def topic_row(s: list, now_ms: int | None = None) -> list[float]:
+    """TOPIC_STATS_FLOAT: clicks_5m, clicks_1h, long-run clicks per hour, trend (log lift)."""
+    now = s[T_LAST] if now_ms is None else now_ms
+    c5, c1h = window(s[T_BUCKETS], now, 5), window(s[T_BUCKETS], now, 60)
+    hours = max((now - s[T_FIRST]) / HOUR_MS, 1.0)
+    longrun = s[T_CLK] / hours
+    return [float(c5), float(c1h), float(longrun), float(topic_trend(c1h, longrun))]
