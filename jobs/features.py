@@ -174,6 +174,7 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
             self.catalog = Catalog(cfg)
             self.new_posts: list[tuple] = []
             self.embedder = PostEmbedder(cfg)
+            self.embedder.get()  # load the towers now, not on the first published post
             self.fault = fail_once_on
             self.fault_marker = cfg.data_dir / "flink" / f"fault-{fail_once_on}.done"
             self.counts = {"events": 0, "duplicates": 0, "invalid": 0}
@@ -266,6 +267,7 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
             self.state = ctx.get_state(ValueStateDescriptor("user", Types.PICKLED_BYTE_ARRAY()))
             self.catalog = Catalog(cfg)
             self.embedder = UserEmbedder(cfg)
+            self.embedder.get()
 
         def process_element(self, e: tuple, ctx: Any):
             self.events += 1
@@ -377,12 +379,9 @@ class _Towers:
                 self.warned = True
             return None
         if v != self.version:
-            import torch
+            from models.train import load_numpy_towers
 
-            from models.train import load_two_tower_model
-
-            torch.set_num_threads(1)
-            self.model = load_two_tower_model(self.store, v)
+            self.model = load_numpy_towers(self.store, v)  # torch never returns in thread mode: numpy
             self.version = v
         self.retrieval = rv
         return self.model
@@ -398,18 +397,15 @@ class PostEmbedder(_Towers):
         self.featurize = PostFeaturizer()
 
     def publish(self, writer: Any, posts: list[tuple]) -> None:
-        import torch
-
         from features import realtime as rt
 
         model = self.get()
         if model is None:
             return
         ids = np.array([p[rt.K_POST] for p in posts], dtype=np.int64)
-        x = self.featurize([p[rt.K_TEXT] for p in posts], np.array([p[rt.K_AUTHOR] for p in posts]),
+        x = self.featurize.arrays([p[rt.K_TEXT] for p in posts], np.array([p[rt.K_AUTHOR] for p in posts]),
                            np.array([p[rt.K_TOPIC] for p in posts]), np.array([p[rt.K_CTYPE] for p in posts]))
-        with torch.no_grad():
-            emb = model.post(x).numpy().astype(np.float32)
+        emb = model.post(x)
         writer.write("post_embedding", ids, {"embedding": emb.tolist()})
         if self.retrieval is not None:
             writer.publish_index_delta(self.retrieval, ids, emb, np.array([p[rt.K_TS] for p in posts], dtype=np.int64))
@@ -419,10 +415,8 @@ class UserEmbedder(_Towers):
     """User tower over the user's current topic profile and follows -> user_embedding (Feast)."""
 
     def publish(self, writer: Any, users: list[tuple[int, list]]) -> None:
-        import torch
-
         from features import realtime as rt
-        from models.towers import UserInputs, author_bucket
+        from models.towers import author_bucket
 
         model = self.get()
         if model is None:
@@ -432,8 +426,7 @@ class UserEmbedder(_Towers):
         ids = np.concatenate([author_bucket(np.array(s[rt.U_FOLLOWS] or [0], dtype=np.int64)) if s[rt.U_FOLLOWS]
                               else np.zeros(1, dtype=np.int64) for _, s in users])
         offs = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
-        with torch.no_grad():
-            emb = model.user(UserInputs(torch.from_numpy(dense), torch.from_numpy(ids), torch.from_numpy(offs))).numpy()
+        emb = model.user(dense, ids, offs)
         writer.write("user_embedding", np.array([u for u, _ in users], dtype=np.int64), {"embedding": emb.tolist()})
 
 

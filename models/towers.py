@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -112,11 +113,14 @@ class PostFeaturizer:
     def __init__(self) -> None:
         self.hasher = TextHasher()
 
-    def __call__(self, texts: list[str], authors: np.ndarray, topics: np.ndarray, ctypes: np.ndarray) -> PostInputs:
+    def arrays(self, texts: list[str], authors: np.ndarray, topics: np.ndarray,
+               ctypes: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(text ids, text offsets, author buckets, topics, content types) as numpy."""
         ids, offs = self.hasher(texts)
-        return PostInputs(torch.from_numpy(ids), torch.from_numpy(offs), torch.from_numpy(author_bucket(authors)),
-                          torch.from_numpy(np.asarray(topics, dtype=np.int64)),
-                          torch.from_numpy(np.asarray(ctypes, dtype=np.int64)))
+        return (ids, offs, author_bucket(authors), np.asarray(topics, dtype=np.int64), np.asarray(ctypes, dtype=np.int64))
+
+    def __call__(self, texts: list[str], authors: np.ndarray, topics: np.ndarray, ctypes: np.ndarray) -> PostInputs:
+        return PostInputs(*(torch.from_numpy(a) for a in self.arrays(texts, authors, topics, ctypes)))
 
 
 def follows_bag(follow_src: np.ndarray, follow_dst: np.ndarray, users: np.ndarray, n_users: int,
@@ -232,3 +236,74 @@ def embed_posts(model: TwoTower, posts: PostInputs, batch: int = 8192) -> np.nda
 
 def embed_users(model: TwoTower, users: UserInputs, batch: int = 8192) -> np.ndarray:
     return _embed(model, model.user, users, subset_users, users.dense.shape[0], batch)
+
+
+# ------------------------------------------------------------------ numpy inference
+
+
+def _bag_mean(table: np.ndarray, ids: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """EmbeddingBag(mode='mean') in numpy; every bag is non-empty (the builders pad)."""
+    sums = np.add.reduceat(table[ids], offsets, axis=0)
+    lens = np.diff(np.append(offsets, ids.size))
+    return sums / lens[:, None]
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+class NumpyTowers:
+    """The towers' forward pass in numpy, for the streaming jobs.
+
+    Torch's MKL matmul never returns inside PyFlink's thread-mode interpreter (measured:
+    ``nn.Linear`` on a 1x4 input blocks forever, elementwise ops work), so the feature job
+    embeds posts and users with these copies of the weights. ``towers_test`` checks they
+    match the torch model to 1e-5.
+    """
+
+    def __init__(self, sd: dict[str, np.ndarray]):
+        """From :meth:`arrays` (``towers.npz`` in a two_tower checkpoint). Inside a thread-mode
+        worker neither building a torch module nor ``torch.load`` returns either, so the
+        checkpoint carries the weights as plain numpy as well."""
+        if "text.weight" not in sd:
+            raise ValueError("NumpyTowers supports the hashed-text post tower only")
+        self.text, self.author, self.topic, self.ctype = sd["text.weight"], sd["author.weight"], sd["topic.weight"], sd["ctype.weight"]
+        self.post_mlp = [(sd["post_mlp.0.weight"].T.copy(), sd["post_mlp.0.bias"]), (sd["post_mlp.2.weight"].T.copy(), sd["post_mlp.2.bias"])]
+        self.user_mlp = [(sd["user_mlp.0.weight"].T.copy(), sd["user_mlp.0.bias"]), (sd["user_mlp.2.weight"].T.copy(), sd["user_mlp.2.bias"])]
+
+    @staticmethod
+    def arrays(model: TwoTower) -> dict[str, np.ndarray]:
+        return {k: v.detach().cpu().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+
+    @staticmethod
+    def npz(model: TwoTower) -> bytes:
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, **NumpyTowers.arrays(model))
+        return buf.getvalue()
+
+    @classmethod
+    def from_npz(cls, path_or_bytes: Any) -> "NumpyTowers":
+        import io
+
+        src = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
+        with np.load(src) as z:
+            return cls({k: z[k] for k in z.files})
+
+    @staticmethod
+    def _mlp(layers: list[tuple[np.ndarray, np.ndarray]], h: np.ndarray) -> np.ndarray:
+        (w1, b1), (w2, b2) = layers
+        return np.maximum(h @ w1 + b1, 0.0) @ w2 + b2
+
+    def post(self, x: tuple[np.ndarray, ...]) -> np.ndarray:
+        """``x`` = :meth:`PostFeaturizer.arrays` (numpy only: no torch tensor may be touched in a worker)."""
+        ids, offs, author, topic, ctype = x
+        txt = _bag_mean(self.text, ids, offs)
+        h = np.hstack([txt, self.author[author], self.topic[topic], self.ctype[ctype]])
+        return _normalize(self._mlp(self.post_mlp, h.astype(np.float32))).astype(np.float32)
+
+    def user(self, dense: np.ndarray, follow_ids: np.ndarray, follow_offsets: np.ndarray) -> np.ndarray:
+        follows = _bag_mean(self.author, follow_ids, follow_offsets)
+        h = np.hstack([dense, follows]).astype(np.float32)
+        return _normalize(self._mlp(self.user_mlp, h)).astype(np.float32)

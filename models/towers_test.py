@@ -56,3 +56,21 @@ def test_two_tower_learns_tastes_and_embeds_unseen_posts_by_content():
     top = np.argsort(-(ue @ pe[500:].T), axis=1)[:, :5]
     hit = (post_topic[500:][top] == fav[:, None]).mean()
     assert hit > 0.8, hit
+
+
+def test_numpy_towers_match_torch():
+    from models.towers import NumpyTowers, PostFeaturizer, TwoTower, UserInputs
+
+    torch.manual_seed(3)
+    model = TwoTower().eval()
+    rng = np.random.default_rng(0)
+    args = (["a b c", "", "red fox jumps over"], rng.integers(0, 99, 3), np.array([1, 2, 3]), np.array([0, 1, 2]))
+    nt = NumpyTowers.from_npz(NumpyTowers.npz(model))
+    with torch.no_grad():
+        want = model.post(PostFeaturizer()(*args)).numpy()
+    assert np.allclose(nt.post(PostFeaturizer().arrays(*args)), want, atol=1e-5)
+    dense = rng.random((2, USER_DENSE_DIM)).astype(np.float32)
+    ids, offs = np.array([5, 9, 0], dtype=np.int64), np.array([0, 2], dtype=np.int64)
+    with torch.no_grad():
+        want_u = model.user(UserInputs(torch.from_numpy(dense), torch.from_numpy(ids), torch.from_numpy(offs))).numpy()
+    assert np.allclose(nt.user(dense, ids, offs), want_u, atol=1e-5)

@@ -12,7 +12,7 @@ import io
 import json
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from models import rankers
 from models.rankers import HeavyRanker, LightRanker
 from models.retrieval import RetrievalIndex
 from models.sim_data import SimData
-from models.store import ModelStore
+from models.store import Checkpoint, ModelStore
 from models.towers import TwoTower, embed_posts, subset_posts, train_two_tower
 from sim.world import DAY_MS
 
@@ -133,6 +133,37 @@ def _npy(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def publish_two_tower(cfg: Config, store: ModelStore, model: TwoTower, index: RetrievalIndex, emb: np.ndarray,
+                      window: dict | None = None, metrics: dict | None = None,
+                      index_metrics: dict | None = None) -> tuple[Checkpoint, Checkpoint]:
+    """Publish and promote the towers, then the index built from them (its parent)."""
+    from models.towers import NumpyTowers
+
+    ck = store.publish("two_tower", {"model.pt": rankers.state_bytes(model), "towers.npz": NumpyTowers.npz(model)},
+                       data_window=window, metrics=metrics,
+                       extra={"config": model.config}, promote=True)
+    store.apply_retention("two_tower")
+    tmp = cfg.data_dir / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    path = tmp / f"index-{ck.version}.faiss"
+    index.save(path)
+    params = {"dim": index.dim, "kind": index.kind, "nlist": index.nlist, "nprobe": index.nprobe, "day0": index.day0,
+              "temperature": index.temperature, "recency": index.recency}
+    ick = store.publish("retrieval", {"index.faiss": path, "post_emb.npy": _npy(emb.astype(np.float16)),
+                                      "params.json": json.dumps(params).encode()},
+                        parent=ck.version, data_window=window, metrics=index_metrics, promote=True)
+    path.unlink()
+    store.apply_retention("retrieval")
+    return ck, ick
+
+
+def load_retrieval(store: ModelStore, version: str | None = None) -> tuple[RetrievalIndex, str]:
+    """The retrieval index of ``version`` (default: current) and that version."""
+    ck, path = store.fetch("retrieval", version)
+    params = json.loads((path / "params.json").read_text())
+    return RetrievalIndex.load(path / "index.faiss", **params), ck.version
+
+
 def train_all(cfg: Config, data_dir: str, which: str = "all", store: ModelStore | None = None,
               heavy_rows: int = 300_000, tt_epochs: int = 4, heavy_epochs: int = 3, seed: int = 0,
               progress: Progress = _noop, with_blind: bool = False) -> dict:
@@ -146,20 +177,7 @@ def train_all(cfg: Config, data_dir: str, which: str = "all", store: ModelStore 
         model, emb, m = fit_two_tower(data, epochs=tt_epochs, seed=seed, progress=progress)
         progress("retrieval index", 0.0)
         index, im = fit_index(data, model, emb, cfg, seed=seed)
-        ck = store.publish("two_tower", {"model.pt": rankers.state_bytes(model)}, data_window=data.window, metrics=m,
-                           extra={"config": model.config}, promote=True)
-        store.apply_retention("two_tower")
-        tmp = cfg.data_dir / "tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
-        path = tmp / f"index-{ck.version}.faiss"
-        index.save(path)
-        params = {"dim": index.dim, "kind": index.kind, "nlist": index.nlist, "nprobe": index.nprobe, "day0": index.day0,
-                  "temperature": index.temperature, "recency": index.recency}
-        ick = store.publish("retrieval", {"index.faiss": path, "post_emb.npy": _npy(emb.astype(np.float16)),
-                                          "params.json": json.dumps(params).encode()},
-                            parent=ck.version, data_window=data.window, metrics=im, promote=True)
-        path.unlink()
-        store.apply_retention("retrieval")
+        ck, ick = publish_two_tower(cfg, store, model, index, emb, data.window, m, im)
         out["two_tower"] = {"version": ck.version, **m}
         out["retrieval"] = {"version": ick.version, **im}
         trained.two_tower, trained.post_emb, trained.index = model, emb, index
@@ -205,6 +223,17 @@ def load_two_tower_model(store: ModelStore, version: str | None = None) -> TwoTo
     model.config.update(blob["config"])
     model.load_state_dict(blob["state"])
     return model.eval()
+
+
+def load_numpy_towers(store: ModelStore, version: str | None = None) -> Any:
+    """The towers of ``version`` as :class:`models.towers.NumpyTowers` (no torch: for the Flink jobs)."""
+    from models.towers import NumpyTowers
+
+    _, path = store.fetch("two_tower", version)
+    if not (path / "towers.npz").exists():
+        raise FileNotFoundError(f"two_tower {version} has no towers.npz (published by an older feedrank): "
+                                "run `feedrank train two-tower` again")
+    return NumpyTowers.from_npz(str(path / "towers.npz"))
 
 
 def load_two_tower(store: ModelStore, data: SimData | None = None) -> tuple[TwoTower, np.ndarray]:
