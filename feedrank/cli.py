@@ -447,6 +447,31 @@ def bench_rankers() -> None:
     console.print(f"written to {path}")
 
 
+@bench_app.command("features")
+def bench_features_cmd(events: int = typer.Option(300_000, help="Events written, then read by the job")) -> None:
+    """Throughput of the real-time feature job (events/s), on its own embedded stack."""
+    from infra.bench import bench_features as run, write_result
+
+    with _progress() as prog:
+        res = run(_cfg(), n=events, progress=_StageProgress(prog))
+    path = write_result("features", res)
+    print(json.dumps(res))
+    console.print(f"written to {path}")
+
+
+@bench_app.command("freshness")
+def bench_freshness_cmd(probes: int = typer.Option(200, help="Timed clicks"),
+                        background: float = typer.Option(2000.0, help="Background load, events/s")) -> None:
+    """Event append -> feature visible (serving cache and Feast), p50/p99, under background load."""
+    from infra.bench import bench_freshness as run, write_result
+
+    with _progress() as prog:
+        res = run(_cfg(), probes=probes, background_eps=background, progress=_StageProgress(prog))
+    path = write_result("freshness", res)
+    print(json.dumps(res))
+    console.print(f"written to {path}")
+
+
 @app.command()
 def demo(
     scale: str = typer.Option("small", help="World scale"),

@@ -141,3 +141,194 @@ def bench_rankers(cfg: Config, n_light: int = 10_000, n_heavy: int = 500, repeat
         heavy_t = timed(lambda: heavy(xh))
     return {"light": {"rows": n_light, **timed(lambda: light.score(xl))},
             "heavy": {"rows": n_heavy, "version": hck.version, **heavy_t}, "threads": 1}
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+def isolated_config(cfg: Config, name: str, **overrides: str) -> Config:
+    """The configuration with its own data dir, Redis port and event log: a benchmark never
+    touches a developer's running stack."""
+    from feedrank.config import load_config
+    from infra.procs import free_port
+
+    root = cfg.data_dir / "bench" / f"{name}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEEDRANK_") or k == "FEEDRANK_CONFIG"}
+    env.update({"FEEDRANK_PATHS_DATA_DIR": str(root), "FEEDRANK_EVENTS": "file://" + str(root / "events"),
+                "FEEDRANK_REDIS": f"redis://127.0.0.1:{free_port()}/0", "FEEDRANK_FLINK_REST_PORT": str(free_port()),
+                "FEEDRANK_MODEL_STORE": cfg.resolve_uri(cfg.model_store.uri)}, **overrides)
+    return load_config(env)
+
+
+def _wait_progress(cfg: Config, key: str, target: float, timeout_s: float, step=None) -> tuple[float, list[tuple[float, dict]]]:
+    """Poll the feature job's progress until ``key`` reaches ``target``; (seconds, samples)."""
+    from features.client import read_progress
+
+    t0 = time.monotonic()
+    samples = []
+    while time.monotonic() - t0 < timeout_s:
+        p = read_progress(cfg, "features")
+        samples.append((time.monotonic(), p))
+        if step:
+            step(min(1.0, p.get(key, 0) / max(target, 1)))
+        if p.get(key, 0) >= target:
+            return time.monotonic() - t0, samples
+        time.sleep(0.1)
+    raise TimeoutError(f"feature job reached {key}={samples[-1][1].get(key, 0) if samples else 0} of {target} "
+                       f"within {timeout_s}s")
+
+
+def bench_features(cfg: Config, n: int = 300_000, seed: int = 7, progress=None) -> dict:
+    """Throughput of the real-time feature job on its own stack.
+
+    ``n`` synthetic events (every type; uniform over 10K users and 100K posts, so nearly
+    every event dirties a different key: the worst case for batching) are written to the
+    segment log first; the job then reads them as fast as it can. Throughput is measured
+    from the first flushed batch to the moment the last operator has the last event, so
+    Flink's start-up is excluded (and reported separately).
+    """
+    from features.eventlog import open_configured_event_log
+    from features.realtime import A, ENGAGEMENT, FOLLOW, KIND, UNFOLLOW
+    from infra import runtime
+    from jobs import features
+    from sim.eventgen import synthetic_events
+
+    step = progress or (lambda s, f: None)
+    bcfg = isolated_config(cfg, "features")
+    runtime.up(bcfg)
+    job = None
+    try:
+        log = open_configured_event_log(bcfg)
+        forwarded = 0
+        batch = []
+        for i, ev in enumerate(synthetic_events(n, seed)):
+            k = KIND[ev.type]
+            forwarded += k in (FOLLOW, UNFOLLOW) or (k == ENGAGEMENT and A[ev.action] != A["view"])
+            batch.append(ev)
+            if len(batch) == 5000:
+                log.append_many(batch)
+                batch = []
+                step("writing events", (i + 1) / n)
+        log.append_many(batch)
+        log.close()
+        t_submit = time.monotonic()
+        job = features.run_embedded(bcfg)
+        first, _ = _wait_progress(bcfg, "post_events", 1, 180)
+        _, s1 = _wait_progress(bcfg, "post_events", n, 900, step=lambda f: step("feature job: post operator", f))
+        _, s2 = _wait_progress(bcfg, "user_events", forwarded, 300, step=lambda f: step("feature job: user operator", f))
+        t_first = t_submit + first
+        t_done = s2[-1][0]
+        final = s2[-1][1]
+        # steady-state rate of the first operator alone, from its own samples (10%..90%)
+        pts = [(t, p.get("post_events", 0)) for t, p in s1]
+        lo = next(t for t, v in pts if v >= 0.1 * n)
+        hi = next(t for t, v in pts if v >= 0.9 * n)
+        return {
+            "events": n, "workload": "sim.eventgen synthetic: 37% exposures, 60% engagements, 2% publishes, 1% follows; "
+                                    "10K users x 100K posts uniform",
+            "events_per_s": round(n / (t_done - t_first), 1),
+            "post_operator_events_per_s_10_90": round(0.8 * n / (hi - lo), 1) if hi > lo else None,
+            "startup_s": round(first, 1), "seconds": round(t_done - t_first, 1),
+            "forwarded_to_user_operator": forwarded,
+            "pushed_rows": {v: int(final.get(f"{v}_pushed_rows", 0)) for v in ("post", "user", "topic")},
+            "push_seconds": {v: final.get(f"{v}_push_seconds", 0) for v in ("post", "user", "topic")},
+            "flush_ms": bcfg.streaming.flush_ms, "python_execution_mode": bcfg.flink.python_execution_mode,
+            "parallelism": bcfg.flink.parallelism,
+        }
+    finally:
+        if job is not None:
+            job.cancel().result()
+        runtime.down(bcfg)
+
+
+def bench_freshness(cfg: Config, probes: int = 200, background_eps: float = 2000.0, progress=None) -> dict:
+    """Event append -> feature visible to serving, p50/p99, while the job also carries a background load.
+
+    Each probe appends one click on a post nobody has touched (the event log seals a
+    segment every ``events.rotate_ms``, as for any producer) and times until (a) serving's
+    in-memory :class:`PostStatsCache` and (b) a Feast ``get_online_features`` read show it.
+    """
+    import threading
+
+    from features.client import FeatureClient, PostStatsCache
+    from features.eventlog import open_configured_event_log
+    from features.events import Engagement
+    from infra import runtime
+    from jobs import features
+    from sim.eventgen import synthetic_events
+
+    step = progress or (lambda s, f: None)
+    bcfg = isolated_config(cfg, "freshness")
+    runtime.up(bcfg)
+    job = None
+    stop = threading.Event()
+    try:
+        log = open_configured_event_log(bcfg)
+        job = features.run_embedded(bcfg)
+        log.append_many(list(synthetic_events(100, 1, prefix="warm")))
+        _wait_progress(bcfg, "post_events", 100, 180)
+        cache = PostStatsCache(bcfg, capacity=1 << 17).start()
+        client = FeatureClient(bcfg)
+        sent = [0]
+
+        def background() -> None:  # steady load at background_eps through another writer
+            bg = open_configured_event_log(bcfg)
+            gen = synthetic_events(10_000_000, 2, prefix="bg")
+            t0 = time.monotonic()
+            while not stop.is_set():
+                due = int((time.monotonic() - t0) * background_eps) - sent[0]
+                if due > 0:
+                    bg.append_many([next(gen) for _ in range(due)])
+                    sent[0] += due
+                time.sleep(0.02)
+            bg.close()
+
+        th = threading.Thread(target=background, daemon=True)
+        th.start()
+        # measure the steady state: the job has drained the warm-up and keeps pace with the load
+        from features.client import read_progress
+
+        t_warm = time.monotonic()
+        while time.monotonic() - t_warm < 120:
+            time.sleep(1.0)
+            if time.monotonic() - t_warm > 10 and read_progress(bcfg, "features").get("post_events", 0) >= 100 + sent[0] - background_eps:
+                break
+        warmup_s = time.monotonic() - t_warm
+        cache_lat, feast_lat = [], []
+        base = 50_000_000
+        t_start = time.monotonic()
+        for i in range(probes):
+            pid = base + i
+            t0 = time.monotonic()
+            log.append_many([Engagement(event_id=f"probe-{i}", ts=1_767_571_200_000 + i, user_id=i % 1000, post_id=pid,
+                                        action="click")])
+            got_cache = got_feast = None
+            while time.monotonic() - t0 < 10 and (got_cache is None or got_feast is None):
+                if got_cache is None and cache.get(pid).get("clicks") == 1:
+                    got_cache = time.monotonic() - t0
+                if got_feast is None and client.posts([pid], ["post_stats:clicks"])["clicks"][0] == 1:
+                    got_feast = time.monotonic() - t0
+                time.sleep(0.01)
+            cache_lat.append(got_cache if got_cache is not None else float("inf"))
+            feast_lat.append(got_feast if got_feast is not None else float("inf"))
+            step("freshness probes", (i + 1) / probes)
+        elapsed = time.monotonic() - t_start
+        stop.set()
+        th.join(timeout=5)
+        cache.stop()
+
+        def pct(v: list[float]) -> dict:
+            a = np.array(v) * 1000
+            return {"p50_ms": round(float(np.percentile(a, 50)), 1), "p99_ms": round(float(np.percentile(a, 99)), 1),
+                    "max_ms": round(float(a.max()), 1), "max_at_probe": int(a.argmax()),
+                    "over_2s": int((a > 2000).sum()), "missed_10s": int(np.isinf(a).sum())}
+
+        return {"probes": probes, "serving_cache": pct(cache_lat), "feast_online_read": pct(feast_lat),
+                "background_events_per_s": round(sent[0] / (elapsed + warmup_s), 1), "warmup_s": round(warmup_s, 1),
+                "rotate_ms": bcfg.events.rotate_ms, "file_monitor_interval_ms": bcfg.flink.file_monitor_interval_ms,
+                "flush_ms": bcfg.streaming.flush_ms, "event_log": bcfg.events.uri.split("://")[0]}
+    finally:
+        stop.set()
+        if job is not None:
+            job.cancel().result()
+        runtime.down(bcfg)

@@ -381,7 +381,12 @@ class _Towers:
         if v != self.version:
             from models.train import load_numpy_towers
 
-            self.model = load_numpy_towers(self.store, v)  # torch never returns in thread mode: numpy
+            try:
+                self.model = load_numpy_towers(self.store, v)  # torch never returns in thread mode: numpy
+            except Exception as e:  # noqa: BLE001 - features keep flowing; embeddings wait for a usable model
+                log.warning("two_tower %s cannot be used, embeddings are not refreshed: %s", v, e)
+                self.version = v
+                return self.model
             self.version = v
         self.retrieval = rv
         return self.model
