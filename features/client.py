@@ -86,9 +86,16 @@ class FeatureWriter:
         self.redis.hset(PROGRESS_KEY.format(job=job), mapping={k: str(v) for k, v in values.items()})
 
 
-def read_progress(cfg: Config, job: str) -> dict[str, float]:
+def read_progress(cfg: Config, job: str) -> dict[str, Any]:
+    """A job's progress counters (numbers as floats; anything else, e.g. a model version, as text)."""
     raw = redis_client(cfg).hgetall(PROGRESS_KEY.format(job=job))
-    return {k.decode(): float(v) for k, v in raw.items()}
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        try:
+            out[k.decode()] = float(v)
+        except ValueError:
+            out[k.decode()] = v.decode()
+    return out
 
 
 class FeatureClient:

@@ -240,16 +240,23 @@ def events_stats() -> None:
 
 @jobs_app.command("run")
 def jobs_run(
-    job: str = typer.Argument(..., help="audit"),
-    expect: int = typer.Option(None, help="Stop after this many events (default: when idle)"),
-    idle: float = typer.Option(10.0, help="Stop after this many seconds without new events"),
+    job: str = typer.Argument(..., help="audit | features | learner"),
+    expect: int = typer.Option(None, help="audit: stop after this many events (default: when idle)"),
+    idle: float = typer.Option(10.0, help="audit: stop after this many seconds without new events"),
+    seconds: float = typer.Option(0.0, help="features/learner: stop after this long (0 = until Ctrl-C)"),
 ) -> None:
-    """Run a PyFlink job embedded (local MiniCluster, thread mode) and print its result as JSON."""
+    """Run a PyFlink job embedded (local MiniCluster, thread mode).
+
+    audit prints its counts as JSON; features and learner run until stopped and show their
+    progress (also in Redis: feedrank:jobs:<job>:progress)."""
     from infra.procs import ServiceError
 
     cfg = _cfg()
+    if job in ("features", "learner"):
+        _run_streaming_job(cfg, job, seconds)
+        return
     if job != "audit":
-        _fail(f"unknown job {job!r} (available: audit)")
+        _fail(f"unknown job {job!r} (available: audit, features, learner)")
     from jobs.audit import run_embedded
 
     try:
@@ -257,6 +264,34 @@ def jobs_run(
     except ServiceError as e:
         _fail(str(e))
     print(json.dumps(result))
+
+
+def _run_streaming_job(cfg, job: str, seconds: float) -> None:
+    import time as _time
+
+    from features.client import read_progress
+    from infra.procs import ServiceError
+
+    mod = __import__(f"jobs.{job}", fromlist=["run_embedded"])
+    try:
+        client = mod.run_embedded(cfg)
+    except (ServiceError, RuntimeError) as e:
+        _fail(str(e))
+    console.print(f"{job} job submitted to a local MiniCluster; Ctrl-C stops it")
+    t0 = _time.monotonic()
+    try:
+        while not seconds or _time.monotonic() - t0 < seconds:
+            _time.sleep(2.0)
+            p = read_progress(cfg, job)
+            keys = (("post_events", "user_events", "topic_events", "dedupe_duplicates", "dedupe_invalid") if job == "features"
+                    else ("examples", "steps", "promoted", "rejected", "rolled_back", "current"))
+            console.print("  " + "  ".join(f"{k}={p.get(k, 0):g}" if isinstance(p.get(k, 0), float) else f"{k}={p.get(k)}"
+                                          for k in keys))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        client.cancel().result()
+    print(json.dumps(read_progress(cfg, job)))
 
 
 def _world_dir(cfg, data: Optional[Path]) -> Path:

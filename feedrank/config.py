@@ -200,9 +200,14 @@ class OnlineLearning(_Section):
     batch_size: PosInt
     validate_every_s: PosFloat
     max_auc_drop: Fraction
+    max_logloss_increase: PosFloat
     rollback_ctr_drop: Fraction
     rollback_window_s: PosFloat
+    rollback_min_exposures: PosInt
     attribution_window_s: PosFloat
+    holdout_window_s: PosFloat
+    min_holdout: PosInt
+    min_holdout_positives: PosInt
 
     @model_validator(mode="after")
     def _lr_capped(self) -> "OnlineLearning":

@@ -96,8 +96,13 @@ class HeavyRanker(nn.Module):
             for _ in range(n_experts))
         self.gates = nn.ModuleList(nn.Linear(n_features, n_experts) for _ in HEAD_NAMES)
         self.towers = nn.ModuleList(nn.Sequential(nn.Linear(expert_dim, 32), nn.ReLU()) for _ in HEAD_NAMES)
-        # the final scoring layer: what the online learner updates
+        # the final scoring layers, what the online learner updates: per head a linear layer
+        # over its tower ("deep") plus one linear layer over the normalised features ("wide",
+        # zero at start), so online updates can re-weight individual features, which is what a
+        # trend shift needs (measured: the deep final layer alone recovered <0.1% of AUC)
         self.final = nn.ModuleList(nn.Linear(32, 1) for _ in HEAD_NAMES)
+        self.wide = nn.Linear(n_features, len(HEAD_NAMES), bias=False)
+        nn.init.zeros_(self.wide.weight)
         self.position = nn.Embedding(MAX_POSITION + 1, 1) if position_aware else None
         if self.position is not None:
             nn.init.constant_(self.position.weight, 2.0)
@@ -108,10 +113,13 @@ class HeavyRanker(nn.Module):
         self.lo.copy_(torch.from_numpy(np.asarray(lo, dtype=np.float32)))
         self.hi.copy_(torch.from_numpy(np.asarray(hi, dtype=np.float32)))
 
-    def hidden(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Per-head inputs of the final layer (features -> MMoE -> towers)."""
+    def normalized(self, x: torch.Tensor) -> torch.Tensor:
         z = (torch.clamp(x, self.lo, self.hi) - self.mean) / self.std
-        z = torch.clamp(z, -8.0, 8.0)
+        return torch.clamp(z, -8.0, 8.0)
+
+    def hidden(self, x: torch.Tensor, z: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Per-head inputs of the final layer (features -> MMoE -> towers)."""
+        z = self.normalized(x) if z is None else z
         ex = torch.stack([e(z) for e in self.experts], dim=1)  # [n, E, d]
         out = []
         for gate, tower in zip(self.gates, self.towers):
@@ -121,7 +129,8 @@ class HeavyRanker(nn.Module):
 
     def relevance_logits(self, x: torch.Tensor) -> torch.Tensor:
         """[n, 6] position-free logits of P(head | examined)."""
-        return torch.cat([f(h) for f, h in zip(self.final, self.hidden(x))], dim=1)
+        z = self.normalized(x)
+        return torch.cat([f(h) for f, h in zip(self.final, self.hidden(x, z))], dim=1) + self.wide(z)
 
     def training_logprobs(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """[n, 6] log P(head) as observed at ``position`` (PAL), or log P(head|examined) if position-blind."""
@@ -215,5 +224,141 @@ def state_bytes(model: nn.Module) -> bytes:
 def heavy_from_bytes(data: bytes) -> HeavyRanker:
     blob = torch.load(io.BytesIO(data), weights_only=False)
     m = HeavyRanker(**blob["config"])
-    m.load_state_dict(blob["state"])
-    return m
+    missing, unexpected = m.load_state_dict(blob["state"], strict=False)
+    if unexpected or any(k != "wide.weight" for k in missing):
+        raise ValueError(f"heavy checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
+    return m  # a checkpoint from before the wide layer loads with the wide layer at zero
+
+
+# ------------------------------------------------------------------ numpy (streaming jobs)
+
+
+def heavy_npz(model: HeavyRanker) -> bytes:
+    """The heavy ranker's weights and config as plain numpy (``heavy.npz`` in a checkpoint):
+    the online learner runs inside a PyFlink thread-mode worker, where torch never returns."""
+    import json
+
+    arrays = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    arrays["__config__"] = np.frombuffer(json.dumps(model.config).encode(), dtype=np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(x, -30, 30)))
+
+
+class NumpyHeavy:
+    """The heavy ranker's forward pass in numpy, split at the final layer.
+
+    ``hidden(x)`` -> [n, heads, 32] is fixed; ``final_w`` [heads, 32] / ``final_b`` [heads]
+    are what the online learner updates (only they change between an offline checkpoint and
+    its online descendants, so hidden activations are computed once per example).
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        import json
+
+        self.arrays = dict(arrays)
+        self.config = json.loads(bytes(arrays["__config__"]).decode())
+        a = self.arrays
+        self.mean, self.std, self.lo, self.hi = a["mean"], a["std"], a["lo"], a["hi"]
+        self.n_experts = self.config["n_experts"]
+        self.final_w = np.stack([a[f"final.{j}.weight"][0] for j in range(len(HEAD_NAMES))]).astype(np.float64)
+        self.final_b = np.array([a[f"final.{j}.bias"][0] for j in range(len(HEAD_NAMES))], dtype=np.float64)
+        self.wide = a["wide.weight"].astype(np.float64) if "wide.weight" in a else np.zeros((len(HEAD_NAMES), self.mean.size))
+
+    @classmethod
+    def from_npz(cls, src: bytes | str) -> "NumpyHeavy":
+        with np.load(io.BytesIO(src) if isinstance(src, bytes) else src) as z:
+            return cls({k: z[k] for k in z.files})
+
+    def examination(self, positions: np.ndarray) -> np.ndarray:
+        """Learned P(examined | position) of the PAL tower (ones for a position-blind model)."""
+        if "position.weight" not in self.arrays:
+            return np.ones(len(positions))
+        w = self.arrays["position.weight"][:, 0]
+        return _sigmoid(w[np.clip(np.asarray(positions, dtype=np.int64), 0, MAX_POSITION)].astype(np.float64))
+
+    def normalized(self, x: np.ndarray, clip_sigma: float | None = None) -> np.ndarray:
+        """[n, F] standardised features. ``clip_sigma`` clips features to mean +- k sigma of the
+        training statistics first (the online learner's feature bound)."""
+        x = np.clip(np.asarray(x, dtype=np.float32), self.lo, self.hi)
+        if clip_sigma is not None:
+            x = np.clip(x, self.mean - clip_sigma * self.std, self.mean + clip_sigma * self.std)
+        return np.clip((x - self.mean) / self.std, -8.0, 8.0)
+
+    def hidden(self, x: np.ndarray, clip_sigma: float | None = None, z: np.ndarray | None = None) -> np.ndarray:
+        """[n, heads, 32] tower outputs: the deep inputs of the final layer."""
+        a = self.arrays
+        z = self.normalized(x, clip_sigma) if z is None else z
+        ex = []
+        for e in range(self.n_experts):
+            h = np.maximum(z @ a[f"experts.{e}.0.weight"].T + a[f"experts.{e}.0.bias"], 0)
+            ex.append(np.maximum(h @ a[f"experts.{e}.2.weight"].T + a[f"experts.{e}.2.bias"], 0))
+        ex_s = np.stack(ex, axis=1)  # [n, E, d]
+        out = []
+        for j in range(len(HEAD_NAMES)):
+            g = z @ a[f"gates.{j}.weight"].T + a[f"gates.{j}.bias"]
+            g = np.exp(g - g.max(1, keepdims=True))
+            g /= g.sum(1, keepdims=True)
+            mix = (ex_s * g[:, :, None]).sum(1)
+            out.append(np.maximum(mix @ a[f"towers.{j}.0.weight"].T + a[f"towers.{j}.0.bias"], 0))
+        return np.stack(out, axis=1).astype(np.float64)
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        """[n, heads] relevance logits of raw feature rows."""
+        z = self.normalized(x)
+        return self.logits(self.hidden(x, z=z), z)
+
+    def logits(self, h: np.ndarray, z: np.ndarray, w: np.ndarray | None = None, b: np.ndarray | None = None,
+               wide: np.ndarray | None = None) -> np.ndarray:
+        """[n, heads] relevance logits from tower outputs and normalised features (optionally
+        with other final-layer weights)."""
+        w = self.final_w if w is None else w
+        b = self.final_b if b is None else b
+        wide = self.wide if wide is None else wide
+        return np.einsum("nhd,hd->nh", h, w) + z @ wide.T + b
+
+    def with_final(self, w: np.ndarray, b: np.ndarray, wide: np.ndarray | None = None) -> "NumpyHeavy":
+        arrays = dict(self.arrays)
+        for j in range(len(HEAD_NAMES)):
+            arrays[f"final.{j}.weight"] = w[j][None, :].astype(np.float32)
+            arrays[f"final.{j}.bias"] = np.array([b[j]], dtype=np.float32)
+        arrays["wide.weight"] = (self.wide if wide is None else wide).astype(np.float32)
+        return NumpyHeavy(arrays)
+
+    def to_npz(self) -> bytes:
+        buf = io.BytesIO()
+        np.savez(buf, **self.arrays)
+        return buf.getvalue()
+
+    def final_npz(self) -> bytes:
+        buf = io.BytesIO()
+        np.savez(buf, w=self.final_w.astype(np.float32), b=self.final_b.astype(np.float32),
+                 wide=self.wide.astype(np.float32))
+        return buf.getvalue()
+
+
+def apply_final(serving: torch.jit.ScriptModule, final_npz: bytes) -> torch.jit.ScriptModule:
+    """Overwrite the final layer of a TorchScript heavy ranker with online-learned weights
+    (``final.npz`` of a checkpoint published by the online learner)."""
+    z = np.load(io.BytesIO(final_npz))
+    with torch.no_grad():
+        for j in range(len(HEAD_NAMES)):
+            layer = getattr(serving.model.final, str(j))
+            layer.weight.copy_(torch.from_numpy(z["w"][j][None, :]))
+            layer.bias.copy_(torch.from_numpy(z["b"][j: j + 1]))
+        serving.model.wide.weight.copy_(torch.from_numpy(z["wide"]))
+    return serving
+
+
+def load_heavy_serving(store, version: str | None = None) -> tuple[torch.jit.ScriptModule, str]:
+    """What serving scores with: heavy.ts of ``version`` (default current), with the online
+    learner's final layer applied when the checkpoint carries one."""
+    ck, path = store.fetch("heavy", version)
+    ts = load_torchscript((path / "heavy.ts").read_bytes())
+    if (path / "final.npz").exists():
+        apply_final(ts, (path / "final.npz").read_bytes())
+    return ts, ck.version

@@ -45,3 +45,28 @@ def test_pal_heavy_ranker_learns_position_and_relevance_and_exports():
     again = heavy_from_bytes(state_bytes(m))
     with torch.no_grad():
         assert torch.allclose(torch.sigmoid(again.relevance_logits(batch)), eager)
+
+
+def test_numpy_heavy_matches_torch_and_final_layer_patch():
+    import numpy as np
+    import torch
+
+    from models.rankers import HeavyRanker, NumpyHeavy, apply_final, export_torchscript, heavy_npz, load_torchscript
+
+    torch.manual_seed(0)
+    m = HeavyRanker(30)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 30)).astype(np.float32)
+    m.set_normalization(x.mean(0), x.std(0) + 0.1, np.full(30, -2.0), np.full(30, 2.0))
+    nh = NumpyHeavy.from_npz(heavy_npz(m))
+    with torch.no_grad():
+        want = m.relevance_logits(torch.from_numpy(x)).numpy()
+    assert np.allclose(nh.score(x), want, atol=1e-4)
+    assert np.allclose(nh.examination(np.array([1, 2])), torch.sigmoid(m.position.weight[[1, 2], 0]).detach().numpy())
+    # an online update of the final layer, applied to the TorchScript serving module
+    w2, b2 = nh.final_w + rng.normal(size=nh.final_w.shape) * 0.1, nh.final_b - 0.3
+    upd = nh.with_final(w2, b2, rng.normal(size=nh.wide.shape) * 0.05)
+    ts = apply_final(load_torchscript(export_torchscript(m, np.ones(6, dtype=np.float32))), upd.final_npz())
+    with torch.no_grad():
+        p, _ = ts(torch.from_numpy(x))
+    assert np.allclose(p.numpy(), 1 / (1 + np.exp(-upd.score(x))), atol=1e-4)

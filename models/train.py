@@ -200,7 +200,8 @@ def train_all(cfg: Config, data_dir: str, which: str = "all", store: ModelStore 
             weights = np.array([cfg.heads.weights()[h] for h in HEAD_NAMES], dtype=np.float32)
             curve = heavy.examination_curve(np.arange(1, 41))
             ck = store.publish("heavy", {"heavy.ts": rankers.export_torchscript(heavy, weights),
-                                         "heavy_state.pt": rankers.state_bytes(heavy)},
+                                         "heavy_state.pt": rankers.state_bytes(heavy),
+                                         "heavy.npz": rankers.heavy_npz(heavy)},
                                data_window=data.window, feature_schema_hash=schema_hash(HEAVY_FEATURES),
                                metrics=hm, extra={"head_weights": weights.tolist(),
                                                   "examination_curve": (curve / curve[0]).round(4).tolist()},

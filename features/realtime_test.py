@@ -1,0 +1,65 @@
+"""The real-time feature arithmetic, by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from features import realtime as rt
+from features.events import Engagement, Exposure, PostPublished
+
+T = 1_767_571_200_000
+
+
+def _c(ev) -> tuple:
+    out = rt.compact(ev.to_json())
+    assert not isinstance(out, str), out
+    return out
+
+
+def test_compact_rejects_with_a_reason():
+    assert "dwell_ms is required" in rt.compact('{"v":1,"type":"engagement","event_id":"a","ts":%d,"user_id":1,'
+                                               '"post_id":2,"action":"dwell"}' % T)
+    assert rt.compact("{nope").startswith("not JSON")
+
+
+def test_post_counts_windows_and_rates():
+    s = rt.new_post_state()
+    pub = PostPublished(event_id="p", ts=T, post_id=7, author_id=3, topic=5, content_type="image")
+    assert rt.post_update(s, _c(pub), 30_000) and s[rt.P_META] == (3, 5, 1, T)
+    for i in range(4):
+        rt.post_update(s, _c(Exposure(event_id=f"x{i}", ts=T + i, request_id="r", user_id=i, post_id=7, position=1,
+                                      feed_type="home", source="in_network")), 30_000)
+    clicks = [T + 60_000, T + 10 * 60_000, T + 58 * 60_000]
+    for i, ts in enumerate(clicks):
+        rt.post_update(s, _c(Engagement(event_id=f"c{i}", ts=ts, user_id=i, post_id=7, action="click")), 30_000)
+    assert not rt.post_update(s, _c(Engagement(event_id="v", ts=T, user_id=1, post_id=7, action="view")), 30_000)
+    rt.post_update(s, _c(Engagement(event_id="d", ts=T, user_id=1, post_id=7, action="dwell", dwell_ms=31_000)), 30_000)
+    ints, floats = rt.post_row(s)
+    assert ints == [4, 3, 0, 0, 0, 0, 1, 1, 3]  # impressions .. long_dwells, clicks_5m, clicks_1h
+    assert floats[0] == pytest.approx(5 / 24)
+    ints, _ = rt.post_row(s, now_ms=T + 70 * 60_000)  # an hour later the early clicks left the window
+    assert ints[-2:] == [0, 1]
+
+
+def test_user_topic_shares_and_negatives():
+    s = rt.new_user_state(follows=[9])
+    e = (rt.ENGAGEMENT, "a", T, 1, 7, 3, rt.A["click"], 0, 5, 2, "", 1)
+    assert rt.user_update(s, e) == (True, True)
+    rt.user_update(s, (rt.ENGAGEMENT, "b", T + 1, 1, 8, 3, rt.A["hide"], 0, 6, 0, "", 1))
+    rt.user_update(s, (rt.FOLLOW, "f", T + 2, 1, -1, 4, -1, 0, -1, -1, "", 0))
+    row = rt.user_row(s)
+    assert row["topic_clicks"][5] == 1.0 and row["topic_negative"][6] == 1.0 and row["clicks"] == 1
+    assert row["negatives"] == 1 and row["ctype_clicks"] == [0.0, 0.0, 1.0] and s[rt.U_FOLLOWS] == [9, 4]
+    dense = rt.user_dense(s)
+    assert dense[5] == 1.0 and dense[-2] == pytest.approx(0.5)  # neg_total = 1 / (1 + 1)
+
+
+def test_topic_trend_against_long_run():
+    s = rt.new_topic_state()
+    for h in range(10):  # one click an hour for 10 hours, then a burst
+        rt.topic_update(s, T + h * rt.HOUR_MS)
+    for i in range(20):
+        rt.topic_update(s, T + 10 * rt.HOUR_MS + i * 1000)
+    c5, c1h, longrun, trend = rt.topic_row(s)
+    assert (c5, c1h) == (20.0, 20.0) and longrun == pytest.approx(30 / (10 + 19 / 3600))  # 30 clicks over 10 h 19 s
+    assert trend > 1.0

@@ -1,0 +1,170 @@
+"""The online learner job on simulated served streams (real Flink job, Redis, model store):
+adapts to a trend shift, refuses a poisoned stream, rolls back a version whose live CTR drops."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from features.eventlog import open_configured_event_log
+from features.client import read_progress
+from features.events import Exposure
+from features.snapshots import SnapshotStore
+from features.schema import HEAVY_FEATURES, HEAD_NAMES
+from infra import runtime
+from models import rankers
+from models.online import auc
+from models.rankers import NumpyHeavy
+from models.store import ModelStore
+from sim.online import Scenario, examination, features, offline_data, stream, truth_logit
+
+pytestmark = [pytest.mark.slow, pytest.mark.flink]
+CLICK = HEAD_NAMES.index("click")
+LEARNER = {"FEEDRANK_ONLINE_LEARNING_BATCH_SIZE": "16", "FEEDRANK_ONLINE_LEARNING_LR": "0.001",
+           "FEEDRANK_ONLINE_LEARNING_VALIDATE_EVERY_S": "30", "FEEDRANK_ONLINE_LEARNING_ATTRIBUTION_WINDOW_S": "60",
+           "FEEDRANK_ONLINE_LEARNING_HOLDOUT_WINDOW_S": "300", "FEEDRANK_ONLINE_LEARNING_MIN_HOLDOUT": "300",
+           "FEEDRANK_ONLINE_LEARNING_MIN_HOLDOUT_POSITIVES": "20"}
+
+
+@pytest.fixture(scope="module")
+def base_model() -> tuple[bytes, bytes]:
+    """A heavy ranker trained offline on pre-shift logs: (heavy.ts, heavy.npz)."""
+    import torch
+
+    torch.manual_seed(0)
+    x, y, pos = offline_data(Scenario(), 40_000)
+    m = rankers.HeavyRanker(len(HEAVY_FEATURES))
+    m.set_normalization(x.mean(0), x.std(0), np.full(x.shape[1], -1e9), np.full(x.shape[1], 1e9))
+    rankers.train_heavy(m, x, y, pos, epochs=2, seed=0)
+    return rankers.export_torchscript(m, np.ones(6, dtype=np.float32)), rankers.heavy_npz(m)
+
+
+def _publish(store: ModelStore, ts: bytes, npz: bytes, parent: str | None = None) -> str:
+    return store.publish("heavy", {"heavy.ts": ts, "heavy.npz": npz}, parent=parent, promote=True).version
+
+
+def _run(cfg, events, until_ms: int, timeout: float = 300.0) -> None:
+    """Append the scenario, run the job until its decisions reach ``until_ms`` of event time.
+
+    A finite stream needs a heartbeat: once the file source has read everything it goes
+    idle and Flink stops advancing the watermark, so the last attribution windows would never
+    close. A live stream keeps moving; here a sentinel user's exposures (no snapshot: never
+    learned from) keep event time moving, as live traffic would.
+    """
+    from jobs import learner
+
+    log = open_configured_event_log(cfg)
+    log.append_many(events)
+    log.flush()
+    job = learner.run_embedded(cfg)
+    try:
+        t0 = time.monotonic()
+        beat, last_ts = 0, events[-1].ts
+        # every exposure whose attribution window closed before until_ms must have been learned from
+        want = sum(1 for e in events if e.type == "exposure" and e.ts + 60_000 < until_ms)
+
+        def done() -> bool:
+            p = read_progress(cfg, "learner")
+            return p.get("watermark_ms", 0) >= until_ms and p.get("examples", 0) >= want
+
+        while not done():
+            assert time.monotonic() - t0 < timeout, f"learner progress: {read_progress(cfg, 'learner')}"
+            time.sleep(1.0)
+            beat += 1
+            log.append_many([Exposure(event_id=f"heartbeat-{beat}", ts=last_ts + beat * 30_000, request_id="hb",
+                                      user_id=10**9, post_id=10**9 + beat, position=1, feed_type="home",
+                                      source="in_network")])
+            log.flush()
+    finally:
+        job.cancel().result()
+
+
+def test_learner_adapts_to_a_trend_shift_within_10_minutes(make_cfg, base_model):
+    from jobs.learner import read_decisions
+
+    cfg = make_cfg(**LEARNER)
+    store = ModelStore.from_config(cfg)
+    v0 = _publish(store, *base_model)
+    sc = Scenario(minutes=14.0, shift_at_min=3.0, exposures_per_s=200.0, seed=11)
+    shift_ms = sc.start_ms + 3 * 60_000
+    runtime.up(cfg)
+    try:
+        events = stream(sc, SnapshotStore(cfg))
+        _run(cfg, events, until_ms=shift_ms + 10 * 60_000)
+        decisions = read_decisions(cfg)
+    finally:
+        runtime.down(cfg)
+    promoted = [d for d in decisions if d["decision"] == "promote" and shift_ms < d["at_ms"] <= shift_ms + 10 * 60_000]
+    assert promoted, f"nothing promoted within 10 simulated minutes of the shift: {decisions}"
+    last = promoted[-1]
+    assert last["auc_candidate"] > last["auc_frozen"], last
+    # an independent check on fresh post-shift traffic: the promoted model ranks better than the frozen one
+    rng = np.random.default_rng(99)
+    x = features(rng, 20_000)
+    clicked = rng.random(x.shape[0]) < 1 / (1 + np.exp(-truth_logit(x, 10.0, sc)))
+    _, path = store.fetch("heavy", last["version"])
+    new, frozen = NumpyHeavy.from_npz(str(path / "heavy.npz")), NumpyHeavy.from_npz(base_model[1])
+    a_new = auc(new.score(x)[:, CLICK], clicked)
+    a_frozen = auc(frozen.score(x)[:, CLICK], clicked)
+    assert a_new > a_frozen + 0.01, (a_new, a_frozen)
+    assert store.meta("heavy", last["version"]).parent is not None and v0 in store.versions("heavy")
+
+
+def test_poisoned_stream_is_rejected_and_damage_is_bounded(make_cfg, base_model):
+    """Labels inverted for every non-holdout user. What holds today: candidates are rejected,
+    and no promoted model is more than max_auc_drop below the offline model on the holdout or
+    on fresh clean traffic. Not yet: "no promotion at all" — with the 0.001 step-size cap a
+    candidate loses only ~0.1-0.4% holdout AUC per interval, inside the 1% allowance, so the
+    first one or two intervals can promote before the offline-anchored floor rejects."""
+    from jobs.learner import read_decisions
+
+    # validation every 5 minutes, as the seeds specify for production
+    cfg = make_cfg(**{**LEARNER, "FEEDRANK_ONLINE_LEARNING_VALIDATE_EVERY_S": "300"})
+    store = ModelStore.from_config(cfg)
+    _publish(store, *base_model)
+    sc = Scenario(minutes=12.0, exposures_per_s=200.0, poison_train_users=True, seed=12)
+    runtime.up(cfg)
+    try:
+        _run(cfg, stream(sc, SnapshotStore(cfg)), until_ms=sc.start_ms + 11 * 60_000)
+        decisions = read_decisions(cfg)
+    finally:
+        runtime.down(cfg)
+    rejected = [d for d in decisions if d["decision"] == "reject"]
+    assert rejected and all("reason" in d and d["auc_candidate"] < d["auc_floor"] or
+                            d["logloss_candidate"] > d["logloss_ceiling"] for d in rejected), decisions
+    for d in decisions:
+        if d["decision"] == "promote":
+            assert d["auc_candidate"] >= 0.99 * d["auc_frozen"], d
+    rng = np.random.default_rng(7)
+    x = features(rng, 20_000)
+    clicked = rng.random(x.shape[0]) < 1 / (1 + np.exp(-truth_logit(x, 0.0, sc)))
+    _, path = store.fetch("heavy")
+    now, frozen = NumpyHeavy.from_npz(str(path / "heavy.npz")), NumpyHeavy.from_npz(base_model[1])
+    assert auc(now.score(x)[:, CLICK], clicked) >= 0.99 * auc(frozen.score(x)[:, CLICK], clicked)
+
+
+def test_live_ctr_drop_triggers_rollback(make_cfg, base_model):
+    from jobs.learner import read_decisions
+
+    cfg = make_cfg(**{**LEARNER, "FEEDRANK_ONLINE_LEARNING_MIN_HOLDOUT": "1000000",  # this test: no promotions
+                      "FEEDRANK_ONLINE_LEARNING_ROLLBACK_MIN_EXPOSURES": "3000"})
+    store = ModelStore.from_config(cfg)
+    ts, npz = base_model
+    v0 = _publish(store, ts, npz)
+    base = NumpyHeavy.from_npz(npz)
+    v1 = _publish(store, ts, base.with_final(base.final_w * 0.9, base.final_b).to_npz(), parent=v0)
+    assert store.current("heavy") == v1
+    sc = Scenario(minutes=6.0, versions={v0: 0.5, v1: 0.5}, ctr_factor={v1: 0.7}, seed=13)
+    runtime.up(cfg)
+    try:
+        _run(cfg, stream(sc, SnapshotStore(cfg)), until_ms=sc.start_ms + 5 * 60_000)
+        decisions = read_decisions(cfg)
+    finally:
+        runtime.down(cfg)
+    rb = [d for d in decisions if d["decision"] == "rollback"]
+    assert rb, decisions
+    assert rb[0]["from"] == v1 and rb[0]["to"] == v0 and rb[0]["ctr_current"] < 0.95 * rb[0]["ctr_previous"]
+    assert store.current("heavy") == v0
+    assert not [d for d in decisions if d["decision"] == "promote"]
