@@ -1,6 +1,6 @@
 """Real-time feature state: the per-post, per-user and per-topic arithmetic of the feature job.
 
-Kept apart from the Flink wiring (``jobs/features.py``) so that the exact rules are
+Kept apart from the Flink wiring (``jobs/feature_job.py``) so that the exact rules are
 plain functions with plain tests, and so the values the job pushes are defined once:
 
 * post stats: counts of impressions (exposures), clicks, likes, comments, shares,

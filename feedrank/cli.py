@@ -272,7 +272,9 @@ def _run_streaming_job(cfg, job: str, seconds: float) -> None:
     from features.client import read_progress
     from infra.procs import ServiceError
 
-    mod = __import__(f"jobs.{job}", fromlist=["run_embedded"])
+    # jobs/feature_job.py, not jobs/features.py: `flink run -py jobs/<job>.py` puts jobs/ first
+    # on sys.path, where a features.py would shadow the features package
+    mod = __import__(f"jobs.{'feature_job' if job == 'features' else job}", fromlist=["run_embedded"])
     try:
         client = mod.run_embedded(cfg)
     except (ServiceError, RuntimeError) as e:

@@ -91,6 +91,7 @@ class Events(_Section):
 class Flink(_Section):
     rest_port: Port
     parallelism: PosInt
+    taskmanagers: PosInt
     taskmanager_slots: PosInt
     jobmanager_memory: str
     taskmanager_memory: str

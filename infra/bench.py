@@ -190,7 +190,7 @@ def bench_features(cfg: Config, n: int = 300_000, seed: int = 7, progress=None) 
     from features.eventlog import open_configured_event_log
     from features.realtime import A, ENGAGEMENT, FOLLOW, KIND, UNFOLLOW
     from infra import runtime
-    from jobs import features
+    from jobs import feature_job as features
     from sim.eventgen import synthetic_events
 
     step = progress or (lambda s, f: None)
@@ -254,7 +254,7 @@ def bench_freshness(cfg: Config, probes: int = 200, background_eps: float = 2000
     from features.eventlog import open_configured_event_log
     from features.events import Engagement
     from infra import runtime
-    from jobs import features
+    from jobs import feature_job as features
     from sim.eventgen import synthetic_events
 
     step = progress or (lambda s, f: None)

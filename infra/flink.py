@@ -147,7 +147,10 @@ def write_cluster_conf(cfg: Config) -> Path:
     for f in src.iterdir():
         if f.name != "config.yaml":
             shutil.copy2(f, d["conf"] / f.name)
-    (d["conf"] / "workers").write_text("localhost\n")
+    # one JVM per taskmanager: pemja (thread mode) loads libpython once per JVM and cannot load
+    # it again for a second job's classloader on Java 17 (NoSuchFieldException:
+    # loadedLibraryNames), so each concurrently running Python job needs its own taskmanager
+    (d["conf"] / "workers").write_text("localhost\n" * cfg.flink.taskmanagers)
     (d["conf"] / "masters").write_text(f"localhost:{cfg.flink.rest_port}\n")
     # Keep the JVM options Flink ships (module opens Java 17 needs); override the rest.
     java_opts = ""
@@ -215,7 +218,7 @@ def cluster_up(cfg: Config) -> str:
     deadline = time.monotonic() + cfg.flink.startup_timeout_s
     while time.monotonic() < deadline:
         ov = rest_overview(cfg)
-        if ov and ov.get("taskmanagers", 0) >= 1:
+        if ov and ov.get("taskmanagers", 0) >= cfg.flink.taskmanagers:
             return f"started: http://localhost:{cfg.flink.rest_port} ({ov['slots-total']} slots)"
         time.sleep(0.5)
     cluster_down(cfg)

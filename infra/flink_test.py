@@ -17,16 +17,25 @@ def test_cluster_runs_a_submitted_job_and_stops_cleanly(cfg):
     from features.eventlog import open_configured_event_log
     from sim.eventgen import synthetic_events
 
+    from collections import Counter
+
+    from features.client import FeatureClient
+    from infra import runtime
+
+    events = list(synthetic_events(3000, seed=9))
     log = open_configured_event_log(cfg)
-    log.append_many(synthetic_events(3000, seed=9))
+    log.append_many(events)
     log.close()
+    exposures = Counter(e.post_id for e in events if e.type == "exposure")
+    post, n_exp = exposures.most_common(1)[0]
+    runtime.up(cfg)
     try:
         assert flink.cluster_up(cfg).startswith("started")
         assert flink.cluster_up(cfg).startswith("already running")  # idempotent
         pids = flink.cluster_pids(cfg)
-        assert len(pids) == 2  # jobmanager + taskmanager
+        assert len(pids) == 1 + cfg.flink.taskmanagers  # jobmanager + taskmanagers
         r = flink.submit(cfg, cfg.root / "jobs" / "audit.py", [])
-        assert r.returncode == 0 and "JobID" in r.stdout, r.stderr[-2000:]
+        assert r.returncode == 0 and "JobID" in r.stdout, r.stdout[-3000:] + r.stderr[:3000]
         deadline = time.monotonic() + 120
         summary = None
         while time.monotonic() < deadline:
@@ -38,8 +47,22 @@ def test_cluster_runs_a_submitted_job_and_stops_cleanly(cfg):
                     break
             time.sleep(1)
         assert summary is not None and summary["events"] == 3000 and summary["duplicates"] == 0
+
+        # the real-time feature job on the same cluster writes the same log's features to Feast
+        r = flink.submit(cfg, cfg.root / "jobs" / "feature_job.py", [])
+        assert r.returncode == 0 and "JobID" in r.stdout, r.stdout[-3000:] + r.stderr[:3000]
+        client = FeatureClient(cfg)
+        deadline = time.monotonic() + 120
+        got = None
+        while time.monotonic() < deadline:
+            got = client.posts([post], ["post_stats:impressions"])["impressions"][0]
+            if got == n_exp:
+                break
+            time.sleep(1)
+        assert got == n_exp
     finally:
         assert flink.cluster_down(cfg) in ("stopped", "not running")
+        runtime.down(cfg)
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
     assert flink.rest_overview(cfg) is None
 

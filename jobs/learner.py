@@ -291,7 +291,7 @@ def read_decisions(cfg: Config, n: int = 1000) -> list[dict]:
 def run_embedded(cfg: Config) -> Any:
     """Submit to a local MiniCluster; returns the JobClient (cancel it to stop)."""
     from infra.flink import stream_env
-    from jobs.features import restart_configuration
+    from jobs.feature_job import restart_configuration
 
     env = stream_env(cfg, {**restart_configuration(cfg), **BUNDLE})
     build(env, cfg).print()
@@ -301,7 +301,7 @@ def run_embedded(cfg: Config) -> Any:
 def main(argv: list[str]) -> None:
     """Entry point for `flink run -py jobs/learner.py [-- --feedrank-config FILE]`."""
     from infra.flink import job_config, stream_env
-    from jobs.features import restart_configuration
+    from jobs.feature_job import restart_configuration
 
     logging.basicConfig(level=logging.INFO)
     cfg = job_config(argv)

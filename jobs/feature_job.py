@@ -26,7 +26,7 @@
   restored state and writes the same values again — nothing is counted twice.
 
 Run embedded: ``feedrank jobs run features``; on the cluster:
-``flink run -py jobs/features.py -pyexec .venv/bin/python -- --feedrank-config cfg.json``.
+``flink run -py jobs/feature_job.py -pyexec .venv/bin/python -- --feedrank-config cfg.json``.
 """
 
 from __future__ import annotations
@@ -482,7 +482,7 @@ def run_embedded(cfg: Config, fail_once_on: str | None = None, detached: bool = 
 
 
 def main(argv: list[str]) -> None:
-    """Entry point for `flink run -py jobs/features.py [-- --feedrank-config FILE]`."""
+    """Entry point for `flink run -py jobs/feature_job.py [-- --feedrank-config FILE]`."""
     from infra.flink import job_config, stream_env
 
     logging.basicConfig(level=logging.INFO)

@@ -42,7 +42,7 @@ def _checkpoints(cfg) -> list[Path]:
 
 
 def test_features_job_exact_values_dedupe_and_restart(make_cfg):
-    from jobs import features
+    from jobs import feature_job as features
 
     cfg = make_cfg(FEEDRANK_FLINK_CHECKPOINT_INTERVAL_MS="1000", FEEDRANK_STREAMING_FLUSH_MS="100")
     runtime.up(cfg)

@@ -31,7 +31,7 @@ def _posts(n: int, seed: int) -> tuple[list[str], np.ndarray, np.ndarray, np.nda
 
 
 def test_published_post_is_retrievable_within_5s(make_cfg):
-    from jobs import features
+    from jobs import feature_job as features
 
     cfg = make_cfg(FEEDRANK_STREAMING_FLUSH_MS="100")
     torch.manual_seed(0)
