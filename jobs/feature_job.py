@@ -158,7 +158,7 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
                                        f"{self.view}_flushed_at_ms": int(time.time() * 1000)})
 
         def write(self, rows: dict[int, Any]) -> None:
-            raise NotImplementedError
+            """Each subclass writes its view's rows (``{key: (state, as-of time)}``)."""
 
     class PostFeaturesFunction(Buffered):
         """Keyed by post (follows: by user): drops repeated event_ids and invalid lines, keeps

@@ -18,7 +18,7 @@ from models import rankers
 from models.online import auc
 from models.rankers import NumpyHeavy
 from models.store import ModelStore
-from sim.online import Scenario, examination, features, offline_data, stream, truth_logit
+from sim.online import Scenario, features, offline_data, stream, truth_logit
 
 pytestmark = [pytest.mark.slow, pytest.mark.flink]
 CLICK = HEAD_NAMES.index("click")
@@ -81,33 +81,41 @@ def _run(cfg, events, until_ms: int, timeout: float = 300.0) -> None:
         job.cancel().result()
 
 
+def _decisions(cfg, sc: Scenario, until_ms: int) -> list[dict]:
+    """Run the learner job over the scenario's served stream; its decisions, oldest first."""
+    from jobs.learner import read_decisions
+
+    runtime.up(cfg)
+    try:
+        _run(cfg, stream(sc, SnapshotStore(cfg)), until_ms=until_ms)
+        return read_decisions(cfg)
+    finally:
+        runtime.down(cfg)
+
+
+def _fresh_auc(npz: bytes | str, sc: Scenario, minute: float, seed: int) -> float:
+    """Click AUC of a heavy model on fresh traffic drawn from the scenario's truth at ``minute``."""
+    rng = np.random.default_rng(seed)
+    x = features(rng, 20_000)
+    clicked = rng.random(x.shape[0]) < 1 / (1 + np.exp(-truth_logit(x, minute, sc)))
+    return auc(NumpyHeavy.from_npz(npz).score(x)[:, CLICK], clicked)
+
+
 def test_learner_adapts_to_a_trend_shift_within_10_minutes(make_cfg, base_model):
     """The stream ends 10 simulated minutes after the shift, so whatever the learner promoted
     was learned from at most 10 minutes of post-shift traffic."""
-    from jobs.learner import read_decisions
-
     cfg = make_cfg(**LEARNER)
     store = ModelStore.from_config(cfg)
     v0 = _publish(store, *base_model)
     sc = Scenario(minutes=13.0, shift_at_min=3.0, exposures_per_s=200.0, seed=11)
-    runtime.up(cfg)
-    try:
-        _run(cfg, stream(sc, SnapshotStore(cfg)), until_ms=sc.start_ms + 14 * 60_000)
-        decisions = read_decisions(cfg)
-    finally:
-        runtime.down(cfg)
+    decisions = _decisions(cfg, sc, sc.start_ms + 14 * 60_000)
     promoted = [d for d in decisions if d["decision"] == "promote"]
     assert promoted, f"nothing promoted: {decisions}"
     last = promoted[-1]
     assert last["auc_candidate"] > last["auc_frozen"], last
     # an independent check on fresh post-shift traffic: the promoted model ranks better than the frozen one
-    rng = np.random.default_rng(99)
-    x = features(rng, 20_000)
-    clicked = rng.random(x.shape[0]) < 1 / (1 + np.exp(-truth_logit(x, 10.0, sc)))
     _, path = store.fetch("heavy", last["version"])
-    new, frozen = NumpyHeavy.from_npz(str(path / "heavy.npz")), NumpyHeavy.from_npz(base_model[1])
-    a_new = auc(new.score(x)[:, CLICK], clicked)
-    a_frozen = auc(frozen.score(x)[:, CLICK], clicked)
+    a_new, a_frozen = _fresh_auc(str(path / "heavy.npz"), sc, 10.0, 99), _fresh_auc(base_model[1], sc, 10.0, 99)
     assert a_new > a_frozen + 0.01, (a_new, a_frozen)
     assert store.meta("heavy", last["version"]).parent is not None and v0 in store.versions("heavy")
 
@@ -118,36 +126,24 @@ def test_poisoned_stream_is_rejected_and_damage_is_bounded(make_cfg, base_model)
     on fresh clean traffic. Not yet: "no promotion at all" — with the 0.001 step-size cap a
     candidate loses only ~0.1-0.4% holdout AUC per interval, inside the 1% allowance, so the
     first one or two intervals can promote before the offline-anchored floor rejects."""
-    from jobs.learner import read_decisions
 
     # validation every 5 minutes, as the seeds specify for production
     cfg = make_cfg(**{**LEARNER, "FEEDRANK_ONLINE_LEARNING_VALIDATE_EVERY_S": "300"})
     store = ModelStore.from_config(cfg)
     _publish(store, *base_model)
     sc = Scenario(minutes=12.0, exposures_per_s=200.0, poison_train_users=True, seed=12)
-    runtime.up(cfg)
-    try:
-        _run(cfg, stream(sc, SnapshotStore(cfg)), until_ms=sc.start_ms + 11 * 60_000)
-        decisions = read_decisions(cfg)
-    finally:
-        runtime.down(cfg)
+    decisions = _decisions(cfg, sc, sc.start_ms + 11 * 60_000)
     rejected = [d for d in decisions if d["decision"] == "reject"]
     assert rejected and all("reason" in d and d["auc_candidate"] < d["auc_floor"] or
                             d["logloss_candidate"] > d["logloss_ceiling"] for d in rejected), decisions
     for d in decisions:
         if d["decision"] == "promote":
             assert d["auc_candidate"] >= 0.99 * d["auc_frozen"], d
-    rng = np.random.default_rng(7)
-    x = features(rng, 20_000)
-    clicked = rng.random(x.shape[0]) < 1 / (1 + np.exp(-truth_logit(x, 0.0, sc)))
     _, path = store.fetch("heavy")
-    now, frozen = NumpyHeavy.from_npz(str(path / "heavy.npz")), NumpyHeavy.from_npz(base_model[1])
-    assert auc(now.score(x)[:, CLICK], clicked) >= 0.99 * auc(frozen.score(x)[:, CLICK], clicked)
+    assert _fresh_auc(str(path / "heavy.npz"), sc, 0.0, 7) >= 0.99 * _fresh_auc(base_model[1], sc, 0.0, 7)
 
 
 def test_live_ctr_drop_triggers_rollback(make_cfg, base_model):
-    from jobs.learner import read_decisions
-
     cfg = make_cfg(**{**LEARNER, "FEEDRANK_ONLINE_LEARNING_MIN_HOLDOUT": "1000000",  # this test: no promotions
                       "FEEDRANK_ONLINE_LEARNING_ROLLBACK_MIN_EXPOSURES": "3000"})
     store = ModelStore.from_config(cfg)
@@ -157,12 +153,7 @@ def test_live_ctr_drop_triggers_rollback(make_cfg, base_model):
     v1 = _publish(store, ts, base.with_final(base.final_w * 0.9, base.final_b).to_npz(), parent=v0)
     assert store.current("heavy") == v1
     sc = Scenario(minutes=6.0, versions={v0: 0.5, v1: 0.5}, ctr_factor={v1: 0.7}, seed=13)
-    runtime.up(cfg)
-    try:
-        _run(cfg, stream(sc, SnapshotStore(cfg)), until_ms=sc.start_ms + 5 * 60_000)
-        decisions = read_decisions(cfg)
-    finally:
-        runtime.down(cfg)
+    decisions = _decisions(cfg, sc, sc.start_ms + 5 * 60_000)
     rb = [d for d in decisions if d["decision"] == "rollback"]
     assert rb, decisions
     assert rb[0]["from"] == v1 and rb[0]["to"] == v0 and rb[0]["ctr_current"] < 0.95 * rb[0]["ctr_previous"]
