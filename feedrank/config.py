@@ -116,6 +116,9 @@ class Candidates(_Section):
     cache_ttl_s: PosInt
     celebrity_followers: PosInt
     source_timeout_ms: PosInt
+    follow_window_h: PosFloat
+    trending_window_h: PosFloat
+    ad_inventory: NonNegInt
 
 
 class Retrieval(_Section):

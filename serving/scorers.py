@@ -1,0 +1,105 @@
+"""Scorers: each declares the columns it writes.
+
+Score adjustments (fatigue, policy, original boost) are multiplicative on a score that
+may be negative (the negative head weighs < 0), so a demotion divides a negative score
+instead of multiplying it: a demoted post always moves down.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from features.schema import HEAD_NAMES
+from serving.components import AD, Candidates, Query, Scorer
+
+CLICK = HEAD_NAMES.index("click")
+
+
+def scale(score: np.ndarray, factor: np.ndarray | float) -> np.ndarray:
+    """Move ``score`` towards worse (factor < 1) or better (factor > 1), whatever its sign."""
+    factor = np.maximum(np.asarray(factor, dtype=np.float64), 1e-6)
+    return np.where(score >= 0, score * factor, score / factor).astype(np.float32)
+
+
+class LightRankerScorer(Scorer):
+    """Logistic regression over the light features (10K rows, well under a millisecond)."""
+
+    writes = ("light_score",)
+
+    def score(self, query: Query, state: Any, cands: Candidates) -> None:
+        s = state.models.light.score(cands["x_light"]).astype(np.float32)
+        s[cands.source == AD] = np.inf  # ads are ranked by bid x pCTR later, never cut by the light ranker
+        cands["light_score"] = s
+
+
+class HeavyRankerScorer(Scorer):
+    """Multi-task heavy ranker: P(head) for every head in one batched forward pass; score = weighted sum
+    (ads: bid x P(click))."""
+
+    writes = ("heads", "score")
+
+    def score(self, query: Query, state: Any, cands: Candidates) -> None:
+        from serving.models import score_heavy
+
+        models = state.models
+        model = models.heavy
+        query.model_version = models.heavy_version
+        if query.params.heavy_version and query.params.heavy_version != models.heavy_version:
+            try:
+                model = state.loader.heavy_for(query.params.heavy_version)
+                query.model_version = query.params.heavy_version
+            except Exception:  # noqa: BLE001 - a pinned version that cannot load falls back to current
+                query.degrade("pinned_model_unavailable")
+        p = score_heavy(model, cands["x"]) if len(cands) else np.zeros((0, len(HEAD_NAMES)), dtype=np.float32)
+        w = np.asarray(query.params.head_weights, dtype=np.float32)
+        score = p @ w
+        ad = cands.source == AD
+        if ad.any():
+            score[ad] = cands["bid"][ad] * p[ad, CLICK]
+        cands["heads"] = p.astype(np.float32)
+        cands["score"] = score.astype(np.float32)
+
+
+class FeedbackFatigueScorer(Scorer):
+    """Suppresses authors and topics similar to the user's negative feedback; decays with a half-life."""
+
+    writes = ("score", "fatigue")
+
+    def score(self, query: Query, state: Any, cands: Candidates) -> None:
+        u = query.user
+        f = np.zeros(len(cands), dtype=np.float32)
+        if u.fatigue_authors or u.fatigue_topics:
+            authors, topics = state.catalog.author[cands.ids], state.catalog.topic[cands.ids]
+            fa = np.array([u.fatigue_authors.get(a, 0.0) for a in authors.tolist()], dtype=np.float32)
+            ft = np.array([u.fatigue_topics.get(t, 0.0) for t in topics.tolist()], dtype=np.float32)
+            f = np.maximum(fa, ft)
+            cands["score"] = scale(cands["score"], 1.0 - query.params.rerank.fatigue_strength * f)
+        cands["fatigue"] = f
+
+
+class PolicyDemotionScorer(Scorer):
+    writes = ("score",)
+
+    def score(self, query: Query, state: Any, cands: Candidates) -> None:
+        flagged = state.catalog.flagged[cands.ids]
+        if flagged.any():
+            cands["score"] = scale(cands["score"], np.where(flagged, query.params.rerank.policy_demotion, 1.0))
+
+
+class OriginalBoostScorer(Scorer):
+    writes = ("score",)
+
+    def score(self, query: Query, state: Any, cands: Candidates) -> None:
+        original = state.catalog.original[cands.ids] & (cands.source != AD)
+        cands["score"] = scale(cands["score"], np.where(original, query.params.rerank.original_boost, 1.0))
+
+
+class RecencyScorer(Scorer):
+    """FOLLOWING feed: reverse-chronological, no ML."""
+
+    writes = ("score",)
+
+    def score(self, query: Query, state: Any, cands: Candidates) -> None:
+        cands["score"] = (state.catalog.published_ms[cands.ids] - query.now_ms).astype(np.float32) / 3.6e6

@@ -1,0 +1,588 @@
+"""The gRPC FeedService: a thin tier over the funnel (`feedrank serve`).
+
+Every RPC: authenticate (JWT) -> authorise (a user acts only as itself; DebugRanking
+needs admin) -> rate-limit (per-user token bucket) -> validate (INVALID_ARGUMENT with
+the field and the reason) -> do the work within the deadline. GetFeed rankings are kept
+per request id for cursor pages, and per (user, feed) for refreshes within
+``serving.result_cache_ttl_s``, which serve the cached ranking with the top positions
+re-scored. Exposure logging runs on a side-effect worker off the request path; the seen
+set is written before the response so a refresh never repeats an item.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import grpc
+import numpy as np
+
+from feedrank.config import Config
+from features.events import (Action, ContentType, Engagement, Followed, InvalidEvent, PostPublished, Unfollowed,
+                             coerce_event)
+from features.schema import HEAD_NAMES, HEAVY_NAMES, N_TOPICS
+from serving import funnel
+from serving.components import AD, Candidates, Query, UserContext
+from serving.edge import Authenticator, AuthError, CursorCodec, CursorError, Forbidden, Principal, RateLimiter
+from serving.experiments import Experiments
+from serving.filters import HiddenFilter, PreviouslySeenFilter
+from serving.hydrators import HeavyFeatureHydrator, LightFeatureHydrator
+from serving.metrics import Metrics
+from serving.pipelines import PIPELINES
+from serving.protos import pb, rpc
+from serving.scorers import FeedbackFatigueScorer, HeavyRankerScorer, OriginalBoostScorer, PolicyDemotionScorer
+from serving.selectors import RerankSelector
+from serving.side_effects import ExposureLogSideEffect, SeenSideEffect
+from serving.state import ADS_KEY, RedisUnavailable, ServingState
+
+log = logging.getLogger("feedrank.serving.server")
+
+FEEDS = {pb.FEED_TYPE_UNSPECIFIED: "home", pb.HOME: "home", pb.EXPLORE: "explore", pb.FOLLOWING: "following"}
+FEED_ENUM = {"home": pb.HOME, "explore": pb.EXPLORE, "following": pb.FOLLOWING}
+SIGNAL_ACTIONS = {pb.VIEW: Action.VIEW, pb.CLICK: Action.CLICK, pb.LIKE: Action.LIKE, pb.COMMENT: Action.COMMENT,
+                  pb.SHARE: Action.SHARE, pb.DWELL: Action.DWELL}
+FEEDBACK_KINDS = {pb.HIDE: "hide", pb.NOT_INTERESTED: "not_interested", pb.SEE_LESS: "see_less"}
+TARGETS = {pb.FEEDBACK_TARGET_UNSPECIFIED: "post", pb.POST: "post", pb.AUTHOR: "author", pb.TOPIC: "topic"}
+CTYPES = {pb.TEXT: ContentType.TEXT, pb.IMAGE: ContentType.IMAGE, pb.VIDEO: ContentType.VIDEO}
+CTYPE_INDEX = {ContentType.TEXT: 0, ContentType.IMAGE: 1, ContentType.VIDEO: 2}
+MAX_LIMIT = 100
+MAX_SIGNALS = 500
+MAX_ID = 2**63 - 1
+PAST_SKEW_MS = 7 * 86_400_000   # client event times may be this old (offline batches)...
+FUTURE_SKEW_MS = 300_000         # ...or this far ahead of the server clock
+RESCORE_TOP = 2                  # a cached refresh re-scores the top RESCORE_TOP x limit positions
+
+
+class Invalid(ValueError):
+    """Bad input: INVALID_ARGUMENT with this message."""
+
+
+class Abort(Exception):
+    """Any other non-OK status, with its message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclass
+class Ranking:
+    request_id: str
+    user_id: int
+    feed_type: str
+    cands: Candidates
+    created_ms: int
+    model_version: str
+    experiments: dict[str, str]
+    limit: int
+    degraded: list[str] = field(default_factory=list)
+    pos_offset: int = 0
+
+
+class SideEffectWorker:
+    """Runs exposure logging after responses are sent; ``drain`` on shutdown loses nothing queued."""
+
+    def __init__(self, state: ServingState, metrics: Metrics):
+        self.state, self.metrics = state, metrics
+        self.q: queue.Queue = queue.Queue(maxsize=100_000)
+        self.effect = ExposureLogSideEffect()
+        self.thread = threading.Thread(target=self._loop, name="side-effects", daemon=True)
+        self.thread.start()
+
+    def submit(self, query: Query, page: Candidates) -> None:
+        self.q.put((query, page))
+
+    def _loop(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                self.q.task_done()
+                return
+            query, page = item
+            try:
+                self.effect.run(query, self.state, page)
+                self.metrics.exposures.inc(len(page))
+            except Exception:  # noqa: BLE001
+                self.metrics.side_effect_errors.labels(self.effect.name).inc()
+                log.exception("exposure logging failed for %s", query.request_id)
+            finally:
+                self.q.task_done()
+
+    def drain(self, timeout: float = 10.0) -> None:
+        end = time.monotonic() + timeout
+        while self.q.unfinished_tasks and time.monotonic() < end:
+            time.sleep(0.01)
+        self.state.events.flush()
+
+    def stop(self) -> None:
+        self.drain()
+        self.q.put(None)
+        self.thread.join(timeout=5)
+
+
+def _ts(value: int, now: int, what: str) -> int:
+    if value == 0:
+        return now
+    if not now - PAST_SKEW_MS <= value <= now + FUTURE_SKEW_MS:
+        raise Invalid(f"{what}: {value} is not an epoch-ms time within 7 days before / 5 minutes after now ({now})")
+    return int(value)
+
+
+class FeedService(rpc.FeedServiceServicer):
+    def __init__(self, cfg: Config, state: ServingState, loader: Any, experiments: Experiments, metrics: Metrics):
+        self.cfg, self.state, self.loader, self.experiments, self.metrics = cfg, state, loader, experiments, metrics
+        self.auth = Authenticator(cfg.serving.jwt_secret, cfg.serving.jwt_public_key)
+        self.limiter = RateLimiter(cfg.serving.rate_limit_rps, cfg.serving.rate_limit_burst)
+        self.cursors = CursorCodec(cfg.serving.jwt_secret)
+        self.rankings: OrderedDict[str, Ranking] = OrderedDict()   # by request id (cursor pages)
+        self.latest: OrderedDict[tuple[int, str], Ranking] = OrderedDict()  # by (user, feed) (refreshes)
+        self.lock = threading.Lock()
+        self.effects = SideEffectWorker(state, metrics)
+        self.seen_effect = SeenSideEffect()
+
+    # ------------------------------------------------------------------ plumbing
+    def _handle(self, name: str, request: Any, context: grpc.ServicerContext,
+                fn: Callable[[Principal, Any, grpc.ServicerContext], Any], user_id: int | None,
+                admin: bool = False) -> Any:
+        t0 = time.perf_counter()
+        code, message = grpc.StatusCode.OK, ""
+        try:
+            principal = self.auth.principal(context.invocation_metadata())
+            if admin and not principal.admin:
+                raise Forbidden(f"{name} requires an admin token")
+            if user_id is not None and not principal.may_act_as(user_id):
+                raise Forbidden(f"token of user {principal.user_id} cannot act as user {user_id}")
+            if not self.limiter.allow(user_id if user_id is not None else principal.user_id):
+                raise Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"rate limit exceeded ({self.cfg.serving.rate_limit_rps:g} requests/s, burst "
+                            f"{self.cfg.serving.rate_limit_burst}); retry later")
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                raise Abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline already passed")
+            return fn(principal, request, context)
+        except Abort as e:
+            code, message = e.code, e.message
+        except AuthError as e:
+            code, message = grpc.StatusCode.UNAUTHENTICATED, str(e)
+        except Forbidden as e:
+            code, message = grpc.StatusCode.PERMISSION_DENIED, str(e)
+        except (Invalid, CursorError, InvalidEvent) as e:
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
+        except RedisUnavailable as e:
+            code, message = grpc.StatusCode.UNAVAILABLE, f"state store unavailable, nothing was written; retry: {e}"
+        except Exception:  # noqa: BLE001 - never a crash: INTERNAL with an id to find the log line
+            rid = uuid.uuid4().hex[:12]
+            log.exception("%s failed (error id %s)", name, rid)
+            code, message = grpc.StatusCode.INTERNAL, f"internal error (error id {rid})"
+        finally:
+            self.metrics.rpcs.labels(name, code.name).inc()
+            self.metrics.rpc_latency.labels(name).observe(time.perf_counter() - t0)
+        context.abort(code, message)
+
+    @staticmethod
+    def _check_id(value: int, what: str) -> int:
+        if not 0 <= value <= MAX_ID:
+            raise Invalid(f"{what}: {value} is out of range")
+        return int(value)
+
+    def _query(self, user_id: int, feed: str, limit: int, context: grpc.ServicerContext,
+               request_id: str | None = None) -> Query:
+        params, assigned = self.experiments.params(self.cfg, user_id)
+        budget = self.cfg.serving.request_deadline_ms / 1000.0
+        remaining = context.time_remaining()
+        if remaining is not None:
+            budget = min(budget, remaining)
+        return Query(request_id=request_id or uuid.uuid4().hex, user_id=user_id, feed_type=feed,
+                     now_ms=self.state.clock(), limit=limit, params=params, experiments=assigned,
+                     deadline=time.monotonic() + budget)
+
+    def _remember(self, r: Ranking) -> None:
+        with self.lock:
+            self.rankings[r.request_id] = r
+            self.rankings.move_to_end(r.request_id)
+            while len(self.rankings) > 20_000:
+                self.rankings.popitem(last=False)
+            self.latest[(r.user_id, r.feed_type)] = r
+            self.latest.move_to_end((r.user_id, r.feed_type))
+            while len(self.latest) > 50_000:
+                self.latest.popitem(last=False)
+
+    # ------------------------------------------------------------------ GetFeed
+    def GetFeed(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._handle("GetFeed", request, context, self._get_feed, request.user_id)
+
+    def _get_feed(self, principal: Principal, req: Any, context: grpc.ServicerContext) -> Any:
+        user = self._check_id(req.user_id, "user_id")
+        if req.feed_type not in FEEDS:
+            raise Invalid(f"feed_type: unknown value {req.feed_type} (HOME, EXPLORE or FOLLOWING)")
+        feed = FEEDS[req.feed_type]
+        if req.limit > MAX_LIMIT:
+            raise Invalid(f"limit: at most {MAX_LIMIT}, got {req.limit}")
+        limit = req.limit or self.cfg.funnel.page_size
+        from_cache = False
+        if req.cursor:
+            cur = self.cursors.decode(req.cursor)
+            if cur.get("u") != user or cur.get("f") != feed:
+                raise Invalid("cursor: issued for another user or feed type")
+            with self.lock:
+                ranking = self.rankings.get(cur["r"])
+            offset = int(cur["o"])
+            if ranking is None:  # expired or ranked on another replica: rank again; the seen filter skips served items
+                query = self._query(user, feed, limit, context)
+                ranking = self._rank(query, pos_offset=offset)
+                offset = 0
+            query = self._query(user, feed, limit, context, ranking.request_id)
+        else:
+            query = self._query(user, feed, limit, context)
+            with self.lock:
+                cached = self.latest.get((user, feed))
+            ttl_ms = self.cfg.serving.result_cache_ttl_s * 1000
+            if cached is not None and ttl_ms and query.now_ms - cached.created_ms <= ttl_ms and feed != "following":
+                ranking = self._refresh(query, cached)
+                from_cache = True
+                self.metrics.cache.labels("hit").inc()
+            else:
+                if feed != "following":
+                    self.metrics.cache.labels("miss").inc()
+                ranking = self._rank(query)
+            offset = 0
+        page = ranking.cands.take(np.arange(offset, min(offset + limit, len(ranking.cands))))
+        if len(page) and ranking.pos_offset:
+            page["position"] = page["position"] + ranking.pos_offset
+        query.model_version, query.experiments = ranking.model_version, ranking.experiments
+        query.now_ms = self.state.clock()
+        degraded = list(ranking.degraded)
+        try:
+            self.seen_effect.run(query, self.state, page)
+        except RedisUnavailable:
+            if "redis_unavailable" not in degraded:
+                degraded.append("redis_unavailable")
+        self.effects.submit(query, page)
+        nxt = ""
+        if offset + limit < len(ranking.cands):
+            nxt = self.cursors.encode({"r": ranking.request_id, "o": offset + limit, "u": user, "f": feed})
+        if not self.loader.store_ok and "model_store_unavailable" not in degraded:
+            degraded.append("model_store_unavailable")
+        for reason in degraded:
+            self.metrics.degraded.labels(reason.split(":")[0]).inc()
+        return pb.GetFeedResponse(items=self._items(page), next_cursor=nxt, model_version=ranking.model_version,
+                                  experiments=ranking.experiments, degraded=bool(degraded), degraded_reasons=degraded,
+                                  request_id=ranking.request_id, from_cache=from_cache)
+
+    def _rank(self, query: Query, pos_offset: int = 0) -> Ranking:
+        t0 = time.perf_counter()
+        query.user = self.state.user_context(query.user_id, query.degrade, need_cache=query.feed_type != "explore")
+        query.timings_ms["user"] = (time.perf_counter() - t0) * 1000
+        cands = funnel.run(PIPELINES[query.feed_type], query, self.state)
+        for stage, ms in query.timings_ms.items():
+            self.metrics.stage_latency.labels(stage).observe(ms / 1000.0)
+        for src, n in query.source_counts.items():
+            if not src.startswith("removed:"):
+                self.metrics.candidates.labels(src).inc(n)
+        query.timings_ms["total"] = (time.perf_counter() - t0) * 1000
+        log.debug("rank %s user=%s feed=%s %s", query.request_id, query.user_id, query.feed_type, query.timings_ms)
+        r = Ranking(query.request_id, query.user_id, query.feed_type, cands, query.now_ms,
+                    query.model_version or (self.state.models.heavy_version if query.feed_type != "following" else ""),
+                    query.experiments, query.limit, list(query.degraded), pos_offset)
+        self._remember(r)
+        return r
+
+    def _refresh(self, query: Query, cached: Ranking) -> Ranking:
+        """Serve the cached ranking minus what was seen or hidden since, with the top positions re-scored."""
+        t0 = time.perf_counter()
+        query.user = self.state.user_context(query.user_id, query.degrade, need_cache=False)
+        cands = cached.cands
+        for f in (PreviouslySeenFilter(), HiddenFilter()):
+            if len(cands):
+                cands = cands.take(np.flatnonzero(f.keep(query, self.state, cands)))
+        top = min(len(cands), RESCORE_TOP * query.limit)
+        if top and "x" in cands:
+            head = cands.take(np.arange(top))
+            for stage in (LightFeatureHydrator(), HeavyFeatureHydrator()):
+                stage.hydrate(query, self.state, head)
+            for scorer in (HeavyRankerScorer(), FeedbackFatigueScorer(), PolicyDemotionScorer(), OriginalBoostScorer()):
+                scorer.score(query, self.state, head)
+            rest = cands.take(np.arange(top, len(cands)))
+            cands = Candidates.concat([head, rest])
+        if len(cands) and "score" in cands:
+            cands = RerankSelector().select(query, self.state, cands)
+        query.timings_ms["refresh"] = (time.perf_counter() - t0) * 1000
+        self.metrics.stage_latency.labels("refresh").observe(query.timings_ms["refresh"] / 1000.0)
+        r = Ranking(query.request_id, query.user_id, query.feed_type, cands, cached.created_ms,
+                    query.model_version or cached.model_version, query.experiments, query.limit, list(query.degraded))
+        with self.lock:
+            self.rankings[r.request_id] = r
+            self.latest[(r.user_id, r.feed_type)] = r
+        return r
+
+    def _items(self, page: Candidates) -> list[Any]:
+        out = []
+        heads = page["heads"] if "heads" in page else None
+        reasons = page["reasons"] if "reasons" in page else None
+        authors = self.state.catalog.author[page.ids]
+        fresh_ms = self.cfg.rerank.fresh_hours * 3_600_000
+        now = self.state.clock()
+        for i in range(len(page)):
+            src = int(page.source[i])
+            why = [{1: "followed_author", 2: "interest_match", 3: "sponsored", 4: "trending"}.get(src, "candidate")]
+            if now - self.state.catalog.published_ms[page.ids[i]] <= fresh_ms:
+                why.append("fresh")
+            if reasons is not None:
+                why += [r for r in reasons[i] if r not in why]
+            hs = pb.HeadScores(**{h: float(heads[i, j]) for j, h in enumerate(HEAD_NAMES)}) if heads is not None else None
+            out.append(pb.FeedItem(post_id=int(page.ids[i]), author_id=int(authors[i]),
+                                   score=float(page["score"][i]) if "score" in page else 0.0, heads=hs, source=src,
+                                   position=int(page["position"][i]), reasons=why))
+        return out
+
+    # ------------------------------------------------------------------ writes
+    def SubmitSignals(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._handle("SubmitSignals", request, context, self._submit_signals, request.user_id)
+
+    def _submit_signals(self, principal: Principal, req: Any, context: grpc.ServicerContext) -> Any:
+        user = self._check_id(req.user_id, "user_id")
+        if len(req.signals) > MAX_SIGNALS:
+            raise Invalid(f"signals: at most {MAX_SIGNALS} per call, got {len(req.signals)}")
+        now = self.state.clock()
+        cat = self.state.catalog
+        events, clicked_authors = [], []
+        for i, s in enumerate(req.signals):
+            if s.action not in SIGNAL_ACTIONS:
+                raise Invalid(f"signals[{i}].action: unknown value {s.action}")
+            if not cat.known(np.array([s.post_id]))[0]:
+                raise Invalid(f"signals[{i}].post_id: unknown post {s.post_id}")
+            action = SIGNAL_ACTIONS[s.action]
+            if action == Action.DWELL and s.dwell_ms == 0:
+                raise Invalid(f"signals[{i}].dwell_ms: required (> 0) for DWELL")
+            if action != Action.DWELL and s.dwell_ms:
+                raise Invalid(f"signals[{i}].dwell_ms: only allowed for DWELL")
+            author = int(cat.author[s.post_id])
+            try:
+                events.append(Engagement(user_id=user, post_id=int(s.post_id), action=action,
+                                         dwell_ms=int(s.dwell_ms) if action == Action.DWELL else None, author_id=author,
+                                         position=int(s.position) or None, request_id=s.request_id or None,
+                                         ts=_ts(s.ts_ms, now, f"signals[{i}].ts_ms")))
+            except ValueError as e:
+                raise Invalid(f"signals[{i}]: {e}") from None
+            if action == Action.CLICK:
+                clicked_authors.append(author)
+        self.state.events.append_many(events)  # the log is the record: accepted once written here
+        try:
+            self.state.record_affinity(user, clicked_authors)
+        except RedisUnavailable:
+            log.warning("affinity not updated for user %s (redis unavailable)", user)
+        return pb.SubmitSignalsResponse(accepted=len(events))
+
+    def SubmitFeedback(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._handle("SubmitFeedback", request, context, self._submit_feedback, request.user_id)
+
+    def _submit_feedback(self, principal: Principal, req: Any, context: grpc.ServicerContext) -> Any:
+        user = self._check_id(req.user_id, "user_id")
+        if req.kind not in FEEDBACK_KINDS:
+            raise Invalid("kind: HIDE, NOT_INTERESTED or SEE_LESS required")
+        if req.target not in TARGETS:
+            raise Invalid(f"target: unknown value {req.target}")
+        kind, target = FEEDBACK_KINDS[req.kind], TARGETS[req.target]
+        cat = self.state.catalog
+        post = author = topic = None
+        has_post = target == "post" or req.post_id != 0
+        if has_post:
+            if not cat.known(np.array([req.post_id]))[0]:
+                raise Invalid(f"post_id: unknown post {req.post_id}")
+            post = int(req.post_id)
+            author, topic = int(cat.author[post]), int(cat.topic[post])
+        if target == "author":
+            author = self._check_id(req.author_id, "author_id") if req.author_id or post is None else author
+        if target == "topic":
+            if not 0 <= req.topic < N_TOPICS:
+                raise Invalid(f"topic: must be in [0, {N_TOPICS}), got {req.topic}")
+            topic = int(req.topic)
+        now = self.state.clock()
+        ts = _ts(req.ts_ms, now, "ts_ms")
+        self.state.record_feedback(user, kind, target, post, author, topic, ts)
+        if post is not None:
+            self.state.events.append(Engagement(user_id=user, post_id=post, action=kind, author_id=author, ts=ts))
+        with self.lock:  # a hidden post must not come back from a cached ranking either
+            for key in [(user, f) for f in FEED_ENUM]:
+                self.latest.pop(key, None)
+        return pb.SubmitFeedbackResponse()
+
+    def PublishPost(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._handle("PublishPost", request, context, self._publish, request.author_id)
+
+    def _publish(self, principal: Principal, req: Any, context: grpc.ServicerContext) -> Any:
+        author = self._check_id(req.author_id, "author_id")
+        if not 0 <= req.topic < N_TOPICS:
+            raise Invalid(f"topic: must be in [0, {N_TOPICS}), got {req.topic}")
+        if req.content_type not in CTYPES:
+            raise Invalid("content_type: TEXT, IMAGE or VIDEO required")
+        cat = self.state.catalog
+        if req.is_repost and not cat.known(np.array([req.original_post_id]))[0]:
+            raise Invalid(f"original_post_id: unknown post {req.original_post_id}")
+        if req.post_id and cat.known(np.array([req.post_id]))[0]:
+            raise Abort(grpc.StatusCode.ALREADY_EXISTS, f"post {req.post_id} already exists")
+        now = self.state.clock()
+        post_id = self._check_id(req.post_id, "post_id") if req.post_id else self.state.next_post_id()
+        ctype = CTYPES[req.content_type]
+        event = coerce_event(PostPublished(
+            post_id=post_id, author_id=author, topic=int(req.topic), content_type=ctype, is_original=not req.is_repost,
+            original_post_id=int(req.original_post_id) if req.is_repost else None, policy_flagged=req.policy_flagged,
+            text=req.text, ts=_ts(req.ts_ms, now, "ts_ms")))
+        fanned, lazy = self.state.publish(post_id, author, int(req.topic), CTYPE_INDEX[ctype], not req.is_repost,
+                                          req.policy_flagged, event.ts)
+        self.state.events.append(event)  # the feature job embeds it (post tower) and extends the index
+        return pb.PublishPostResponse(post_id=post_id, fanned_out=fanned, lazy_fanout=lazy)
+
+    def Follow(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._handle("Follow", request, context, lambda p, r, c: self._follow(r, True), request.user_id)
+
+    def Unfollow(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._handle("Unfollow", request, context, lambda p, r, c: self._follow(r, False), request.user_id)
+
+    def _follow(self, req: Any, follow: bool) -> Any:
+        user, author = self._check_id(req.user_id, "user_id"), self._check_id(req.author_id, "author_id")
+        if user == author:
+            raise Invalid("author_id: a user cannot follow themself")
+        ts = _ts(req.ts_ms, self.state.clock(), "ts_ms")
+        changed = self.state.follow(user, author, follow)
+        if changed:
+            cls = Followed if follow else Unfollowed
+            self.state.events.append(cls(user_id=user, author_id=author, ts=ts))
+            with self.lock:
+                for key in [(user, f) for f in FEED_ENUM]:
+                    self.latest.pop(key, None)
+        return pb.FollowResponse(changed=changed)
+
+    # ------------------------------------------------------------------ DebugRanking
+    def DebugRanking(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._handle("DebugRanking", request, context, self._debug, None, admin=True)
+
+    def _debug(self, principal: Principal, req: Any, context: grpc.ServicerContext) -> Any:
+        user, post = self._check_id(req.user_id, "user_id"), self._check_id(req.post_id, "post_id")
+        if not self.state.catalog.known(np.array([post]))[0]:
+            raise Invalid(f"post_id: unknown post {post}")
+        feed = FEEDS.get(req.feed_type, "home")
+        query = self._query(user, feed, self.cfg.funnel.page_size, context)
+        query.debug_post = post
+        query.user = self.state.user_context(user, query.degrade, need_cache=True)
+        ranked = funnel.run(PIPELINES[feed], query, self.state)
+        i = ranked.index_of(post)
+        served = i is not None and i < query.limit
+        # the full feature vector and head scores of this post for this user, whatever the funnel decided
+        one = Candidates(np.array([post]), np.array([ranked.source[i] if i is not None else 2]),
+                         ann=np.zeros(1, dtype=np.float32))
+        LightFeatureHydrator().hydrate(query, self.state, one)
+        HeavyFeatureHydrator().hydrate(query, self.state, one)
+        HeavyRankerScorer().score(query, self.state, one)
+        stages = [pb.StageDecision(stage=t["stage"], decision=t["decision"], score=t["score"], rank=t["rank"],
+                                   of=t["of"], detail=t["detail"]) for t in query.trace]
+        return pb.DebugRankingResponse(
+            post_id=post, served=served, position=int(ranked["position"][i]) if i is not None else 0,
+            features={n: float(v) for n, v in zip(HEAVY_NAMES, one["x"][0])},
+            heads=pb.HeadScores(**{h: float(one["heads"][0, j]) for j, h in enumerate(HEAD_NAMES)}),
+            stages=stages, model_version=query.model_version, experiments=query.experiments)
+
+
+# ---------------------------------------------------------------------------- server
+
+
+def seed_ads(state: ServingState, n: int, seed: int = 7) -> int:
+    """A small sponsored inventory when none exists: recent original, unflagged posts with log-normal bids."""
+    if n <= 0 or state.catalog.n == 0:
+        return 0
+    r = state.redis.client
+    if r.hlen(ADS_KEY):
+        return 0
+    cat = state.catalog
+    ok = np.flatnonzero((cat.author[: cat.n] >= 0) & cat.original[: cat.n] & ~cat.flagged[: cat.n])
+    recent = ok[np.argsort(-cat.published_ms[ok], kind="stable")[: max(n * 20, n)]]
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(recent, size=min(n, recent.size), replace=False)
+    bids = np.round(rng.lognormal(0.0, 0.5, size=pick.size), 3)
+    r.hset(ADS_KEY, mapping={str(int(p)): float(b) for p, b in zip(pick, bids)})
+    return int(pick.size)
+
+
+class Server:
+    """A running FeedService: gRPC + health + reflection (+ metrics endpoint)."""
+
+    def __init__(self, cfg: Config, bootstrap_dir: str | Path | None = None, clock: Callable[[], int] | None = None,
+                 port: int | None = None, metrics_port: int | None = None, workers: int = 8):
+        import faiss
+        import torch
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+        from grpc_reflection.v1alpha import reflection
+
+        from serving.models import ModelLoader
+
+        torch.set_num_threads(1)
+        faiss.omp_set_num_threads(1)
+        self.cfg = cfg
+        self.metrics = Metrics()
+        self.state = ServingState(cfg, clock=clock, bootstrap_dir=bootstrap_dir)
+        self.loader = ModelLoader(cfg, self.state)
+        self.loader.load()
+        self.state.loader = self.loader
+        self.loader.poll_delta()
+        self.metrics.set_models(self.loader.models.versions())
+        seed_ads(self.state, cfg.candidates.ad_inventory)
+        try:
+            self.state.refresh()
+        except RedisUnavailable:
+            pass
+        self.state.start(refresh_s=cfg.serving.feature_refresh_ms / 1000.0)
+        self.loader.start()
+        experiments = Experiments.load(cfg.path(cfg.serving.experiments_file))
+        self.service = FeedService(cfg, self.state, self.loader, experiments, self.metrics)
+        self.server = grpc.server(__import__("concurrent.futures").futures.ThreadPoolExecutor(max_workers=workers),
+                                  options=[("grpc.so_reuseport", 0)])
+        rpc.add_FeedServiceServicer_to_server(self.service, self.server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (pb.DESCRIPTOR.services_by_name["FeedService"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            self.server)
+        self.port = self.server.add_insecure_port(f"{cfg.serving.host}:{port if port is not None else cfg.serving.port}")
+        if self.port == 0:
+            raise RuntimeError(f"cannot bind {cfg.serving.host}:{port or cfg.serving.port}")
+        self.server.start()
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self.health.set(pb.DESCRIPTOR.services_by_name["FeedService"].full_name, health_pb2.HealthCheckResponse.SERVING)
+        mport = metrics_port if metrics_port is not None else cfg.serving.metrics_port
+        if mport:
+            self.metrics.serve(mport, cfg.serving.host)
+        self._watch = threading.Thread(target=self._watch_models, daemon=True, name="model-metrics")
+        self._stop = threading.Event()
+        self._watch.start()
+        gc.collect()
+        gc.freeze()  # start-up objects never move to older generations' scans again
+
+    def _watch_models(self) -> None:
+        while not self._stop.wait(1.0):
+            self.metrics.set_models(self.loader.models.versions())
+
+    @property
+    def address(self) -> str:
+        return f"{self.cfg.serving.host}:{self.port}"
+
+    def stop(self, grace: float = 5.0) -> None:
+        from grpc_health.v1 import health_pb2
+
+        self.health.enter_graceful_shutdown()
+        self._stop.set()
+        self.server.stop(grace).wait()
+        self.service.effects.stop()
+        self.loader.stop()
+        self.state.stop()
+        del health_pb2
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
