@@ -326,21 +326,21 @@ class OnlineStoreReader:
     ``get_online_features`` for a single user costs milliseconds of Python (request
     building, proto conversion, registry lookups); this reads the same hash with one
     HMGET per view inside the caller's pipeline and decodes the ValueProtos, ~50 us.
-    ``online_store_reader_test`` checks it against ``get_online_features``. A view whose
-    row is missing or older than the view's TTL reads as absent (None), as in Feast.
+    ``client_test`` checks it against ``get_online_features``. A missing row reads as
+    None. Like Feast's Redis online read, it does not apply the view TTL (rows are only as
+    old as their writer's last push; Redis key expiry is the store's business).
     """
 
     def __init__(self, cfg: Config, store: Any):
         writer = OnlineStoreWriter.__new__(OnlineStoreWriter)
         writer.version = store.config.entity_key_serialization_version
         self.project = store.config.project.encode()
-        self.views: dict[str, tuple[bytes, list[tuple[str, bytes]], float]] = {}
+        self.views: dict[str, tuple[bytes, list[tuple[str, bytes]]]] = {}
         for fv in store.list_feature_views():
             prefix = writer._key_prefix(fv.entity_columns[0].name)
             from feast.infra.online_stores.helpers import _mmh3
 
-            self.views[fv.name] = (prefix, [(f.name, _mmh3(f"{fv.name}:{f.name}")) for f in fv.features],
-                                   fv.ttl.total_seconds() if fv.ttl else 0.0)
+            self.views[fv.name] = (prefix, [(f.name, _mmh3(f"{fv.name}:{f.name}")) for f in fv.features])
 
     def key(self, view: str, entity: int) -> bytes:
         import struct
@@ -349,20 +349,18 @@ class OnlineStoreReader:
 
     def queue(self, pipe: Any, view: str, entity: int) -> None:
         """Add the read of ``view`` for ``entity`` to ``pipe`` (decode its result with :meth:`decode`)."""
-        _, fields, _ = self.views[view]
+        _, fields = self.views[view]
         pipe.hmget(self.key(view, entity), [f"_ts:{view}".encode()] + [fk for _, fk in fields])
 
-    def decode(self, view: str, raw: list[bytes | None], now_s: float | None = None) -> dict[str, Any] | None:
+    def decode(self, view: str, raw: list[bytes | None]) -> dict[str, Any] | None:
         from feast.protos.feast.types.Value_pb2 import Value
         from google.protobuf.timestamp_pb2 import Timestamp
 
-        _, fields, ttl = self.views[view]
+        _, fields = self.views[view]
         if not raw or raw[0] is None:
             return None
         ts = Timestamp()
         ts.ParseFromString(raw[0])
-        if ttl and (now_s or time.time()) - ts.seconds > ttl:
-            return None
         out: dict[str, Any] = {"_ts": ts.seconds + ts.nanos / 1e9}
         for (name, _), b in zip(fields, raw[1:]):
             if b is None:

@@ -119,6 +119,7 @@ class Candidates(_Section):
     follow_window_h: PosFloat
     trending_window_h: PosFloat
     ad_inventory: NonNegInt
+    ads_per_request: NonNegInt
 
 
 class Retrieval(_Section):
@@ -168,6 +169,8 @@ class Rerank(_Section):
     original_boost: Annotated[float, Field(ge=1.0)]
     fatigue_half_life_hours: PosFloat
     fatigue_strength: Fraction
+    explore_slots: NonNegInt
+    cold_start_impressions: NonNegInt
 
 
 class Serving(_Section):

@@ -23,7 +23,7 @@ RANKING = [
     LightFeatureHydrator(), LightRankerScorer(), TopKSelector("light_score", "light_k"),   # 10K -> 500
     HeavyFeatureHydrator(), HeavyRankerScorer(),                                           # one batched pass
     FeedbackFatigueScorer(), PolicyDemotionScorer(), OriginalBoostScorer(),
-    TopKSelector("score", "heavy_k"),                                                      # 500 -> 50
+    TopKSelector("score", "heavy_k", reserve_quotas=True),                                 # 500 -> 50
     RerankSelector(),                                                                      # rules -> ranking
 ]
 SIDE_EFFECTS = [ExposureLogSideEffect(), SeenSideEffect()]

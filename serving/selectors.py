@@ -7,9 +7,14 @@ candidate by score that satisfies, in priority order:
 2. out-of-network quota — within each page of ``limit`` items, ``ceil(min_out_of_network x limit)``
    organic slots, spread evenly across the page (interleaved, not clustered), take the
    best out-of-network candidate;
-3. freshness quota — likewise ``ceil(fresh_fraction x limit)`` slots take a post from the
+3. exploration — ``explore_slots`` per page take the best *cold* post (fresh, fewer than
+   ``cold_start_impressions`` impressions) by the light ranker's click score: the heavy
+   ranker's like/comment/share heads lean on a post's engagement history, which a new
+   post does not have yet, so without these slots new posts would rarely be shown and
+   never earn one;
+4. freshness quota — likewise ``ceil(fresh_fraction x limit)`` slots take a post from the
    last ``fresh_hours`` (when one is left);
-4. author diversity — never a ``max_consecutive_author + 1``-th consecutive item by one
+5. author diversity — never a ``max_consecutive_author + 1``-th consecutive item by one
    author (relaxed only when no other candidate is left).
 
 Quota slots count what is already on the page, so a fresh out-of-network post fills both.
@@ -28,10 +33,15 @@ HOUR_MS = 3_600_000
 
 
 class TopKSelector(Selector):
-    """Keeps the ``k`` best by one score column (ads always pass: they are ranked separately)."""
+    """Keeps the ``k`` best by one score column (ads always pass: they are ranked separately).
 
-    def __init__(self, column: str, k_setting: str):
-        self.column, self.k_setting = column, k_setting
+    With ``reserve_quotas`` (the cut before the re-ranker) it also keeps the best fresh and
+    the best out-of-network candidates the re-rank quotas will ask for, so a quota is only
+    unmet when no such candidate exists, not because a cut removed them.
+    """
+
+    def __init__(self, column: str, k_setting: str, reserve_quotas: bool = False):
+        self.column, self.k_setting, self.reserve_quotas = column, k_setting, reserve_quotas
 
     @property
     def name(self) -> str:
@@ -42,12 +52,36 @@ class TopKSelector(Selector):
         ad = cands.source == AD
         organic = np.flatnonzero(~ad)
         s = cands[self.column][organic]
-        if organic.size > k:
-            top = np.argpartition(-s, k - 1)[:k]
-            organic = organic[top]
-            s = s[top]
-        organic = organic[np.argsort(-s, kind="stable")]
-        return cands.take(np.concatenate([organic, np.flatnonzero(ad)]))
+        order = organic[np.argsort(-s, kind="stable")]
+        keep = order[:k]
+        if self.reserve_quotas and order.size > k:
+            rr = query.params.rerank
+            rest = order[k:]
+            fresh = (query.now_ms - state.catalog.published_ms[cands.ids[rest]]) <= rr.fresh_hours * HOUR_MS
+            oon = cands.source[rest] != IN_NETWORK
+            extra = [rest[fresh][: math.ceil(rr.fresh_fraction * k)]]
+            if rr.explore_slots and "light_score" in cands:
+                cold = cold_mask(query, state, cands.take(rest))
+                by_light = rest[cold][np.argsort(-cands["light_score"][rest[cold]], kind="stable")]
+                extra.append(by_light[: 3 * rr.explore_slots])
+            if query.feed_type == "home":
+                extra.append(rest[oon][: math.ceil(rr.min_out_of_network * k)])
+            keep = np.concatenate([keep, *extra])
+            keep = keep[np.sort(np.unique(keep, return_index=True)[1])]
+        return cands.take(np.concatenate([keep, np.flatnonzero(ad)]))
+
+
+def cold_mask(query: Query, state: Any, cands: Candidates) -> np.ndarray:
+    """Fresh organic posts with fewer than ``cold_start_impressions`` impressions."""
+    rr = query.params.rerank
+    ids = cands.ids
+    st = state.stats
+    with st.lock:
+        ok = ids < st.ints.shape[0]
+        impressions = np.zeros(ids.size, dtype=np.int64)
+        impressions[ok] = st.ints[ids[ok], 0]
+    fresh = (query.now_ms - state.catalog.published_ms[ids]) <= rr.fresh_hours * HOUR_MS
+    return fresh & (impressions < rr.cold_start_impressions) & (cands.source != AD)
 
 
 def object_column(values: list) -> np.ndarray:
@@ -86,15 +120,18 @@ class RerankSelector(Selector):
         ad_every = rr.ad_every if query.feed_type == "home" else 0
         q_oon = math.ceil(rr.min_out_of_network * limit) if query.feed_type == "home" else 0
         q_fresh = math.ceil(rr.fresh_fraction * limit)
+        q_explore = rr.explore_slots if "light_score" in cands else 0
+        cold = cold_mask(query, state, cands) if q_explore else np.zeros(n, dtype=bool)
+        light = cands["light_score"] if q_explore else None
         order: list[int] = []
         reasons: list[list[str]] = []
         used = np.zeros(n, dtype=bool)
-        page_oon = page_fresh = page_org = 0
+        page_oon = page_fresh = page_org = page_explore = 0
         while True:
             slot = len(order) + 1  # 1-based position in the whole ranking
             page_pos = (slot - 1) % limit
             if page_pos == 0:
-                page_oon = page_fresh = page_org = 0
+                page_oon = page_fresh = page_org = page_explore = 0
             if ad_every and slot % ad_every == 0:
                 while ads and used[ads[0]]:
                     ads.pop(0)
@@ -115,6 +152,10 @@ class RerankSelector(Selector):
                 if page_fresh < _due(q_fresh, n_org, page_org) and any(oon[i] and fresh[i] for i in remaining):
                     want, tag = oon & fresh, "out_of_network_quota"
                 why.append(tag)
+            elif page_explore < min(q_explore, _due(q_explore, n_org, 2 * page_org)) and any(cold[i] for i in remaining):
+                want = cold
+                remaining = sorted((i for i in remaining if cold[i]), key=lambda i: -light[i])
+                why.append("exploration")
             elif page_fresh < _due(q_fresh, n_org, page_org) and any(fresh[i] for i in remaining):
                 want = fresh
                 why.append("freshness_quota")
@@ -134,6 +175,7 @@ class RerankSelector(Selector):
             page_org += 1
             page_oon += int(oon[pick])
             page_fresh += int(fresh[pick])
+            page_explore += int(cold[pick] and "exploration" in why)
             reasons.append(why)
         out = cands.take(np.array(order, dtype=np.int64))
         out["reasons"] = object_column(reasons)

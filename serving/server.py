@@ -245,11 +245,16 @@ class FeedService(rpc.FeedServiceServicer):
             with self.lock:
                 cached = self.latest.get((user, feed))
             ttl_ms = self.cfg.serving.result_cache_ttl_s * 1000
+            ranking = None
             if cached is not None and ttl_ms and query.now_ms - cached.created_ms <= ttl_ms and feed != "following":
                 ranking = self._refresh(query, cached)
-                from_cache = True
-                self.metrics.cache.labels("hit").inc()
-            else:
+                if len(ranking.cands) >= limit:
+                    from_cache = True
+                    self.metrics.cache.labels("hit").inc()
+                else:  # the cached ranking is used up: rank again
+                    ranking = None
+                    query = self._query(user, feed, limit, context)
+            if ranking is None:
                 if feed != "following":
                     self.metrics.cache.labels("miss").inc()
                 ranking = self._rank(query)
@@ -542,6 +547,7 @@ class Server:
         self.loader.start()
         experiments = Experiments.load(cfg.path(cfg.serving.experiments_file))
         self.service = FeedService(cfg, self.state, self.loader, experiments, self.metrics)
+        self._warm_up()
         self.server = grpc.server(__import__("concurrent.futures").futures.ThreadPoolExecutor(max_workers=workers),
                                   options=[("grpc.so_reuseport", 0)])
         rpc.add_FeedServiceServicer_to_server(self.service, self.server)
@@ -557,6 +563,7 @@ class Server:
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set(pb.DESCRIPTOR.services_by_name["FeedService"].full_name, health_pb2.HealthCheckResponse.SERVING)
         mport = metrics_port if metrics_port is not None else cfg.serving.metrics_port
+        self.metrics_port = mport
         if mport:
             self.metrics.serve(mport, cfg.serving.host)
         self._watch = threading.Thread(target=self._watch_models, daemon=True, name="model-metrics")
@@ -564,6 +571,19 @@ class Server:
         self._watch.start()
         gc.collect()
         gc.freeze()  # start-up objects never move to older generations' scans again
+
+    def _warm_up(self) -> None:
+        """One full HOME ranking before SERVING: first FAISS search, first TorchScript call (profiling
+        executor) and numpy paths are several times slower than later ones."""
+        from serving.experiments import Params
+
+        for _ in range(3):
+            q = Query(request_id="warm-up", user_id=-1, feed_type="home", now_ms=self.state.clock(), limit=20,
+                      params=Params(tuple(self.cfg.heads.weights().values()), self.cfg.rerank), experiments={},
+                      deadline=time.monotonic() + 5.0)
+            q.user = UserContext(user_id=-1, cached_candidates=np.zeros(0, dtype=np.int64))
+            q.user.embedding = self.loader.models.user_embedding(q.user)
+            funnel.run(PIPELINES["home"], q, self.state)
 
     def _watch_models(self) -> None:
         while not self._stop.wait(1.0):

@@ -85,6 +85,7 @@ class AdSource(CandidateSource):
         ok = state.catalog.known(ids)
         ids, bids = ids[ok], bids[ok]
         ok = state.catalog.published_ms[ids] <= query.now_ms
-        return Candidates(ids[ok], np.full(int(ok.sum()), AD), ann=np.zeros(int(ok.sum()), dtype=np.float32),
-                          bid=bids[ok])
+        ids, bids = ids[ok], bids[ok]
+        top = np.argsort(-bids, kind="stable")[: state.cfg.candidates.ads_per_request]
+        return Candidates(ids[top], np.full(top.size, AD), ann=np.zeros(top.size, dtype=np.float32), bid=bids[top])
 

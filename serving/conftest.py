@@ -1,0 +1,100 @@
+"""Serving test fixtures: one tiny simulated world with trained models and a Feast export,
+shared by the serving tests; each test module gets its own Redis and its own server.
+
+Nothing is mocked: real Redis (embedded), real model store, real FAISS index, real gRPC
+channel. The server's clock continues from the end of the world's history, so the
+world's recent posts are recent to the server.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from feedrank.config import Config, load_config
+from infra.procs import free_port
+
+TINY = {"FEEDRANK_SIM_SCALES_SMALL_USERS": "1500", "FEEDRANK_SIM_SCALES_SMALL_CREATORS": "300",
+        "FEEDRANK_SIM_SCALES_SMALL_POSTS": "8000", "FEEDRANK_SIM_SCALES_SMALL_IMPRESSIONS": "200000",
+        "FEEDRANK_RETRIEVAL_NLIST": "64", "FEEDRANK_RETRIEVAL_NPROBE": "32", "FEEDRANK_CANDIDATES_CELEBRITY_FOLLOWERS": "150",
+        # 2 shared cores under a parallel test load: generous source timeouts, so results do not depend on timing
+        "FEEDRANK_CANDIDATES_SOURCE_TIMEOUT_MS": "250"}
+
+
+@dataclass
+class ServedWorld:
+    root: Path
+    world_dir: Path
+    env: dict[str, str]
+    end_ms: int
+
+    def config(self, **overrides: str) -> Config:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FEEDRANK_")}
+        env.update(self.env)
+        env["FEEDRANK_REDIS"] = f"redis://127.0.0.1:{free_port()}/0"
+        env["FEEDRANK_SERVING_EXPERIMENTS_FILE"] = str(self.root / "no-experiments.toml")
+        env.update(overrides)
+        return load_config(env)
+
+
+@pytest.fixture(scope="session")
+def served_world(tmp_path_factory: pytest.TempPathFactory) -> ServedWorld:
+    """Generate, train (tiny), export: ~1 minute once per test session."""
+    from features.feast_repo import export
+    from models.store import ModelStore
+    from models.train import train_all
+    from sim.generate import generate
+    from sim.world import World
+
+    root = tmp_path_factory.mktemp("served")
+    env = dict(TINY)
+    env.update(FEEDRANK_PATHS_DATA_DIR=str(root / "var"), FEEDRANK_EVENTS="file://" + str(root / "var" / "events"),
+               FEEDRANK_MODEL_STORE="file://" + str(root / "var" / "models"), FEEDRANK_FLINK_REST_PORT=str(free_port()))
+    base = {k: v for k, v in os.environ.items() if not k.startswith("FEEDRANK_")}
+    cfg = load_config({**base, **env})
+    wdir = root / "world"
+    generate(cfg, "small", 5, wdir)
+    train_all(cfg, str(wdir), "all", store=ModelStore.from_config(cfg), heavy_rows=30_000, tt_epochs=2, heavy_epochs=2)
+    export(cfg, wdir)
+    return ServedWorld(root, wdir, env, World.load(wdir).end_ms)
+
+
+def world_clock(end_ms: int) -> Callable[[], int]:
+    t0 = time.time()
+    return lambda: end_ms + int((time.time() - t0) * 1000)
+
+
+@pytest.fixture(scope="module")
+def serving(served_world: ServedWorld) -> Iterator[Any]:
+    """A server on its own embedded Redis, with the Feast user rows materialized."""
+    from datetime import datetime, timezone
+
+    from features.feast_repo import apply
+    from infra import runtime
+    from serving.server import Server
+
+    cfg = served_world.config()
+    runtime.up(cfg)
+    server = None
+    try:
+        store = apply(cfg)
+        store.materialize(datetime(2020, 1, 1, tzinfo=timezone.utc), datetime(2030, 1, 1, tzinfo=timezone.utc),
+                          feature_views=["user_topic", "topic_stats"])
+        server = Server(cfg, bootstrap_dir=served_world.world_dir, clock=world_clock(served_world.end_ms), port=0,
+                        metrics_port=free_port())
+        yield server
+    finally:
+        if server is not None:
+            server.stop(grace=1.0)
+        runtime.down(cfg)
+
+
+def token(cfg: Config, user: int, admin: bool = False, ttl_s: float = 600.0) -> list[tuple[str, str]]:
+    from serving.edge import make_token
+
+    return [("authorization", "Bearer " + make_token(cfg.serving.jwt_secret, user, admin, ttl_s))]

@@ -1,0 +1,367 @@
+"""FeedService over a real gRPC channel, on the embedded stack (Redis, model store, FAISS, event log)."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+
+from features.eventlog import read_all
+from features.events import parse_event
+from features.schema import HEAVY_NAMES
+from features.snapshots import SnapshotStore
+from serving.conftest import token
+from serving.protos import pb, rpc
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def stub(serving):
+    ch = grpc.insecure_channel(serving.address)
+    yield rpc.FeedServiceStub(ch)
+    ch.close()
+
+
+def _users(serving, n: int, offset: int = 0, min_follows: int = 5) -> list[int]:
+    """Distinct users per test (they share the server's seen sets), each following a few authors."""
+    g = serving.state.graph
+    out = [u for u in range(200, 1500) if len(g.following(u)) >= min_follows]
+    return out[offset: offset + n]
+
+
+def _feed(stub, serving, user: int, feed=pb.HOME, cursor: str = "", limit: int = 0):
+    return stub.GetFeed(pb.GetFeedRequest(user_id=user, feed_type=feed, cursor=cursor, limit=limit),
+                        metadata=token(serving.cfg, user))
+
+
+def _embed(serving, post_id: int) -> None:
+    """The feature job's new-post path on the logged PostPublished: post tower -> Feast + index delta."""
+    from features import realtime as rt
+    from features.client import FeatureWriter
+    from features.feast_repo import apply
+    from jobs.feature_job import PostEmbedder
+
+    apply(serving.cfg)
+    serving.state.events.flush()
+    line = next(x for x in read_all(serving.state.events.reader(), idle_s=0.5)
+                if '"post_published"' in x and f'"post_id":{post_id},' in x)
+    PostEmbedder(serving.cfg).publish(FeatureWriter(serving.cfg), [rt.compact(line)])
+    deadline = time.time() + 10
+    while not serving.state.catalog.has_emb[post_id] and time.time() < deadline:
+        time.sleep(0.05)
+    assert serving.state.catalog.has_emb[post_id], "index delta not applied"
+
+
+def _code(fn) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as e:
+        fn()
+    return e.value.code(), e.value.details()
+
+
+def test_home_page_satisfies_every_rerank_rule(stub, serving):
+    cat, g = serving.state.catalog, serving.state.graph
+    rr = serving.cfg.rerank
+    checked_oon = 0
+    for u in _users(serving, 6):
+        r = _feed(stub, serving, u)
+        assert len(r.items) == serving.cfg.funnel.page_size
+        assert r.model_version == serving.loader.store.current("heavy")
+        assert r.request_id and not r.degraded, list(r.degraded_reasons)
+        authors = [it.author_id for it in r.items]
+        assert authors == [int(cat.author[it.post_id]) for it in r.items]
+        for i in range(len(authors) - rr.max_consecutive_author):  # never 4 in a row by one author
+            assert len(set(authors[i: i + rr.max_consecutive_author + 1])) > 1
+        for it in r.items:  # ads exactly at every 5th slot
+            assert (it.source == pb.AD) == (it.position % rr.ad_every == 0), (it.position, it.source)
+        organic = [it for it in r.items if it.source != pb.AD]
+        oon = [it for it in organic if it.source in (pb.OUT_OF_NETWORK, pb.TRENDING)]
+        assert all(not g.follows(u, it.author_id) for it in oon)
+        assert all(g.follows(u, it.author_id) for it in organic if it.source == pb.IN_NETWORK)
+        assert len(oon) >= np.ceil(rr.min_out_of_network * len(r.items))  # OON candidates always exist here (ANN)
+        checked_oon += 1
+        # interleaved, not clustered: no run of 8 organic slots without an out-of-network item
+        flags = [it.source in (pb.OUT_OF_NETWORK, pb.TRENDING) for it in organic]
+        assert max(len(run) for run in "".join("1" if f else "0" for f in flags).split("1")) < 8
+        assert all(0 <= it.heads.click <= 1 and it.heads.negative >= 0 for it in r.items)
+        assert all(it.reasons for it in r.items)
+    assert checked_oon == 6
+
+
+def test_explore_is_out_of_network_and_following_is_chronological(stub, serving):
+    cat, g = serving.state.catalog, serving.state.graph
+    u = _users(serving, 1, offset=10)[0]
+    ex = _feed(stub, serving, u, pb.EXPLORE)
+    assert len(ex.items) == serving.cfg.funnel.page_size
+    assert all(not g.follows(u, it.author_id) for it in ex.items)
+    assert all(it.source in (pb.OUT_OF_NETWORK, pb.TRENDING) for it in ex.items)
+    fo = _feed(stub, serving, u, pb.FOLLOWING)
+    assert fo.items and all(g.follows(u, it.author_id) for it in fo.items)
+    ts = [int(cat.published_ms[it.post_id]) for it in fo.items]
+    assert ts == sorted(ts, reverse=True)
+    assert all(it.source == pb.IN_NETWORK for it in fo.items)
+
+
+def test_pagination_has_no_duplicates_and_cursors_are_tamper_evident(stub, serving):
+    u = _users(serving, 1, offset=20)[0]
+    seen: list[int] = []
+    positions: list[int] = []
+    cursor = ""
+    pages = 0
+    while True:
+        r = _feed(stub, serving, u, cursor=cursor, limit=10)
+        seen += [it.post_id for it in r.items]
+        positions += [it.position for it in r.items]
+        pages += 1
+        if not r.next_cursor or pages >= 8:
+            break
+        cursor = r.next_cursor
+    assert pages >= 3 and len(seen) == len(set(seen))
+    assert positions == list(range(1, len(positions) + 1))
+    body, _, mac = cursor.partition(".")
+    forged = body[:-2] + ("A" if body[-2] != "A" else "B") + body[-1] + "." + mac
+    code, msg = _code(lambda: _feed(stub, serving, u, cursor=forged))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "cursor" in msg
+    other = _users(serving, 1, offset=21)[0]
+    code, msg = _code(lambda: _feed(stub, serving, other, cursor=cursor))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "another user" in msg
+
+
+def test_refresh_within_a_minute_is_served_from_cache_without_repeats(stub, serving):
+    u = _users(serving, 1, offset=30)[0]
+    first = _feed(stub, serving, u)
+    assert not first.from_cache
+    again = _feed(stub, serving, u)
+    assert again.from_cache and again.items
+    assert not {it.post_id for it in first.items} & {it.post_id for it in again.items}
+    assert again.model_version == first.model_version
+
+
+def test_hidden_posts_and_authors_never_return(stub, serving):
+    u = _users(serving, 1, offset=40)[0]
+    md = token(serving.cfg, u)
+    page = _feed(stub, serving, u)
+    victim = next(it for it in page.items if it.source != pb.AD)
+    stub.SubmitFeedback(pb.SubmitFeedbackRequest(user_id=u, kind=pb.HIDE, target=pb.POST, post_id=victim.post_id),
+                        metadata=md)
+    blocked = next(it.author_id for it in page.items if it.source != pb.AD and it.author_id != victim.author_id)
+    stub.SubmitFeedback(pb.SubmitFeedbackRequest(user_id=u, kind=pb.HIDE, target=pb.AUTHOR, author_id=blocked),
+                        metadata=md)
+    served = []
+    for feed in (pb.HOME, pb.HOME, pb.EXPLORE, pb.FOLLOWING):
+        served += list(_feed(stub, serving, u, feed).items)
+    # debug ranking of the hidden post says which filter removed it
+    dbg = stub.DebugRanking(pb.DebugRankingRequest(user_id=u, post_id=victim.post_id),
+                            metadata=token(serving.cfg, 0, admin=True))
+    assert all(it.post_id != victim.post_id for it in served)
+    assert all(it.author_id != blocked for it in served)
+    assert not dbg.served
+    assert any(s.stage.startswith("filter:") and s.decision == "removed" for s in dbg.stages)
+
+
+def test_published_post_by_followed_author_reaches_home(stub, serving, served_world):
+    from sim.world import World
+
+    world = World.load(served_world.world_dir)
+    u = _users(serving, 1, offset=50)[0]
+    g = serving.state.graph
+    author = next(int(a) for a in np.flatnonzero(world.is_creator)
+                  if a != u and not g.follows(u, int(a)) and g.follower_count(int(a)) < 100)
+    r = stub.Follow(pb.FollowRequest(user_id=u, author_id=author), metadata=token(serving.cfg, u))
+    assert r.changed and g.follows(u, author)
+    topic = int(world.creator_topic[author])
+    pub = stub.PublishPost(pb.PublishPostRequest(author_id=author, topic=topic, content_type=pb.VIDEO,
+                                                 text=world.make_text(topic, np.random.default_rng(1))),
+                           metadata=token(serving.cfg, author))
+    assert pub.post_id >= 8000 and not pub.lazy_fanout and pub.fanned_out >= 0
+    _embed(serving, pub.post_id)
+    found, cursor, pages = None, "", 0
+    while found is None and pages < 10:  # scroll HOME until it shows up (the ranker decides where)
+        page = _feed(stub, serving, u, cursor=cursor)
+        assert not page.degraded, list(page.degraded_reasons)
+        found = next((it for it in page.items if it.post_id == pub.post_id), None)
+        pages += 1
+        cursor = page.next_cursor
+        if not cursor:
+            break
+    dbg = stub.DebugRanking(pb.DebugRankingRequest(user_id=u, post_id=pub.post_id), metadata=token(serving.cfg, 0, admin=True))
+    assert found is not None and found.source == pb.IN_NETWORK, "\n".join(
+        str((s.stage, s.decision, s.rank, s.of, round(s.score, 3))) for s in dbg.stages)
+    assert stub.Unfollow(pb.FollowRequest(user_id=u, author_id=author), metadata=token(serving.cfg, u)).changed
+    assert not g.follows(u, author)
+
+
+def test_interest_matching_post_from_unfollowed_author_reaches_explore(stub, serving, served_world):
+    """The new-post path as the feature job runs it: post tower -> index delta -> the serving replica's index."""
+    from sim.world import World
+
+    cfg = serving.cfg
+    world = World.load(served_world.world_dir)
+    u = _users(serving, 1, offset=60)[0]
+    g = serving.state.graph
+    topic = int(np.argmax(world.topic_pref[u]))
+    author = next(int(a) for a in np.flatnonzero(world.creator_topic == topic) if not g.follows(u, int(a)) and a != u)
+    text = world.make_text(topic, np.random.default_rng(0))
+    pub = stub.PublishPost(pb.PublishPostRequest(author_id=author, topic=topic, content_type=pb.IMAGE, text=text),
+                           metadata=token(cfg, author))
+    _embed(serving, pub.post_id)
+    found, cursor = None, ""
+    for _ in range(10):  # scroll EXPLORE until it shows up (the ranker decides where)
+        page = _feed(stub, serving, u, pb.EXPLORE, cursor=cursor)
+        assert not page.degraded, list(page.degraded_reasons)
+        found = next((it for it in page.items if it.post_id == pub.post_id), None)
+        cursor = page.next_cursor
+        if found is not None or not cursor:
+            break
+    dbg = stub.DebugRanking(pb.DebugRankingRequest(user_id=u, post_id=pub.post_id, feed_type=pb.EXPLORE),
+                            metadata=token(cfg, 0, admin=True))
+    assert found is not None, "\n".join(str((s.stage, s.decision, s.rank, s.of, round(s.score, 3))) for s in dbg.stages)
+    assert found.source in (pb.OUT_OF_NETWORK, pb.TRENDING) and "source:AnnSource" in [s.stage for s in dbg.stages]
+
+
+def test_every_served_item_is_logged_with_a_resolvable_snapshot(stub, serving):
+    u = _users(serving, 1, offset=70)[0]
+    r = _feed(stub, serving, u)
+    serving.service.effects.drain()
+    exposures = [e for e in (parse_event(x) for x in read_all(serving.state.events.reader(), idle_s=0.5))
+                 if e.type == "exposure" and e.request_id == r.request_id]
+    assert sorted(e.position for e in exposures) == [it.position for it in r.items]
+    assert {e.post_id for e in exposures} == {it.post_id for it in r.items}
+    assert all(e.model_version == r.model_version and e.snapshot_id for e in exposures)
+    served_x = serving.service.rankings[r.request_id].cands
+    snaps = SnapshotStore(serving.cfg).get_many(sorted({e.snapshot_id for e in exposures}))
+    for e in exposures:
+        ids, x = snaps[e.snapshot_id]
+        row = x[list(ids).index(e.post_id)]
+        want = served_x["x"][served_x.index_of(e.post_id)]
+        assert row.shape == (len(HEAVY_NAMES),)
+        np.testing.assert_allclose(row, want, rtol=2e-3, atol=2e-3)  # float16 storage
+
+
+def test_signals_are_logged_and_bad_input_is_invalid_argument(stub, serving):
+    u = _users(serving, 1, offset=80)[0]
+    md = token(serving.cfg, u)
+    page = _feed(stub, serving, u)
+    it = page.items[0]
+    sig = [pb.Signal(post_id=it.post_id, action=pb.VIEW, position=it.position, request_id=page.request_id),
+           pb.Signal(post_id=it.post_id, action=pb.CLICK, position=it.position, request_id=page.request_id),
+           pb.Signal(post_id=it.post_id, action=pb.DWELL, dwell_ms=42_000, position=it.position,
+                     request_id=page.request_id)]
+    assert stub.SubmitSignals(pb.SubmitSignalsRequest(user_id=u, signals=sig), metadata=md).accepted == 3
+    serving.state.events.flush()
+    got = [parse_event(x) for x in read_all(serving.state.events.reader(), idle_s=0.5)]
+    mine = [e for e in got if e.type == "engagement" and e.user_id == u and e.request_id == page.request_id]
+    assert sorted(e.action for e in mine) == ["click", "dwell", "view"]
+    bad = {
+        "limit": lambda: _feed(stub, serving, u, limit=1000),
+        "feed_type": lambda: stub.GetFeed(pb.GetFeedRequest(user_id=u, feed_type=9), metadata=md),
+        "dwell_ms": lambda: stub.SubmitSignals(pb.SubmitSignalsRequest(
+            user_id=u, signals=[pb.Signal(post_id=it.post_id, action=pb.DWELL)]), metadata=md),
+        "unknown post": lambda: stub.SubmitSignals(pb.SubmitSignalsRequest(
+            user_id=u, signals=[pb.Signal(post_id=10**9, action=pb.CLICK)]), metadata=md),
+        "ts_ms": lambda: stub.SubmitSignals(pb.SubmitSignalsRequest(
+            user_id=u, signals=[pb.Signal(post_id=it.post_id, action=pb.CLICK, ts_ms=12345)]), metadata=md),
+        "topic": lambda: stub.PublishPost(pb.PublishPostRequest(author_id=u, topic=99, content_type=pb.TEXT), metadata=md),
+        "themself": lambda: stub.Follow(pb.FollowRequest(user_id=u, author_id=u), metadata=md),
+        "kind": lambda: stub.SubmitFeedback(pb.SubmitFeedbackRequest(user_id=u, post_id=it.post_id), metadata=md),
+    }
+    for what, call in bad.items():
+        code, msg = _code(call)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and what in msg, (what, code, msg)
+    # a rejected batch writes nothing: the valid signal before the invalid one is not logged
+    before = len(read_all(serving.state.events.reader(), idle_s=0.3))
+    _code(lambda: stub.SubmitSignals(pb.SubmitSignalsRequest(user_id=u, signals=[
+        pb.Signal(post_id=it.post_id, action=pb.LIKE), pb.Signal(post_id=it.post_id, action=pb.DWELL)]), metadata=md))
+    serving.state.events.flush()
+    assert len(read_all(serving.state.events.reader(), idle_s=0.3)) == before
+
+
+def test_jwt_checks(stub, serving):
+    import jwt
+
+    u = _users(serving, 1, offset=90)[0]
+    req = pb.GetFeedRequest(user_id=u)
+    cfg = serving.cfg
+    forged = jwt.encode({"sub": str(u), "exp": int(time.time()) + 60}, "not-the-secret-not-the-secret-xx", algorithm="HS256")
+    expired = jwt.encode({"sub": str(u), "exp": int(time.time()) - 10}, cfg.serving.jwt_secret, algorithm="HS256")
+    cases = {
+        "missing": ([], grpc.StatusCode.UNAUTHENTICATED),
+        "not bearer": ([("authorization", "Basic abc")], grpc.StatusCode.UNAUTHENTICATED),
+        "forged": ([("authorization", f"Bearer {forged}")], grpc.StatusCode.UNAUTHENTICATED),
+        "expired": ([("authorization", f"Bearer {expired}")], grpc.StatusCode.UNAUTHENTICATED),
+        "other user": (token(cfg, u + 1), grpc.StatusCode.PERMISSION_DENIED),
+    }
+    for what, (md, want) in cases.items():
+        code, msg = _code(lambda: stub.GetFeed(req, metadata=md))
+        assert code == want, (what, code, msg)
+    code, msg = _code(lambda: stub.DebugRanking(pb.DebugRankingRequest(user_id=u, post_id=1), metadata=token(cfg, u)))
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "admin" in msg
+    code, _ = _code(lambda: stub.PublishPost(pb.PublishPostRequest(author_id=u + 1, topic=1, content_type=pb.TEXT),
+                                             metadata=token(cfg, u)))
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+    assert stub.GetFeed(req, metadata=token(cfg, u)).items
+
+
+def test_rate_limit_is_resource_exhausted(stub, serving):
+    from serving.edge import RateLimiter
+
+    u = _users(serving, 1, offset=100)[0]
+    old = serving.service.limiter
+    serving.service.limiter = RateLimiter(0.5, 3)
+    try:
+        codes = []
+        for _ in range(5):
+            try:
+                _feed(stub, serving, u, pb.FOLLOWING)
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as e:
+                codes.append(e.code())
+                assert "rate limit" in e.details()
+        assert codes[:3] == [grpc.StatusCode.OK] * 3 and codes[3:] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2
+    finally:
+        serving.service.limiter = old
+
+
+def test_debug_ranking_explains_a_post_in_the_current_ranking(stub, serving):
+    u = _users(serving, 1, offset=110)[0]
+    page = _feed(stub, serving, u, pb.EXPLORE, limit=5)
+    ranking = serving.service.rankings[page.request_id].cands
+    post = int(ranking.ids[6])  # ranked, not served yet
+    d = stub.DebugRanking(pb.DebugRankingRequest(user_id=u, post_id=post, feed_type=pb.EXPLORE),
+                          metadata=token(serving.cfg, 0, admin=True))
+    assert set(d.features) == set(HEAVY_NAMES)
+    assert 0 < d.heads.click < 1 and d.model_version == page.model_version
+    stages = {s.stage: s for s in d.stages}
+    assert stages["source:AnnSource"].decision == "retrieved" or stages["source:TrendingSource"].decision == "retrieved"
+    assert stages["filter:PreviouslySeenFilter"].decision == "kept"
+    assert stages["TopKSelector(light_score)"].decision == "selected"
+    assert stages["HeavyRankerScorer"].rank >= 1 and stages["RerankSelector"].decision == "selected"
+    assert d.position >= 1
+    served = stub.DebugRanking(pb.DebugRankingRequest(user_id=u, post_id=page.items[0].post_id, feed_type=pb.EXPLORE),
+                               metadata=token(serving.cfg, 0, admin=True))
+    assert {s.stage: s.decision for s in served.stages}["filter:PreviouslySeenFilter"] == "removed"
+
+
+def test_health_reflection_and_metrics(serving, stub):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    ch = grpc.insecure_channel(serving.address)
+    h = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="feedrank.v1.FeedService"))
+    assert h.status == health_pb2.HealthCheckResponse.SERVING
+    db = ProtoReflectionDescriptorDatabase(ch)
+    assert "feedrank.v1.FeedService" in db.get_services()
+    methods = {m.name for m in db.FindFileContainingSymbol("feedrank.v1.FeedService").service[0].method}
+    assert methods == {"GetFeed", "SubmitSignals", "SubmitFeedback", "PublishPost", "Follow", "Unfollow", "DebugRanking"}
+    text = urllib.request.urlopen(f"http://127.0.0.1:{_metrics_port(serving)}/metrics", timeout=5).read().decode()
+    for name in ("feedrank_stage_latency_seconds_bucket", "feedrank_candidates_total", "feedrank_result_cache_total",
+                 "feedrank_model_version_info", "feedrank_rpcs_total"):
+        assert name in text, name
+    assert 'stage="HeavyRankerScorer"' in text and 'source="AnnSource"' in text
+
+
+def _metrics_port(serving) -> int:
+    return serving.metrics_port
