@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -190,35 +192,131 @@ def sim_generate(
 def sim_clients(
     world_dir: Path = typer.Option(None, "--world", help="World directory (default: var/sim/<sim.scale>-<sim.seed>)"),
     users: int = typer.Option(200, help="Simulated users"),
-    duration: float = typer.Option(1800.0, help="Simulated seconds to run"),
-    target: str = typer.Option("local", help="local = in-process V0 feed writing to the event log"),
+    duration: float = typer.Option(1800.0, help="Seconds to run (simulated seconds for --target local)"),
+    target: str = typer.Option("grpc", help="grpc = the FeedService (`feedrank serve`); local = in-process V0 feed"),
+    address: str = typer.Option("", help="FeedService host:port for --target grpc (default: serving.host:port)"),
     seed: int = typer.Option(0),
 ) -> None:
-    """Run simulated users and creators against a feed API; events go to the event log."""
-    from features.eventlog import open_configured_event_log
-    from serving.chronological import ChronologicalFeed
-    from sim.clients import Population, SimClock
+    """Run simulated users and creators against a feed API; events go to the event log.
+
+    With --target grpc the clients run in real time against a server started with
+    `feedrank serve --world` (whose clock continues from the end of the same world)."""
+    from sim.clients import Population, SimClock, WallClock
     from sim.world import World
 
     cfg = _cfg()
     world_dir = world_dir or cfg.data_dir / "sim" / f"{cfg.sim.scale}-{cfg.sim.seed}"
     if not (world_dir / "ground_truth.npz").exists():
         _fail(f"no world at {world_dir}: run `feedrank sim generate` first")
-    if target != "local":
-        _fail("only --target local exists until the gRPC FeedService is built")
+    if target not in ("grpc", "local"):
+        _fail(f"--target must be grpc or local, got {target!r}")
     world = World.load(world_dir)
-    log = open_configured_event_log(cfg)
-    api = ChronologicalFeed(world, log)
     pop = Population(world, cfg.clients, users, seed=seed, page_size=cfg.funnel.page_size,
                      repost_rate=cfg.sim.repost_rate, policy_flag_rate=cfg.sim.policy_flag_rate)
+    if target == "local":
+        from features.eventlog import open_configured_event_log
+        from serving.chronological import ChronologicalFeed
+
+        log = open_configured_event_log(cfg)
+        api: Any = ChronologicalFeed(world, log)
+        clock: Any = SimClock(world.end_ms)
+    else:
+        import grpc
+
+        from serving.client import GrpcFeedApi
+
+        address = address or f"{cfg.serving.host}:{cfg.serving.port}"
+        api = GrpcFeedApi(address, cfg.serving.jwt_secret)
+        try:
+            grpc.channel_ready_future(api.channel).result(timeout=10)
+        except grpc.FutureTimeoutError:
+            _fail(f"no FeedService at {address}: start it with `feedrank serve --world {world_dir}`")
+        clock = WallClock(world.end_ms + _server_offset_ms(cfg))
     with _progress() as prog:
         task = prog.add_task("simulated clients", total=duration)
-        stats = pop.run(api, SimClock(world.end_ms), duration,
-                        on_tick=lambda el, st: prog.update(task, completed=el / 1000.0))
-    log.close()
-    print(json.dumps({"sessions": stats.sessions, "impressions": stats.impressions, "ctr": round(stats.ctr, 4),
-                      "actions": dict(stats.actions), "published": stats.published, "follows": stats.follows,
-                      "errors": stats.errors, "event_log": log.uri}))
+        stats = pop.run(api, clock, duration, on_tick=lambda el, st: prog.update(task, completed=el / 1000.0))
+    out = {"sessions": stats.sessions, "impressions": stats.impressions, "ctr": round(stats.ctr, 4),
+           "actions": dict(stats.actions), "published": stats.published, "follows": stats.follows,
+           "errors": stats.errors, "utility": round(stats.utility, 2), "sources": dict(stats.sources)}
+    if target == "local":
+        log.close()
+        out["event_log"] = log.uri
+    else:
+        out["grpc"] = api.stats()
+        api.close()
+    print(json.dumps(out))
+
+
+def _server_offset_ms(cfg) -> int:
+    """How far the running server's simulated clock is past the world's end (it publishes its start)."""
+    try:
+        from features.client import redis_client
+
+        raw = redis_client(cfg).hgetall("feedrank:serving:clock")
+        if raw:
+            return int(time.time() * 1000) - int(raw[b"wall0_ms"]) + int(raw[b"sim0_ms"]) - int(raw[b"world_end_ms"])
+    except Exception:  # noqa: BLE001 - no server info: assume it started with the world's end just now
+        pass
+    return 0
+
+
+@app.command()
+def serve(
+    world_dir: Optional[Path] = typer.Option(None, "--world", help="Bootstrap posts/follows from this world export; "
+                                             "the server clock then continues from the world's end"),
+    port: int = typer.Option(0, help="gRPC port (default serving.port)"),
+    describe: bool = typer.Option(False, "--describe", help="Print the pipelines component by component and exit"),
+) -> None:
+    """Start the gRPC FeedService (health checking and reflection on; Prometheus on serving.metrics_port)."""
+    import logging
+    import signal
+
+    from serving.pipelines import PIPELINES
+
+    if describe:
+        for p in PIPELINES.values():
+            print("\n".join(p.describe()))
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    cfg = _cfg()
+    from features.client import redis_client
+    from serving.server import Server
+
+    clock = None
+    if world_dir is not None:
+        from sim.world import World
+
+        end = World.load(world_dir).end_ms
+        wall0 = int(time.time() * 1000)
+        clock = lambda: end + int(time.time() * 1000) - wall0  # noqa: E731
+        try:
+            redis_client(cfg).hset("feedrank:serving:clock", mapping={"wall0_ms": wall0, "sim0_ms": end,
+                                                                      "world_end_ms": end})
+        except Exception as e:  # noqa: BLE001
+            _fail(f"redis at {cfg.redis.uri} is not reachable ({e}): run `feedrank up` first")
+    with console.status("loading models, catalog and follow graph"):
+        try:
+            server = Server(cfg, bootstrap_dir=world_dir, clock=clock, port=port or None)
+        except Exception as e:  # noqa: BLE001
+            _fail(f"cannot start the FeedService: {e}")
+    console.print(f"FeedService on {server.address} (metrics :{cfg.serving.metrics_port}); "
+                  f"models {server.loader.models.versions()}; Ctrl-C stops")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    server.stop()
+
+
+@app.command()
+def token(user_id: int, admin: bool = typer.Option(False), ttl_s: float = typer.Option(3600.0)) -> None:
+    """Print a bearer token for USER_ID signed with serving.jwt_secret (for grpcurl and scripts)."""
+    from serving.edge import make_token
+
+    print(make_token(_cfg().serving.jwt_secret, user_id, admin, ttl_s))
 
 
 # ----------------------------------------------------------------------------- events & jobs

@@ -114,6 +114,18 @@ class Experiments:
     def assign(self, user_id: int) -> dict[str, str]:
         return {e.name: e.assign(user_id).name for e in self.experiments}
 
+    def check(self, cfg: Config) -> "Experiments":
+        """Validate every variant's re-rank overrides against the config's bounds (at start-up)."""
+        for e in self.experiments:
+            for v in e.variants:
+                if v.rerank:
+                    try:
+                        Rerank.model_validate({**cfg.rerank.model_dump(), **v.rerank})
+                    except ValidationError as err:
+                        raise ConfigError(f"experiment {e.name} variant {v.name}: " + "; ".join(
+                            f"rerank.{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in err.errors())) from None
+        return self
+
     def params(self, cfg: Config, user_id: int) -> tuple[Params, dict[str, str]]:
         heads = cfg.heads.weights()
         rerank: dict[str, Any] = {}
@@ -125,7 +137,5 @@ class Experiments:
             heads.update(v.heads)
             rerank.update(v.rerank)
             version = v.model_version or version
-        rr = cfg.rerank.model_copy(update=rerank) if rerank else cfg.rerank
-        if rerank:
-            rr = Rerank.model_validate(rr.model_dump())  # re-check bounds of overridden rules
+        rr = cfg.rerank.model_copy(update=rerank) if rerank else cfg.rerank  # bounds checked at start-up (check)
         return Params(tuple(heads[h] for h in HEAD_NAMES), rr, version, {"rerank": rerank}), assigned

@@ -136,6 +136,9 @@ class ModelLoader:
         changed: list[str] = []
         try:
             cur = {name: self.store.current(name) for name in ("light", "heavy", "two_tower", "retrieval")}
+            missing = [name for name, v in cur.items() if v is None]
+            if missing:  # we serve these models, so the store has them: it is unreachable or damaged
+                raise RuntimeError(f"no current version readable for {missing}")
             new = m
             if cur["light"] and cur["light"] != m.light_version:
                 light, lv = self._load_light(cur["light"])

@@ -4,9 +4,10 @@
 candidate by score that satisfies, in priority order:
 
 1. ad slots — every ``ad_every``-th position holds the best ad by bid x pCTR (when any);
-2. out-of-network quota — within each page of ``limit`` items, ``ceil(min_out_of_network x limit)``
-   organic slots, spread evenly across the page (interleaved, not clustered), take the
-   best out-of-network candidate;
+2. out-of-network share — every block of ``round(1 / min_out_of_network)`` positions (5 at
+   20%) holds at least one out-of-network item: when a block's last organic slot comes and
+   it has none, that slot takes the best out-of-network candidate. Any page is then >= 20%
+   out-of-network and they are interleaved, never clustered at the end;
 3. exploration — ``explore_slots`` per page take the best *cold* post (fresh, fewer than
    ``cold_start_impressions`` impressions) by the light ranker's click score: the heavy
    ranker's like/comment/share heads lean on a post's engagement history, which a new
@@ -118,7 +119,11 @@ class RerankSelector(Selector):
         fresh = (query.now_ms - cat.published_ms[cands.ids]) <= rr.fresh_hours * HOUR_MS
         author = cat.author[cands.ids]
         ad_every = rr.ad_every if query.feed_type == "home" else 0
-        q_oon = math.ceil(rr.min_out_of_network * limit) if query.feed_type == "home" else 0
+        block = max(1, round(1 / rr.min_out_of_network)) if rr.min_out_of_network > 0 else 0
+        if query.feed_type != "home":
+            block = 0
+        q_block = math.ceil(rr.min_out_of_network * block) if block else 0
+        block_oon = 0
         q_fresh = math.ceil(rr.fresh_fraction * limit)
         q_explore = rr.explore_slots if "light_score" in cands else 0
         cold = cold_mask(query, state, cands) if q_explore else np.zeros(n, dtype=bool)
@@ -126,12 +131,14 @@ class RerankSelector(Selector):
         order: list[int] = []
         reasons: list[list[str]] = []
         used = np.zeros(n, dtype=bool)
-        page_oon = page_fresh = page_org = page_explore = 0
+        page_fresh = page_org = page_explore = 0
         while True:
             slot = len(order) + 1  # 1-based position in the whole ranking
             page_pos = (slot - 1) % limit
             if page_pos == 0:
-                page_oon = page_fresh = page_org = page_explore = 0
+                page_fresh = page_org = page_explore = 0
+            if block and (slot - 1) % block == 0:
+                block_oon = 0
             if ad_every and slot % ad_every == 0:
                 while ads and used[ads[0]]:
                     ads.pop(0)
@@ -147,7 +154,11 @@ class RerankSelector(Selector):
             n_org = limit - (limit // ad_every if ad_every else 0)
             why: list[str] = []
             want = None
-            if page_oon < _due(q_oon, n_org, page_org) and any(oon[i] for i in remaining):
+            organic_left_in_block = 0
+            if block:
+                block_end = ((slot - 1) // block + 1) * block
+                organic_left_in_block = sum(1 for p in range(slot, block_end + 1) if not (ad_every and p % ad_every == 0))
+            if block and q_block - block_oon >= organic_left_in_block and any(oon[i] for i in remaining):
                 want, tag = oon, "out_of_network_quota"
                 if page_fresh < _due(q_fresh, n_org, page_org) and any(oon[i] and fresh[i] for i in remaining):
                     want, tag = oon & fresh, "out_of_network_quota"
@@ -173,7 +184,7 @@ class RerankSelector(Selector):
             used[pick] = True
             order.append(pick)
             page_org += 1
-            page_oon += int(oon[pick])
+            block_oon += int(oon[pick])
             page_fresh += int(fresh[pick])
             page_explore += int(cold[pick] and "exploration" in why)
             reasons.append(why)

@@ -545,7 +545,7 @@ class Server:
             pass
         self.state.start(refresh_s=cfg.serving.feature_refresh_ms / 1000.0)
         self.loader.start()
-        experiments = Experiments.load(cfg.path(cfg.serving.experiments_file))
+        experiments = Experiments.load(cfg.path(cfg.serving.experiments_file)).check(cfg)
         self.service = FeedService(cfg, self.state, self.loader, experiments, self.metrics)
         self._warm_up()
         self.server = grpc.server(__import__("concurrent.futures").futures.ThreadPoolExecutor(max_workers=workers),

@@ -365,3 +365,28 @@ def test_health_reflection_and_metrics(serving, stub):
 
 def _metrics_port(serving) -> int:
     return serving.metrics_port
+
+
+def test_experiment_assignments_are_returned_logged_and_applied(stub, serving):
+    from serving.experiments import Experiment, Experiments, Variant
+
+    old = serving.service.experiments
+    exps = Experiments([Experiment(name="no_ads", salt="t1", variants=[
+        Variant(name="control", weight=50), Variant(name="ads_off", weight=50, rerank={"ad_every": 0})])])
+    serving.service.experiments = exps.check(serving.cfg)
+    try:
+        seen_variants = set()
+        for u in _users(serving, 8, offset=120):
+            r = _feed(stub, serving, u)
+            assert dict(r.experiments) == exps.assign(u)
+            v = r.experiments["no_ads"]
+            seen_variants.add(v)
+            assert any(it.source == pb.AD for it in r.items) == (v == "control"), v
+            serving.service.effects.drain()
+        assert seen_variants == {"control", "ads_off"}
+        logged = [parse_event(x) for x in read_all(serving.state.events.reader(), idle_s=0.5)]
+        assert any(e.type == "exposure" and e.request_id == r.request_id and e.experiments == dict(r.experiments)
+                   for e in logged)
+    finally:
+        serving.service.experiments = old
+
