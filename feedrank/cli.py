@@ -607,6 +607,32 @@ def bench_freshness_cmd(probes: int = typer.Option(200, help="Timed clicks"),
     console.print(f"written to {path}")
 
 
+@bench_app.command("serve")
+def bench_serve_cmd(scale: str = typer.Option("large", help="World scale (its world must exist: `feedrank sim generate`)"),
+                    rps: str = typer.Option("20", help="Comma-separated offered loads, requests/s"),
+                    seconds: float = typer.Option(30.0, help="Seconds per load level"),
+                    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the JSON result here")) -> None:
+    """GetFeed latency over gRPC vs load (open loop), per-stage breakdown and server RSS."""
+    from infra.bench import write_result
+    from infra.bench_serve import bench_serve
+
+    try:
+        levels = tuple(float(x) for x in rps.split(",") if x.strip())
+    except ValueError:
+        _fail(f"--rps must be numbers separated by commas, got {rps!r}")
+    with _progress() as prog:
+        try:
+            res = bench_serve(_cfg(), scale, levels, seconds, progress=_StageProgress(prog))
+        except RuntimeError as e:
+            _fail(str(e))
+    path = write_result("serve", res)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(res, indent=2))
+    print(json.dumps(res))
+    console.print(f"written to {path}")
+
+
 @app.command()
 def demo(
     scale: str = typer.Option("small", help="World scale"),
