@@ -63,7 +63,14 @@ class LightFeatureHydrator(FeatureHydrator):
         else:
             aff = np.zeros(ids.size)
         follows = _member(u.following, author)
-        ann = (cat.emb[ids] @ u.embedding) if u.embedding is not None else np.zeros(ids.size, dtype=np.float32)
+        if u.embedding is None:
+            ann = np.zeros(ids.size, dtype=np.float32)
+        elif "has_ann" in cands:  # ANN candidates carry the cosine already; compute the rest
+            ann = cands["ann"].astype(np.float32, copy=True)
+            todo = np.flatnonzero(~cands["has_ann"])
+            ann[todo] = cat.emb[ids[todo]] @ u.embedding
+        else:
+            ann = cat.emb[ids] @ u.embedding
         s = _stats(state, ids)
         ctr_a = state.author_ctr
         a_ok = (author >= 0) & (author < ctr_a.size)

@@ -340,6 +340,12 @@ def test_debug_ranking_explains_a_post_in_the_current_ranking(stub, serving):
     assert stages["TopKSelector(light_score)"].decision == "selected"
     assert stages["HeavyRankerScorer"].rank >= 1 and stages["RerankSelector"].decision == "selected"
     assert d.position >= 1
+    # the ranking's ann_score came from the FAISS score (temperature and recency taken out); DebugRanking
+    # computes it directly from the embeddings: the two must agree
+    from features.schema import LIGHT_NAMES
+
+    j = ranking.index_of(post)
+    assert abs(float(ranking["x_light"][j, LIGHT_NAMES.index("ann_score")]) - d.features["ann_score"]) < 2e-3
     served = stub.DebugRanking(pb.DebugRankingRequest(user_id=u, post_id=page.items[0].post_id, feed_type=pb.EXPLORE),
                                metadata=token(serving.cfg, 0, admin=True))
     assert {s.stage: s.decision for s in served.stages}["filter:PreviouslySeenFilter"] == "removed"

@@ -59,7 +59,14 @@ class AnnSource(CandidateSource):
         ok = state.catalog.known(ids)
         ids, scores = ids[ok], scores[ok]
         ok = state.catalog.published_ms[ids] <= query.now_ms
-        return Candidates(ids[ok], np.full(int(ok.sum()), OUT_OF_NETWORK), ann=scores[ok].astype(np.float32))
+        ids, scores = ids[ok], scores[ok]
+        # The index scores (u / T) . p + recency * (day_p - day0): recover the cosine u . p the rankers
+        # use, so the hydrator need not gather 8K embeddings again.
+        idx = state.models.index
+        day = state.catalog.published_ms[ids] / 86_400_000.0
+        cosine = idx.temperature * (scores - idx.recency * (day - idx.day0))
+        return Candidates(ids, np.full(ids.size, OUT_OF_NETWORK), ann=cosine.astype(np.float32),
+                          has_ann=np.ones(ids.size, dtype=bool))
 
 
 class TrendingSource(CandidateSource):
