@@ -266,9 +266,9 @@ def serve(
                                              "the server clock then continues from the world's end"),
     port: int = typer.Option(0, help="gRPC port (default serving.port)"),
     describe: bool = typer.Option(False, "--describe", help="Print the pipelines component by component and exit"),
+    log_format: str = typer.Option("json", help="json (one object per line, with request ids) or text"),
 ) -> None:
     """Start the gRPC FeedService (health checking and reflection on; Prometheus on serving.metrics_port)."""
-    import logging
     import signal
 
     from serving.pipelines import PIPELINES
@@ -277,7 +277,9 @@ def serve(
         for p in PIPELINES.values():
             print("\n".join(p.describe()))
         return
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from serving.logs import configure
+
+    configure(log_format)
     cfg = _cfg()
     from features.client import redis_client
     from serving.server import Server

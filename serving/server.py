@@ -44,6 +44,7 @@ from serving.side_effects import ExposureLogSideEffect, SeenSideEffect
 from serving.state import ADS_KEY, RedisUnavailable, ServingState
 
 log = logging.getLogger("feedrank.serving.server")
+access = logging.getLogger("feedrank.serving.access")
 
 FEEDS = {pb.FEED_TYPE_UNSPECIFIED: "home", pb.HOME: "home", pb.EXPLORE: "explore", pb.FOLLOWING: "following"}
 FEED_ENUM = {"home": pb.HOME, "explore": pb.EXPLORE, "following": pb.FOLLOWING}
@@ -154,6 +155,8 @@ class FeedService(rpc.FeedServiceServicer):
                 admin: bool = False) -> Any:
         t0 = time.perf_counter()
         code, message = grpc.StatusCode.OK, ""
+        request_id = uuid.uuid4().hex
+        response: Any = None
         try:
             principal = self.auth.principal(context.invocation_metadata())
             if admin and not principal.admin:
@@ -167,7 +170,8 @@ class FeedService(rpc.FeedServiceServicer):
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
                 raise Abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline already passed")
-            return fn(principal, request, context)
+            response = fn(principal, request, context)
+            return response
         except Abort as e:
             code, message = e.code, e.message
         except AuthError as e:
@@ -178,13 +182,22 @@ class FeedService(rpc.FeedServiceServicer):
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
         except RedisUnavailable as e:
             code, message = grpc.StatusCode.UNAVAILABLE, f"state store unavailable, nothing was written; retry: {e}"
-        except Exception:  # noqa: BLE001 - never a crash: INTERNAL with an id to find the log line
-            rid = uuid.uuid4().hex[:12]
-            log.exception("%s failed (error id %s)", name, rid)
-            code, message = grpc.StatusCode.INTERNAL, f"internal error (error id {rid})"
+        except Exception:  # noqa: BLE001 - never a crash: INTERNAL with the request id to find the log line
+            log.exception("%s failed", name, extra={"fields": {"request_id": request_id, "rpc": name}})
+            code, message = grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})"
         finally:
+            ms = (time.perf_counter() - t0) * 1000
             self.metrics.rpcs.labels(name, code.name).inc()
-            self.metrics.rpc_latency.labels(name).observe(time.perf_counter() - t0)
+            self.metrics.rpc_latency.labels(name).observe(ms / 1000)
+            if access.isEnabledFor(logging.INFO):
+                fields = {"rpc": name, "request_id": getattr(response, "request_id", "") or request_id,
+                          "user_id": user_id, "code": code.name, "ms": round(ms, 2)}
+                if message:
+                    fields["error"] = message
+                if name == "GetFeed" and response is not None:
+                    fields.update(items=len(response.items), degraded=list(response.degraded_reasons),
+                                  from_cache=response.from_cache, model_version=response.model_version)
+                access.info(name, extra={"fields": fields})
         context.abort(code, message)
 
     @staticmethod

@@ -425,3 +425,27 @@ def test_grpcurl_lists_and_calls_through_reflection(serving):
     bad = subprocess.run([exe, "-plaintext", "-d", json.dumps({"user_id": u}), serving.address,
                           "feedrank.v1.FeedService/GetFeed"], capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "Unauthenticated" in bad.stderr
+
+
+def test_access_log_is_structured_with_request_ids_and_deadlines_are_respected(stub, serving, caplog):
+    import json
+    import logging
+
+    from serving.logs import JsonFormatter
+
+    u = _users(serving, 1, offset=150)[0]
+    with caplog.at_level(logging.INFO, logger="feedrank.serving.access"):
+        r = _feed(stub, serving, u)
+        with pytest.raises(grpc.RpcError):
+            stub.GetFeed(pb.GetFeedRequest(user_id=u), metadata=[])
+    lines = [json.loads(JsonFormatter().format(rec)) for rec in caplog.records if rec.name == "feedrank.serving.access"]
+    ok = next(x for x in lines if x["request_id"] == r.request_id)
+    assert ok["rpc"] == "GetFeed" and ok["code"] == "OK" and ok["user_id"] == u and ok["items"] == len(r.items)
+    assert ok["ms"] > 0 and ok["model_version"] == r.model_version
+    denied = [x for x in lines if x["code"] == "UNAUTHENTICATED"]
+    assert denied and denied[-1]["request_id"] and "bearer" in denied[-1]["error"]
+    # a deadline the server cannot meet ends as DEADLINE_EXCEEDED at the client; the server carries on
+    code, _ = _code(lambda: stub.GetFeed(pb.GetFeedRequest(user_id=u, feed_type=pb.EXPLORE),
+                                         metadata=token(serving.cfg, u), timeout=0.001))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert _feed(stub, serving, u, pb.EXPLORE).items
