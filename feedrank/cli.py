@@ -265,11 +265,17 @@ def serve(
     world_dir: Optional[Path] = typer.Option(None, "--world", help="Bootstrap posts/follows from this world export; "
                                              "the server clock then continues from the world's end"),
     port: int = typer.Option(0, help="gRPC port (default serving.port)"),
+    workers: int = typer.Option(0, help="Server processes sharing the port (default serving.workers)"),
     describe: bool = typer.Option(False, "--describe", help="Print the pipelines component by component and exit"),
     log_format: str = typer.Option("json", help="json (one object per line, with request ids) or text"),
+    worker_index: int = typer.Option(-1, hidden=True),
 ) -> None:
-    """Start the gRPC FeedService (health checking and reflection on; Prometheus on serving.metrics_port)."""
+    """Start the gRPC FeedService (health checking and reflection on; Prometheus on serving.metrics_port + i).
+
+    With several workers (serving.workers) this process supervises that many server
+    processes bound to the same port (SO_REUSEPORT); the kernel spreads connections."""
     import signal
+    import subprocess
 
     from serving.pipelines import PIPELINES
 
@@ -282,29 +288,59 @@ def serve(
     configure(log_format)
     cfg = _cfg()
     from features.client import redis_client
-    from serving.server import Server
 
-    clock = None
-    if world_dir is not None:
+    n = workers or cfg.serving.workers
+    port = port or cfg.serving.port
+    if worker_index < 0 and world_dir is not None:  # the supervisor (or the only process) publishes the clock
         from sim.world import World
 
         end = World.load(world_dir).end_ms
-        wall0 = int(time.time() * 1000)
-        clock = lambda: end + int(time.time() * 1000) - wall0  # noqa: E731
         try:
-            redis_client(cfg).hset("feedrank:serving:clock", mapping={"wall0_ms": wall0, "sim0_ms": end,
-                                                                      "world_end_ms": end})
+            redis_client(cfg).hset("feedrank:serving:clock", mapping={"wall0_ms": int(time.time() * 1000),
+                                                                      "sim0_ms": end, "world_end_ms": end})
         except Exception as e:  # noqa: BLE001
             _fail(f"redis at {cfg.redis.uri} is not reachable ({e}): run `feedrank up` first")
-    with console.status("loading models, catalog and follow graph"):
-        try:
-            server = Server(cfg, bootstrap_dir=world_dir, clock=clock, port=port or None)
-        except Exception as e:  # noqa: BLE001
-            _fail(f"cannot start the FeedService: {e}")
-    console.print(f"FeedService on {server.address} (metrics :{cfg.serving.metrics_port}); "
-                  f"models {server.loader.models.versions()}; Ctrl-C stops")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    if n > 1 and worker_index < 0:
+        argv = [sys.argv[0], "serve", "--port", str(port), "--log-format", log_format, "--workers", str(n)]
+        if world_dir is not None:
+            argv += ["--world", str(world_dir)]
+        procs = [subprocess.Popen(argv + ["--worker-index", str(i)]) for i in range(n)]
+        console.print(f"FeedService: {n} workers on {cfg.serving.host}:{port} "
+                      f"(metrics :{cfg.serving.metrics_port}..{cfg.serving.metrics_port + n - 1}); Ctrl-C stops")
+        try:
+            while not stop.wait(1.0):
+                for i, p in enumerate(procs):
+                    if p.poll() is not None:  # a worker died: say so and start it again
+                        console.print(f"[yellow]worker {i} exited ({p.returncode}); restarting[/yellow]")
+                        procs[i] = subprocess.Popen(argv + ["--worker-index", str(i)])
+        except KeyboardInterrupt:
+            pass
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        return
+    clock = None
+    if world_dir is not None:
+        raw = redis_client(cfg).hgetall("feedrank:serving:clock")
+        wall0, sim0 = int(raw[b"wall0_ms"]), int(raw[b"sim0_ms"])
+        clock = lambda: sim0 + int(time.time() * 1000) - wall0  # noqa: E731 - one clock for every worker
+    from serving.server import Server
+
+    idx = max(worker_index, 0)
+    try:
+        server = Server(cfg, bootstrap_dir=world_dir, clock=clock, port=port,
+                        metrics_port=cfg.serving.metrics_port + idx if cfg.serving.metrics_port else 0,
+                        reuse_port=n > 1)
+    except Exception as e:  # noqa: BLE001
+        _fail(f"cannot start the FeedService: {e}")
+    console.print(f"FeedService worker {idx} on {server.address} (metrics :{server.metrics_port}); "
+                  f"models {server.loader.models.versions()}")
     try:
         while not stop.wait(1.0):
             pass
@@ -613,6 +649,7 @@ def bench_freshness_cmd(probes: int = typer.Option(200, help="Timed clicks"),
 def bench_serve_cmd(scale: str = typer.Option("large", help="World scale (its world must exist: `feedrank sim generate`)"),
                     rps: str = typer.Option("20", help="Comma-separated offered loads, requests/s"),
                     seconds: float = typer.Option(30.0, help="Seconds per load level"),
+                    workers: int = typer.Option(0, help="Server processes (default serving.workers)"),
                     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the JSON result here")) -> None:
     """GetFeed latency over gRPC vs load (open loop), per-stage breakdown and server RSS."""
     from infra.bench import write_result
@@ -624,7 +661,7 @@ def bench_serve_cmd(scale: str = typer.Option("large", help="World scale (its wo
         _fail(f"--rps must be numbers separated by commas, got {rps!r}")
     with _progress() as prog:
         try:
-            res = bench_serve(_cfg(), scale, levels, seconds, progress=_StageProgress(prog))
+            res = bench_serve(_cfg(), scale, levels, seconds, progress=_StageProgress(prog), workers=workers)
         except RuntimeError as e:
             _fail(str(e))
     path = write_result("serve", res)

@@ -176,6 +176,8 @@ class Rerank(_Section):
 class Serving(_Section):
     host: str
     port: Port
+    workers: PosInt
+    max_concurrent_rpcs: PosInt
     metrics_port: Port
     jwt_secret: Annotated[str, Field(min_length=8)]
     jwt_public_key: str
@@ -208,6 +210,7 @@ class OnlineLearning(_Section):
     validate_every_s: PosFloat
     max_auc_drop: Fraction
     max_logloss_increase: PosFloat
+    min_logloss_improvement: Fraction
     rollback_ctr_drop: Fraction
     rollback_window_s: PosFloat
     rollback_min_exposures: PosInt

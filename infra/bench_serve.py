@@ -134,17 +134,33 @@ def load_user_rows(bcfg: Config, step: Step) -> int:
     return len(df)
 
 
-def _scrape(port: int) -> dict[str, dict[str, float]]:
-    """{metric{labels}: value} of the histogram buckets/counts we need."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+def _free_ports(n: int) -> int:
+    """A base port with ``n`` consecutive free ports (one Prometheus endpoint per worker)."""
+    from infra.procs import free_port, port_open
+
+    for _ in range(50):
+        base = free_port()
+        if base + n < 65536 and not any(port_open("127.0.0.1", base + i) for i in range(n)):
+            return base
+    raise RuntimeError("no run of free ports for the metrics endpoints")
+
+
+def _scrape(ports: list[int]) -> dict[str, float]:
+    """{metric{labels}: value} of the histogram buckets/counts we need, summed over the workers."""
     out: dict[str, float] = {}
+    for port in ports:
+        _scrape_one(port, out)
+    return out
+
+
+def _scrape_one(port: int, out: dict[str, float]) -> None:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     for line in text.splitlines():
         if line.startswith(("feedrank_stage_latency_seconds_bucket", "feedrank_stage_latency_seconds_count",
                             "feedrank_rpc_latency_seconds_bucket", "feedrank_result_cache_total",
                             "feedrank_candidates_total", "feedrank_degraded_responses_total")):
             key, _, val = line.rpartition(" ")
-            out[key] = float(val)
-    return out
+            out[key] = out.get(key, 0.0) + float(val)
 
 
 def _stage_quantiles(before: dict, after: dict, qs=(0.5, 0.99)) -> dict[str, dict[str, float]]:
@@ -235,7 +251,7 @@ def run_load(address: str, secret: str, users: np.ndarray, rps: float, seconds: 
 
 
 def bench_serve(cfg: Config, scale: str = "large", rps_levels: tuple[float, ...] = (20.0,), seconds: float = 30.0,
-                progress: Step | None = None, world_dir: Path | None = None) -> dict[str, Any]:
+                progress: Step | None = None, world_dir: Path | None = None, workers: int = 0) -> dict[str, Any]:
     import grpc
     import psutil
 
@@ -248,10 +264,12 @@ def bench_serve(cfg: Config, scale: str = "large", rps_levels: tuple[float, ...]
     world_dir = world_dir or cfg.data_dir / "sim" / f"{scale}-{cfg.sim.seed}"
     if not (world_dir / "ground_truth.npz").exists():
         raise RuntimeError(f"no world at {world_dir}: run `feedrank sim generate --scale {scale}` first")
-    port, mport = free_port(), free_port()
+    n_workers = workers or cfg.serving.workers
+    port, mport = free_port(), _free_ports(n_workers)
     bcfg = isolated_config(cfg, f"serve-{scale}", FEEDRANK_SERVING_PORT=str(port),
                            FEEDRANK_SERVING_METRICS_PORT=str(mport))
     bcfg = isolated_config(cfg, f"serve-{scale}", FEEDRANK_SERVING_PORT=str(port), FEEDRANK_SERVING_METRICS_PORT=str(mport),
+                           FEEDRANK_SERVING_WORKERS=str(n_workers),
                            FEEDRANK_MODEL_STORE="file://" + str(bcfg.data_dir / "models"),
                            FEEDRANK_PATHS_DATA_DIR=str(bcfg.data_dir), FEEDRANK_REDIS=bcfg.redis.uri,
                            FEEDRANK_EVENTS=bcfg.events.uri)
@@ -263,7 +281,8 @@ def bench_serve(cfg: Config, scale: str = "large", rps_levels: tuple[float, ...]
         env = {k: v for k, v in os.environ.items() if not k.startswith("FEEDRANK_") or k == "FEEDRANK_CONFIG"}
         env.update({"FEEDRANK_PATHS_DATA_DIR": str(bcfg.data_dir), "FEEDRANK_REDIS": bcfg.redis.uri,
                     "FEEDRANK_EVENTS": bcfg.events.uri, "FEEDRANK_MODEL_STORE": bcfg.model_store.uri,
-                    "FEEDRANK_SERVING_PORT": str(port), "FEEDRANK_SERVING_METRICS_PORT": str(mport)})
+                    "FEEDRANK_SERVING_PORT": str(port), "FEEDRANK_SERVING_METRICS_PORT": str(mport),
+                    "FEEDRANK_SERVING_WORKERS": str(n_workers)})
         log = open(bcfg.data_dir / "serve.log", "w")
         step("starting the server", 0.0)
         t_start = time.perf_counter()
@@ -273,14 +292,16 @@ def bench_serve(cfg: Config, scale: str = "large", rps_levels: tuple[float, ...]
         ch = grpc.insecure_channel(address)
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        while True:
+        mports = [mport + i for i in range(n_workers)]
+        while True:  # every worker must be up: each serves its own metrics endpoint once SERVING
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited ({proc.returncode}); see {bcfg.data_dir / 'serve.log'}")
             try:
                 h = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
                 if h.status == health_pb2.HealthCheckResponse.SERVING:
+                    _scrape(mports)
                     break
-            except grpc.RpcError:
+            except (grpc.RpcError, OSError):
                 time.sleep(0.5)
             if time.perf_counter() - t_start > 900:
                 raise RuntimeError("server did not become healthy in 15 minutes")
@@ -290,24 +311,28 @@ def bench_serve(cfg: Config, scale: str = "large", rps_levels: tuple[float, ...]
         has_follows = np.flatnonzero(np.bincount(world.follow_src, minlength=world.n_users) > 0)
         users = np.random.default_rng(1).choice(has_follows, min(100_000, has_follows.size), replace=False)
         ps = psutil.Process(proc.pid)
+
+        def rss_mb() -> float:
+            return sum(p.memory_info().rss for p in [ps, *ps.children(recursive=True)]) / 2**20
+
+
         levels = []
         run_load(address, bcfg.serving.jwt_secret, users[:2000], 10.0, 5.0, seed=99)  # warm-up, not reported
         for i, rps in enumerate(rps_levels):
             step(f"load {rps:g} RPS", 0.0)
-            before = _scrape(mport)
+            before = _scrape(mports)
             res = run_load(address, bcfg.serving.jwt_secret, users, rps, seconds, seed=i)
-            after = _scrape(mport)
+            after = _scrape(mports)
             res["stages"] = _stage_quantiles(before, after)
             res["candidates_per_request"] = {k: round(v / max(res["requests"], 1), 1) for k, v in
                                              _counter_delta(before, after, "feedrank_candidates_total").items()}
             res["cache"] = _counter_delta(before, after, "feedrank_result_cache_total")
-            res["server_rss_mb"] = round(ps.memory_info().rss / 2**20, 1)
-            res["server_cpu_percent"] = round(ps.cpu_percent(interval=0.5), 1)
+            res["server_rss_mb"] = round(rss_mb(), 1)
             levels.append(res)
             step(f"load {rps:g} RPS", 1.0)
         return {"scale": scale, "world": str(world_dir), "posts": int(world.n_posts), "users": int(world.n_users),
                 "follows": int(world.follow_src.size), "models": versions, "server_startup_s": round(startup_s, 1),
-                "server_threads": {"torch": 1, "faiss": 1, "grpc_workers": 8},
+                "server": {"worker_processes": n_workers, "torch_threads": 1, "faiss_threads": 1, "grpc_threads": 8},
                 "retrieval": {"index": bcfg.retrieval.index, "nlist": bcfg.retrieval.nlist, "nprobe": bcfg.retrieval.nprobe,
                               "ann_k": bcfg.candidates.ann_k},
                 "goal_p99_ms": 25.0, "levels": levels}

@@ -120,27 +120,22 @@ def test_learner_adapts_to_a_trend_shift_within_10_minutes(make_cfg, base_model)
     assert store.meta("heavy", last["version"]).parent is not None and v0 in store.versions("heavy")
 
 
-def test_poisoned_stream_is_rejected_and_damage_is_bounded(make_cfg, base_model):
-    """Labels inverted for every non-holdout user. What holds today: candidates are rejected,
-    and no promoted model is more than max_auc_drop below the offline model on the holdout or
-    on fresh clean traffic. Not yet: "no promotion at all" — with the 0.001 step-size cap a
-    candidate loses only ~0.1-0.4% holdout AUC per interval, inside the 1% allowance, so the
-    first one or two intervals can promote before the offline-anchored floor rejects."""
+def test_poisoned_stream_is_rejected_and_never_promoted(make_cfg, base_model):
+    """Labels inverted for every non-holdout user: every candidate is rejected with its numbers (its
+    clean-holdout log loss gets worse, and its AUC falls below the floor), none is promoted, and
+    the serving model stays the offline one."""
 
     # validation every 5 minutes, as the seeds specify for production
     cfg = make_cfg(**{**LEARNER, "FEEDRANK_ONLINE_LEARNING_VALIDATE_EVERY_S": "300"})
     store = ModelStore.from_config(cfg)
-    _publish(store, *base_model)
+    v0 = _publish(store, *base_model)
     sc = Scenario(minutes=12.0, exposures_per_s=200.0, poison_train_users=True, seed=12)
     decisions = _decisions(cfg, sc, sc.start_ms + 11 * 60_000)
     rejected = [d for d in decisions if d["decision"] == "reject"]
-    assert rejected and all("reason" in d and d["auc_candidate"] < d["auc_floor"] or
-                            d["logloss_candidate"] > d["logloss_ceiling"] for d in rejected), decisions
-    for d in decisions:
-        if d["decision"] == "promote":
-            assert d["auc_candidate"] >= 0.99 * d["auc_frozen"], d
-    _, path = store.fetch("heavy")
-    assert _fresh_auc(str(path / "heavy.npz"), sc, 0.0, 7) >= 0.99 * _fresh_auc(base_model[1], sc, 0.0, 7)
+    assert len(rejected) >= 2, decisions
+    assert all(d["logloss_candidate"] >= d["logloss_current"] or d["auc_candidate"] < d["auc_floor"] for d in rejected)
+    assert not [d for d in decisions if d["decision"] == "promote"], decisions
+    assert store.current("heavy") == v0
 
 
 def test_live_ctr_drop_triggers_rollback(make_cfg, base_model):

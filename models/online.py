@@ -204,6 +204,10 @@ class OnlineLearner:
             return {**d, "decision": "reject", "reason": f"holdout log loss {ll['candidate']:.4f} > {ll_ceiling:.4f} "
                                                             f"({self.ol.max_logloss_increase:.0%} above current)"}
         if a["candidate"] >= floor:
+            need = ll["current"] * (1 - self.ol.min_logloss_improvement)
+            if ll["candidate"] >= need:  # no evidence it helps: a neutral or slowly degrading update stays out
+                return {**d, "decision": "reject", "reason": f"holdout log loss {ll['candidate']:.5f} does not improve on "
+                                                                f"the current model's {ll['current']:.5f}"}
             return {**d, "decision": "promote"}
         which = "current" if floor_cur >= floor_anchor else "offline model"
         base = a["current"] if which == "current" else a["frozen"]

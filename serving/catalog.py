@@ -141,6 +141,7 @@ class FollowGraph:
         self.removed: dict[int, set[int]] = defaultdict(set)
         self.added_in: dict[int, set[int]] = defaultdict(set)
         self.removed_in: dict[int, set[int]] = defaultdict(set)
+        self.in_delta = np.zeros(0, dtype=np.int64)  # follower-count change per author since the snapshot
         self.lock = threading.Lock()
 
     def load(self, src: np.ndarray, dst: np.ndarray) -> None:
@@ -182,10 +183,16 @@ class FollowGraph:
         ok = (authors >= 0) & (authors < self.in_off.size - 1)
         out = np.zeros(authors.shape, dtype=np.int64)
         out[ok] = self.in_off[authors[ok] + 1] - self.in_off[authors[ok]]
-        if self.added_in or self.removed_in:
-            for i, a in enumerate(authors.tolist()):
-                out[i] += len(self.added_in.get(a, ())) - len(self.removed_in.get(a, ()))
+        d = self.in_delta
+        if d.size:
+            okd = (authors >= 0) & (authors < d.size)
+            out[okd] += d[authors[okd]]
         return out
+
+    def _count(self, author: int, change: int) -> None:
+        if author >= self.in_delta.size:
+            self.in_delta = np.concatenate([self.in_delta, np.zeros(max(author + 1 - self.in_delta.size, 1024), dtype=np.int64)])
+        self.in_delta[author] += change
 
     def follows(self, user: int, author: int) -> bool:
         if author in self.removed.get(user, ()):
@@ -201,6 +208,7 @@ class FollowGraph:
         with self.lock:
             if self.follows(user, author) == follow:
                 return False
+            self._count(author, 1 if follow else -1)
             if follow:
                 self.removed[user].discard(author)
                 self.removed_in[author].discard(user)

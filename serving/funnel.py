@@ -110,6 +110,11 @@ def run(pipeline: Pipeline, query: Query, state: Any) -> Candidates:
         query.source_counts[f"removed:{f.name}"] = int((~keep).sum())
         cands = cands.take(np.flatnonzero(keep))
     query.timings_ms["filters"] = (time.perf_counter() - t0) * 1000
+    if not len(cands):  # every source failed (flagged degraded already) or all filtered: empty, well-formed
+        empty = Candidates.empty()
+        empty["position"] = np.zeros(0, dtype=np.int64)
+        empty["score"] = np.zeros(0, dtype=np.float32)
+        return empty
     for stage in pipeline.stages:
         t0 = time.perf_counter()
         if isinstance(stage, FeatureHydrator):

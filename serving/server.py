@@ -533,7 +533,8 @@ class Server:
     """A running FeedService: gRPC + health + reflection (+ metrics endpoint)."""
 
     def __init__(self, cfg: Config, bootstrap_dir: str | Path | None = None, clock: Callable[[], int] | None = None,
-                 port: int | None = None, metrics_port: int | None = None, workers: int = 8):
+                 port: int | None = None, metrics_port: int | None = None, workers: int = 8,
+                 reuse_port: bool = False):
         import faiss
         import torch
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -561,8 +562,13 @@ class Server:
         experiments = Experiments.load(cfg.path(cfg.serving.experiments_file)).check(cfg)
         self.service = FeedService(cfg, self.state, self.loader, experiments, self.metrics)
         self._warm_up()
-        self.server = grpc.server(__import__("concurrent.futures").futures.ThreadPoolExecutor(max_workers=workers),
-                                  options=[("grpc.so_reuseport", 0)])
+        from concurrent.futures import ThreadPoolExecutor
+
+        # Beyond max_concurrent_rpcs in flight, gRPC answers RESOURCE_EXHAUSTED at once: an overloaded
+        # worker sheds load instead of queueing requests until every one of them misses its deadline.
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=workers),
+                                  options=[("grpc.so_reuseport", 1 if reuse_port else 0)],
+                                  maximum_concurrent_rpcs=cfg.serving.max_concurrent_rpcs)
         rpc.add_FeedServiceServicer_to_server(self.service, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
