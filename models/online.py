@@ -101,6 +101,7 @@ class LiveCtr:
 
 class OnlineLearner:
     def __init__(self, ol: Any, base: NumpyHeavy, version: str):
+        self._paired = np.zeros(0)
         self.ol = ol
         self.lr = min(ol.lr, ol.lr_cap)
         self.frozen = base                      # what the job started from (reported, never trained)
@@ -108,6 +109,7 @@ class OnlineLearner:
         self.w, self.b, self.wide = base.final_w.copy(), base.final_b.copy(), base.wide.copy()
         self.batch: list[Example] = []
         self.holdout: deque[Example] = deque()
+        self.train_recent: deque[tuple[int, int]] = deque()  # (ts, clicked) of training examples, same window
         self.live = LiveCtr(int(ol.rollback_window_s * 1000))
         self.steps = 0
         self.steps_since_promotion = 0
@@ -124,6 +126,10 @@ class OnlineLearner:
             while self.holdout and self.holdout[0].ts < horizon:
                 self.holdout.popleft()
             return
+        self.train_recent.append((ex.ts, int(ex.y[CLICK] > 0)))
+        horizon = ex.ts - int(self.ol.holdout_window_s * 1000)
+        while self.train_recent and self.train_recent[0][0] < horizon:
+            self.train_recent.popleft()
         self.batch.append(ex)
         if len(self.batch) >= self.ol.batch_size:
             self.step(self.batch)
@@ -170,11 +176,13 @@ class OnlineLearner:
         logits = {"candidate": self.current.logits(h, z, self.w, self.b, self.wide)[:, CLICK],
                   "current": self.current.logits(h, z)[:, CLICK], "frozen": self.frozen.logits(h, z)[:, CLICK]}
 
-        def logloss(lg: np.ndarray) -> float:
+        def losses(lg: np.ndarray) -> np.ndarray:
             p = np.clip(exam / (1.0 + np.exp(-np.clip(lg, -30, 30))), 1e-6, 1 - 1e-6)
-            return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
+            return -(y * np.log(p) + (1 - y) * np.log(1 - p))
 
-        return ({k: auc(v, y) for k, v in logits.items()}, {k: logloss(v) for k, v in logits.items()})
+        per = {k: losses(v) for k, v in logits.items()}
+        self._paired = per["candidate"] - per["current"]  # per-example change, for the significance test
+        return ({k: auc(v, y) for k, v in logits.items()}, {k: float(v.mean()) for k, v in per.items()})
 
     def validate(self, now_ms: int) -> dict:
         """Decide on the candidate: promote / reject / wait (not enough evidence or nothing new)."""
@@ -188,6 +196,20 @@ class OnlineLearner:
             return {**d, "decision": "wait", "reason": "no training step since the last decision"}
         if n < self.ol.min_holdout or pos < self.ol.min_holdout_positives:
             return {**d, "decision": "wait", "reason": f"holdout too small ({n} examples, {pos} clicks)"}
+        # data validation: training and holdout users are split by a hash, so their click rates over the
+        # same window must agree; labels that disagree wildly (inverted, a broken join) train nothing
+        n_t = len(self.train_recent)
+        k_t = sum(c for _, c in self.train_recent)
+        if n_t:
+            p_t, p_h = k_t / n_t, pos / n
+            pool = (k_t + pos) / (n_t + n)
+            se = np.sqrt(max(pool * (1 - pool), 1e-12) * (1 / n_t + 1 / n))
+            z = (p_t - p_h) / se
+            ratio = max(p_t, 1e-6) / max(p_h, 1e-6)
+            d.update(train_click_rate=round(p_t, 5), holdout_click_rate=round(p_h, 5), label_drift_z=round(float(z), 2))
+            if abs(z) > self.ol.label_drift_z and not 1 / self.ol.label_drift_ratio <= ratio <= self.ol.label_drift_ratio:
+                return {**d, "decision": "reject", "reason": f"label drift: training click rate {p_t:.4f} vs holdout "
+                                                                f"{p_h:.4f} (z = {z:.1f}); labels are not trustworthy"}
         a, ll = self.holdout_metrics()
         d.update({f"auc_{k}": round(v, 5) for k, v in a.items()})
         d.update({f"logloss_{k}": round(v, 5) for k, v in ll.items()})
@@ -204,10 +226,19 @@ class OnlineLearner:
             return {**d, "decision": "reject", "reason": f"holdout log loss {ll['candidate']:.4f} > {ll_ceiling:.4f} "
                                                             f"({self.ol.max_logloss_increase:.0%} above current)"}
         if a["candidate"] >= floor:
-            need = ll["current"] * (1 - self.ol.min_logloss_improvement)
-            if ll["candidate"] >= need:  # no evidence it helps: a neutral or slowly degrading update stays out
-                return {**d, "decision": "reject", "reason": f"holdout log loss {ll['candidate']:.5f} does not improve on "
-                                                                f"the current model's {ll['current']:.5f}"}
+            # evidence that it helps: the paired per-example log-loss change must be an improvement beyond
+            # noise (one-sided, promotion_z standard errors) and beyond min_logloss_improvement
+            diff = self._paired
+            gain, se = float(-diff.mean()), float(diff.std(ddof=1) / np.sqrt(diff.size)) if diff.size > 1 else np.inf
+            d.update(logloss_gain=round(gain, 6), logloss_gain_se=round(se, 6))
+            need = max(self.ol.promotion_z * se, self.ol.min_logloss_improvement * ll["current"])
+            if a["candidate"] < a["current"] + self.ol.min_auc_gain:  # better calibrated but ranks worse: not an
+                # improvement (measured: the first candidate of a poisoned stream gains log loss, loses 0.4% AUC)
+                return {**d, "decision": "reject", "reason": f"holdout AUC {a['candidate']:.5f} is below the current "
+                                                                f"model's {a['current']:.5f} (+{self.ol.min_auc_gain:g})"}
+            if gain <= need:
+                return {**d, "decision": "reject", "reason": f"holdout log loss gain {gain:.5f} is not above "
+                                                                f"{need:.5f} ({self.ol.promotion_z:g} standard errors)"}
             return {**d, "decision": "promote"}
         which = "current" if floor_cur >= floor_anchor else "offline model"
         base = a["current"] if which == "current" else a["frozen"]

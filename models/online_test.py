@@ -74,3 +74,24 @@ def test_live_ctr_drop_is_a_rollback_decision():
     d = learner.rollback_check("v1", "v0", 40_000)
     assert d is not None and d["to"] == "v0" and d["ctr_current"] < d["ctr_previous"]
     assert learner.rollback_check("v0", "v1", 40_000) is None  # the better version is never rolled back
+
+
+def test_labels_that_disagree_with_the_holdout_train_nothing_into_serving():
+    """Training users' labels inverted, holdout users' clean: rejected as label drift, with the rates."""
+    learner, nh = _learner(lr=0.001, lr_cap=0.001, batch_size=16, min_holdout=200, min_holdout_positives=20,
+                           holdout_fraction=0.3)
+    clean, flipped = _examples(nh, 20_000, 3), _examples(nh, 20_000, 3, flip=True)
+    for c, f in zip(clean, flipped):
+        learner.add(c if in_holdout(c.user_id, 0.3) else f)
+    d = learner.validate(1)
+    assert d["decision"] == "reject" and d["reason"].startswith("label drift"), d
+    assert d["train_click_rate"] > d["holdout_click_rate"] and abs(d["label_drift_z"]) > 6
+
+
+def test_a_candidate_must_show_evidence_of_improvement():
+    learner, nh = _learner(lr=0.001, lr_cap=0.001, batch_size=16, min_holdout=200, min_holdout_positives=20,
+                           holdout_fraction=0.3, promotion_z=1e6)  # demand an impossible significance
+    for ex in _examples(nh, 20_000, 4):
+        learner.add(ex)
+    d = learner.validate(1)
+    assert d["decision"] == "reject" and "standard errors" in d["reason"] and d["logloss_gain"] > 0, d
