@@ -19,13 +19,13 @@ def _learner(**ol) -> tuple[OnlineLearner, NumpyHeavy]:
     return OnlineLearner(cfg.online_learning.model_copy(update=ol), nh, "v0"), nh
 
 
-def _examples(nh: NumpyHeavy, n: int, seed: int, flip: bool = False) -> list[Example]:
+def _examples(nh: NumpyHeavy, n: int, seed: int, flip: bool = False, offset: float = 0.0) -> list[Example]:
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, 12)).astype(np.float32)
     z = nh.normalized(x)
     h = nh.hidden(x, z=z)
     y = np.zeros((n, 6))
-    y[:, 0] = rng.random(n) < 1 / (1 + np.exp(-3 * x[:, 0]))
+    y[:, 0] = rng.random(n) < 1 / (1 + np.exp(-3 * x[:, 0] - offset))
     if flip:
         y = 1 - y
     return [Example(h[i], z[i].astype(np.float32), y[i], int(rng.integers(1, 20)), int(rng.integers(0, 10_000)),
@@ -80,7 +80,7 @@ def test_labels_that_disagree_with_the_holdout_train_nothing_into_serving():
     """Training users' labels inverted, holdout users' clean: rejected as label drift, with the rates."""
     learner, nh = _learner(lr=0.001, lr_cap=0.001, batch_size=16, min_holdout=200, min_holdout_positives=20,
                            holdout_fraction=0.3)
-    clean, flipped = _examples(nh, 20_000, 3), _examples(nh, 20_000, 3, flip=True)
+    clean, flipped = _examples(nh, 20_000, 3, offset=-3.0), _examples(nh, 20_000, 3, flip=True, offset=-3.0)  # ~10% clicks
     for c, f in zip(clean, flipped):
         learner.add(c if in_holdout(c.user_id, 0.3) else f)
     d = learner.validate(1)
