@@ -674,15 +674,18 @@ def bench_serve_cmd(scale: str = typer.Option("large", help="World scale (its wo
 
 @app.command()
 def demo(
-    scale: str = typer.Option("small", help="World scale"),
+    scale: str = typer.Option("small", help="World scale (small | medium | large)"),
     users: int = typer.Option(300, help="Simulated users"),
-    minutes: float = typer.Option(60.0, help="Simulated minutes of client traffic"),
+    minutes: float = typer.Option(3.0, help="Minutes of simulated client traffic (real time)"),
+    retrain: bool = typer.Option(False, help="Train new models even if current ones exist for this world"),
     keep_up: bool = typer.Option(False, help="Leave the stack running afterwards"),
 ) -> None:
-    """End-to-end on the embedded stack: world -> simulated clients -> event log -> PyFlink job."""
+    """The whole system end to end: stack, world, models, Feast, PyFlink jobs, gRPC FeedService,
+    simulated clients with a trend shift; ends with a report under reports/<timestamp>/."""
     from infra.demo import run_demo
 
-    sys.exit(run_demo(_cfg(), scale=scale, users=users, minutes=minutes, keep_up=keep_up, console=console))
+    sys.exit(run_demo(_cfg(), scale=scale, users=users, minutes=minutes, keep_up=keep_up, console=console,
+                      retrain=retrain))
 
 
 if __name__ == "__main__":

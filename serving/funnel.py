@@ -81,6 +81,9 @@ def fetch_candidates(pipeline: Pipeline, query: Query, state: Any) -> Candidates
         parts.append(c)
     cands = Candidates.concat(parts)
     if len(cands):
+        # a sponsored post stays an ad even when another source also found it; otherwise earlier sources win
+        order = np.argsort(cands.source != AD, kind="stable")
+        cands = cands.take(order)
         _, first = np.unique(cands.ids, return_index=True)
         cands = cands.take(np.sort(first))
         followed = _member(query.user.following, state.catalog.author[cands.ids])

@@ -421,7 +421,7 @@ def test_grpcurl_lists_and_calls_through_reflection(serving):
                         "feedrank.v1.FeedService/GetFeed"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     body = json.loads(r.stdout)
-    assert len(body["items"]) == 5 and body["modelVersion"]
+    assert len(body["items"]) == 5 and (body.get("modelVersion") or body.get("model_version")), body
     bad = subprocess.run([exe, "-plaintext", "-d", json.dumps({"user_id": u}), serving.address,
                           "feedrank.v1.FeedService/GetFeed"], capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "Unauthenticated" in bad.stderr
