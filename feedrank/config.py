@@ -169,6 +169,8 @@ class Rerank(_Section):
     original_boost: Annotated[float, Field(ge=1.0)]
     fatigue_half_life_hours: PosFloat
     fatigue_strength: Fraction
+    author_diversity_decay: Annotated[float, Field(gt=0, le=1)]
+    author_diversity_floor: Fraction
     explore_slots: NonNegInt
     cold_start_impressions: NonNegInt
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from serving.filters import HiddenFilter, OutOfNetworkOnlyFilter, OwnPostFilter, PolicyFilter, PreviouslySeenFilter
 from serving.funnel import Pipeline
 from serving.hydrators import HeavyFeatureHydrator, LightFeatureHydrator
-from serving.scorers import (FeedbackFatigueScorer, HeavyRankerScorer, LightRankerScorer, OriginalBoostScorer,
-                             PolicyDemotionScorer, RecencyScorer)
+from serving.scorers import (AuthorDiversityScorer, FeedbackFatigueScorer, HeavyRankerScorer, LightRankerScorer,
+                             OriginalBoostScorer, PolicyDemotionScorer, RecencyScorer)
 from serving.selectors import RerankSelector, TopKSelector
 from serving.side_effects import ExposureLogSideEffect, SeenSideEffect
 from serving.sources import AdSource, AnnSource, FollowGraphSource, TrendingSource
@@ -22,7 +22,7 @@ FILTERS = [OwnPostFilter(), HiddenFilter(), PreviouslySeenFilter(), PolicyFilter
 RANKING = [
     LightFeatureHydrator(), LightRankerScorer(), TopKSelector("light_score", "light_k"),   # 10K -> 500
     HeavyFeatureHydrator(), HeavyRankerScorer(),                                           # one batched pass
-    FeedbackFatigueScorer(), PolicyDemotionScorer(), OriginalBoostScorer(),
+    FeedbackFatigueScorer(), PolicyDemotionScorer(), OriginalBoostScorer(), AuthorDiversityScorer(),
     TopKSelector("score", "heavy_k", reserve_quotas=True),                                 # 500 -> 50
     RerankSelector(),                                                                      # rules -> ranking
 ]

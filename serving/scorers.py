@@ -79,6 +79,28 @@ class FeedbackFatigueScorer(Scorer):
         cands["fatigue"] = f
 
 
+class AuthorDiversityScorer(Scorer):
+    """An author's k-th best candidate (k = 0, 1, ...) is scaled by ``decay ** k`` (never below ``floor``), so
+    one prolific author cannot fill the pool the re-ranker lays pages out from."""
+
+    writes = ("score",)
+
+    def score(self, query: Query, state: Any, cands: Candidates) -> None:
+        rr = query.params.rerank
+        if rr.author_diversity_decay >= 1.0 or not len(cands):
+            return
+        author = state.catalog.author[cands.ids]
+        s = cands["score"]
+        order = np.lexsort((-s, author))  # by author, best first
+        a_sorted = author[order]
+        start = np.r_[0, np.flatnonzero(np.diff(a_sorted)) + 1]
+        rank = np.arange(order.size) - np.repeat(start, np.diff(np.r_[start, order.size]))
+        factor = np.empty(order.size)
+        factor[order] = np.maximum(rr.author_diversity_decay ** rank, rr.author_diversity_floor)
+        organic = cands.source != AD
+        cands["score"] = np.where(organic, scale(s, factor), s)
+
+
 class PolicyDemotionScorer(Scorer):
     writes = ("score",)
 

@@ -16,7 +16,12 @@ candidate by score that satisfies, in priority order:
 4. freshness quota — likewise ``ceil(fresh_fraction x limit)`` slots take a post from the
    last ``fresh_hours`` (when one is left);
 5. author diversity — never a ``max_consecutive_author + 1``-th consecutive item by one
-   author (relaxed only when no other candidate is left).
+   author.
+
+When the pool can no longer satisfy a rule (only one author, or no out-of-network item
+left), the ranking ends there — the next request ranks afresh — except on the first page,
+which is always served. ``AuthorDiversityScorer`` before the heavy cut keeps one prolific
+author from filling the pool in the first place.
 
 Quota slots count what is already on the page, so a fresh out-of-network post fills both.
 """
@@ -60,13 +65,13 @@ class TopKSelector(Selector):
             rest = order[k:]
             fresh = (query.now_ms - state.catalog.published_ms[cands.ids[rest]]) <= rr.fresh_hours * HOUR_MS
             oon = cands.source[rest] != IN_NETWORK
-            extra = [rest[fresh][: math.ceil(rr.fresh_fraction * k)]]
+            extra = [rest[fresh][: 2 * math.ceil(rr.fresh_fraction * k)]]
             if rr.explore_slots and "light_score" in cands:
                 cold = cold_mask(query, state, cands.take(rest))
                 by_light = rest[cold][np.argsort(-cands["light_score"][rest[cold]], kind="stable")]
                 extra.append(by_light[: 3 * rr.explore_slots])
             if query.feed_type == "home":
-                extra.append(rest[oon][: math.ceil(rr.min_out_of_network * k)])
+                extra.append(rest[oon][: 2 * math.ceil(rr.min_out_of_network * k)])
             keep = np.concatenate([keep, *extra])
             keep = keep[np.sort(np.unique(keep, return_index=True)[1])]
         return cands.take(np.concatenate([keep, np.flatnonzero(ad)]))
@@ -158,6 +163,9 @@ class RerankSelector(Selector):
             if block:
                 block_end = ((slot - 1) // block + 1) * block
                 organic_left_in_block = sum(1 for p in range(slot, block_end + 1) if not (ad_every and p % ad_every == 0))
+            if block and q_block - block_oon >= organic_left_in_block and not any(oon[i] for i in remaining) \
+                    and len(order) >= limit:
+                break  # the pool has no out-of-network item left: end the ranking here rather than break the rule
             if block and q_block - block_oon >= organic_left_in_block and any(oon[i] for i in remaining):
                 want, tag = oon, "out_of_network_quota"
                 if page_fresh < _due(q_fresh, n_org, page_org) and any(oon[i] and fresh[i] for i in remaining):
@@ -180,7 +188,11 @@ class RerankSelector(Selector):
                 break
             if pick is None:
                 pick = next((i for i in remaining if not (len(recent) == rr.max_consecutive_author
-                                                          and all(author[j] == author[i] for j in recent))), pool[0])
+                                                          and all(author[j] == author[i] for j in recent))), None)
+            if pick is None:
+                if len(order) >= limit:
+                    break  # only one author left: end the ranking (the next request ranks afresh)
+                pick = pool[0]  # the first page is served even from a pool that cannot satisfy the rule
             used[pick] = True
             order.append(pick)
             page_org += 1

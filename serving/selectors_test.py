@@ -75,7 +75,7 @@ def test_every_page_satisfies_the_rules(seed):
             assert oon.sum() >= math.ceil(rr.min_out_of_network * limit)
         fresh = (NOW - state.catalog.published_ms[page.ids]) <= rr.fresh_hours * 3_600_000
         all_fresh = int(((NOW - state.catalog.published_ms[cands.ids]) <= rr.fresh_hours * 3_600_000).sum())
-        if all_fresh >= 3 * math.ceil(rr.fresh_fraction * limit):
+        if start == 0 and all_fresh >= 3 * math.ceil(rr.fresh_fraction * limit):
             assert (fresh & organic).sum() >= math.ceil(rr.fresh_fraction * limit) - 1  # one slot may go to a quota clash
 
 
@@ -105,3 +105,25 @@ def test_exploration_slot_goes_to_the_best_cold_post_by_light_score():
     first_page = out.ids[:20].tolist()
     assert 8 in first_page and 7 not in first_page and 9 not in first_page
     assert "exploration" in out["reasons"][first_page.index(8)]
+
+
+def test_author_diversity_discount_and_the_ranking_ends_before_breaking_a_rule():
+    from serving.scorers import AuthorDiversityScorer
+
+    rng = np.random.default_rng(3)
+    state = _state(100, rng, 10)
+    state.catalog.author[:60] = 7          # one prolific author with the 60 best-scored posts
+    ids = np.arange(80)
+    score = np.linspace(10, 1, 80).astype(np.float32)
+    c = Candidates(ids, np.full(80, OUT_OF_NETWORK), score=score.copy())
+    q = _query(state.cfg)
+    AuthorDiversityScorer().score(q, state, c)
+    rr = state.cfg.rerank
+    assert c["score"][0] == score[0] and c["score"][1] == pytest.approx(score[1] * rr.author_diversity_decay)
+    assert c["score"][5] == pytest.approx(score[5] * rr.author_diversity_floor)  # floored
+    assert c["score"][60] == score[60]  # another author's best is untouched
+    out = RerankSelector().select(q, state, c)
+    a = state.catalog.author[out.ids]
+    runs = [len(r) for r in "".join("x" if v == 7 else "." for v in a).split(".") if r]
+    assert max(runs) <= rr.max_consecutive_author
+    assert len(out) >= q.limit and len(out) < 80  # ended when only the prolific author was left

@@ -446,6 +446,6 @@ def test_access_log_is_structured_with_request_ids_and_deadlines_are_respected(s
     assert denied and denied[-1]["request_id"] and "bearer" in denied[-1]["error"]
     # a deadline the server cannot meet ends as DEADLINE_EXCEEDED at the client; the server carries on
     code, _ = _code(lambda: stub.GetFeed(pb.GetFeedRequest(user_id=u, feed_type=pb.EXPLORE),
-                                         metadata=token(serving.cfg, u), timeout=0.001))
+                                         metadata=token(serving.cfg, u), timeout=1e-4))
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert _feed(stub, serving, u, pb.EXPLORE).items

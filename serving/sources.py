@@ -91,7 +91,8 @@ class AdSource(CandidateSource):
         bids = np.fromiter(state.ads.values(), dtype=np.float32, count=len(state.ads))
         ok = state.catalog.known(ids)
         ids, bids = ids[ok], bids[ok]
-        ok = state.catalog.published_ms[ids] <= query.now_ms
+        seen = query.user.seen  # frequency cap: an ad is shown to a user once, so the next ads move up
+        ok = (state.catalog.published_ms[ids] <= query.now_ms) & ~np.isin(ids, seen)
         ids, bids = ids[ok], bids[ok]
         top = np.argsort(-bids, kind="stable")[: state.cfg.candidates.ads_per_request]
         return Candidates(ids[top], np.full(top.size, AD), ann=np.zeros(top.size, dtype=np.float32), bid=bids[top])
