@@ -432,6 +432,10 @@ def _summary(r: dict[str, Any]) -> str:
             f"p99 {fr['p99']} ms; learner decisions {ol or 'none'}")
 
 
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
 def write_report(out: Path, r: dict[str, Any]) -> Path:
     import matplotlib
 
@@ -512,9 +516,10 @@ def write_report(out: Path, r: dict[str, Any]) -> Path:
         f"| learner progress | {ol['progress']} |",
         f"| feature job | {r['feature_job']} |",
         f"| exposures logged this run | {r['exposures_logged']} |",
-        f"| HOME pages with no author run > 3 | {rc['author_runs_ok']} of {rc['pages']} |",
-        f"| full HOME pages with >= 20% out-of-network | {rc['out_of_network_ok']} of {rc['full_pages']} |",
-        f"| full HOME pages with ads exactly at every 5th slot | {rc['ad_slots_ok']} of {rc['full_pages']} |",
+        f"| HOME pages with no author run > 3 | {_pct(rc['author_runs_ok'])} of {rc['pages']} |",
+        f"| full HOME pages with >= 20% out-of-network | {_pct(rc['out_of_network_ok'])} of {rc['full_pages']} |",
+        f"| full HOME pages with ads exactly at every 5th slot (ads are frequency-capped: once per user) | "
+        f"{_pct(rc['ad_slots_ok'])} of {rc['full_pages']} |",
         "", f"Trend shift: topic {r['trend_shift']['topic']} x1.5 at {r['trend_shift']['at_s'] / 60:.1f} min.", "",
         "## Per-stage latency (server)", "", "| stage | p50 ms | p99 ms |", "|---|---|---|",
     ]
