@@ -43,3 +43,21 @@ def test_tokens():
                     ([("authorization", "Bearer " + make_token("wrong-secret-wrong-secret-wrong-xx", 1))], "invalid")):
         with pytest.raises(AuthError, match=msg):
             a.principal(md)
+
+
+def test_rs256_tokens_with_a_configured_public_key(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key, other = (rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(2))
+    pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    (tmp_path / "pub.pem").write_bytes(pem)
+    a = Authenticator(SECRET, str(tmp_path / "pub.pem"))
+    claims = {"sub": "9", "exp": int(time.time()) + 60}
+    good = jwt.encode(claims, key, algorithm="RS256")
+    assert a.principal([("authorization", f"Bearer {good}")]).user_id == 9
+    assert a.principal([("authorization", "Bearer " + make_token(SECRET, 9))]).user_id == 9  # HS256 still accepted
+    with pytest.raises(AuthError, match="invalid"):
+        a.principal([("authorization", "Bearer " + jwt.encode(claims, other, algorithm="RS256"))])
+    with pytest.raises(AuthError):  # RS256 without a configured key is not accepted
+        Authenticator(SECRET).principal([("authorization", f"Bearer {good}")])
