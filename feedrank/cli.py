@@ -475,17 +475,35 @@ def train(
 
 @app.command("eval")
 def eval_(
-    dataset: str = typer.Option("sim", help="sim | ml-100k"),
+    what: str = typer.Argument("models", help="models (offline model evaluation) | experiments (feed variants)"),
+    dataset: str = typer.Option("sim", help="models: sim | ml-100k"),
     json_out: Path = typer.Option(None, "--json", help="Metrics JSON path (report.md and PNGs go beside it)"),
     data: Optional[Path] = typer.Option(None, help="Simulated world directory"),
+    users: int = typer.Option(300, help="experiments: simulated users"),
+    minutes: float = typer.Option(60.0, help="experiments: simulated minutes per variant"),
 ) -> None:
-    """Offline evaluation: trains on the time split and writes metrics JSON, a markdown report and plots."""
+    """Offline evaluation (trains on the time split), or `eval experiments`: feed variants (V0 chronological,
+    V1 follow graph + rankers, V2 full funnel, ablations) on the simulator's ground truth."""
     from datetime import datetime, timezone
 
     from feedrank.config import PROJECT_ROOT
 
     cfg = _cfg()
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    if what == "experiments":
+        from sim.experiments import run_experiments
+
+        d = _world_dir(cfg, data)
+        json_out = json_out or PROJECT_ROOT / "reports" / f"experiments-{stamp}" / "experiments.json"
+        with _progress() as prog:
+            res = run_experiments(cfg, d, json_out, users=users, minutes=minutes, progress=_StageProgress(prog))
+        print(json.dumps({n: {k: r[k] for k in ("utility_per_examined", "ctr", "page_expected_utility",
+                                                "ndcg@20_vs_true_utility", "discovery_share")}
+                          for n, r in res["variants"].items()}))
+        console.print(f"report: {json_out.parent / 'report.md'}")
+        return
+    if what != "models":
+        _fail("eval what: models or experiments")
     json_out = json_out or PROJECT_ROOT / "reports" / f"eval-{dataset}-{stamp}" / "metrics.json"
     if dataset == "sim":
         from models.evaluate import evaluate_sim

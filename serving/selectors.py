@@ -18,9 +18,10 @@ candidate by score that satisfies, in priority order:
 5. author diversity — never a ``max_consecutive_author + 1``-th consecutive item by one
    author.
 
-When the pool can no longer satisfy a rule (only one author, or no out-of-network item
-left), the ranking ends there — the next request ranks afresh — except on the first page,
-which is always served. ``AuthorDiversityScorer`` before the heavy cut keeps one prolific
+When the pool can no longer satisfy a rule, the ranking ends there and the next request
+ranks afresh: a short page rather than a fourth item in a row by one author; and after
+the first page, no page without its out-of-network share (the first page is served even
+when no out-of-network candidate exists at all, e.g. ANN unavailable). ``AuthorDiversityScorer`` before the heavy cut keeps one prolific
 author from filling the pool in the first place.
 
 Quota slots count what is already on the page, so a fresh out-of-network post fills both.
@@ -36,6 +37,17 @@ import numpy as np
 from serving.components import AD, IN_NETWORK, Candidates, Query, Selector
 
 HOUR_MS = 3_600_000
+
+
+class ScoreOrderSelector(Selector):
+    """Orders by score alone (the no-re-ranker ablation): no ad slots, quotas or diversity rules."""
+
+    def select(self, query: Query, state: Any, cands: Candidates) -> Candidates:
+        organic = np.flatnonzero(cands.source != AD)
+        out = cands.take(organic[np.argsort(-cands["score"][organic], kind="stable")])
+        out["reasons"] = object_column([[] for _ in range(len(out))])
+        out["position"] = np.arange(1, len(out) + 1, dtype=np.int64)
+        return out
 
 
 class TopKSelector(Selector):
@@ -121,6 +133,7 @@ class RerankSelector(Selector):
         organic = [int(i) for i in np.argsort(-np.where(is_ad, -np.inf, score), kind="stable") if not is_ad[i]]
         ads = [int(i) for i in np.argsort(-np.where(is_ad, score, -np.inf), kind="stable") if is_ad[i]]
         oon = ~is_ad & (cands.source != IN_NETWORK)
+        had_oon = bool(oon.any())  # the out-of-network rule applies only when there were such candidates
         fresh = (query.now_ms - cat.published_ms[cands.ids]) <= rr.fresh_hours * HOUR_MS
         author = cat.author[cands.ids]
         ad_every = rr.ad_every if query.feed_type == "home" else 0
@@ -163,8 +176,8 @@ class RerankSelector(Selector):
             if block:
                 block_end = ((slot - 1) // block + 1) * block
                 organic_left_in_block = sum(1 for p in range(slot, block_end + 1) if not (ad_every and p % ad_every == 0))
-            if block and q_block - block_oon >= organic_left_in_block and not any(oon[i] for i in remaining) \
-                    and len(order) >= limit:
+            if block and had_oon and q_block - block_oon >= organic_left_in_block \
+                    and not any(oon[i] for i in remaining) and len(order) >= limit:
                 break  # the pool has no out-of-network item left: end the ranking here rather than break the rule
             if block and q_block - block_oon >= organic_left_in_block and any(oon[i] for i in remaining):
                 want, tag = oon, "out_of_network_quota"
@@ -190,9 +203,7 @@ class RerankSelector(Selector):
                 pick = next((i for i in remaining if not (len(recent) == rr.max_consecutive_author
                                                           and all(author[j] == author[i] for j in recent))), None)
             if pick is None:
-                if len(order) >= limit:
-                    break  # only one author left: end the ranking (the next request ranks afresh)
-                pick = pool[0]  # the first page is served even from a pool that cannot satisfy the rule
+                break  # only one author left: end the ranking (a short page; the next request ranks afresh)
             used[pick] = True
             order.append(pick)
             page_org += 1

@@ -59,12 +59,9 @@ def test_every_page_satisfies_the_rules(seed):
             ads_left -= 1
         elif p % rr.ad_every:
             assert not a
-    # author runs: never more than max_consecutive unless nothing else was left
+    # author runs: never more than max_consecutive (the ranking ends first)
     for i in range(len(out) - rr.max_consecutive_author):
-        run = authors[i: i + rr.max_consecutive_author + 1]
-        if len(set(run.tolist())) == 1:
-            rest = authors[i + rr.max_consecutive_author:]
-            assert (rest == run[0]).all(), "a 4-run is only allowed when only that author is left"
+        assert len(set(authors[i: i + rr.max_consecutive_author + 1].tolist())) > 1
     limit = 20
     for start in range(0, len(out) - limit + 1, limit):  # full pages
         page = out.take(np.arange(start, start + limit))

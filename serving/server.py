@@ -138,8 +138,10 @@ def _ts(value: int, now: int, what: str) -> int:
 
 
 class FeedService(rpc.FeedServiceServicer):
-    def __init__(self, cfg: Config, state: ServingState, loader: Any, experiments: Experiments, metrics: Metrics):
+    def __init__(self, cfg: Config, state: ServingState, loader: Any, experiments: Experiments, metrics: Metrics,
+                 pipelines: dict[str, Any] | None = None):
         self.cfg, self.state, self.loader, self.experiments, self.metrics = cfg, state, loader, experiments, metrics
+        self.pipelines = pipelines or PIPELINES
         self.auth = Authenticator(cfg.serving.jwt_secret, cfg.serving.jwt_public_key)
         self.limiter = RateLimiter(cfg.serving.rate_limit_rps, cfg.serving.rate_limit_burst)
         self.cursors = CursorCodec(cfg.serving.jwt_secret)
@@ -299,7 +301,7 @@ class FeedService(rpc.FeedServiceServicer):
         t0 = time.perf_counter()
         query.user = self.state.user_context(query.user_id, query.degrade, need_cache=query.feed_type != "explore")
         query.timings_ms["user"] = (time.perf_counter() - t0) * 1000
-        cands = funnel.run(PIPELINES[query.feed_type], query, self.state)
+        cands = funnel.run(self.pipelines[query.feed_type], query, self.state)
         for stage, ms in query.timings_ms.items():
             self.metrics.stage_latency.labels(stage).observe(ms / 1000.0)
         for src, n in query.source_counts.items():
@@ -491,7 +493,7 @@ class FeedService(rpc.FeedServiceServicer):
         query = self._query(user, feed, self.cfg.funnel.page_size, context)
         query.debug_post = post
         query.user = self.state.user_context(user, query.degrade, need_cache=True)
-        ranked = funnel.run(PIPELINES[feed], query, self.state)
+        ranked = funnel.run(self.pipelines[feed], query, self.state)
         i = ranked.index_of(post)
         served = i is not None and i < query.limit
         # the full feature vector and head scores of this post for this user, whatever the funnel decided
@@ -534,7 +536,7 @@ class Server:
 
     def __init__(self, cfg: Config, bootstrap_dir: str | Path | None = None, clock: Callable[[], int] | None = None,
                  port: int | None = None, metrics_port: int | None = None, workers: int = 8,
-                 reuse_port: bool = False):
+                 reuse_port: bool = False, pipelines: dict[str, Any] | None = None):
         import faiss
         import torch
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -560,7 +562,7 @@ class Server:
         self.state.start(refresh_s=cfg.serving.feature_refresh_ms / 1000.0)
         self.loader.start()
         experiments = Experiments.load(cfg.path(cfg.serving.experiments_file)).check(cfg)
-        self.service = FeedService(cfg, self.state, self.loader, experiments, self.metrics)
+        self.service = FeedService(cfg, self.state, self.loader, experiments, self.metrics, pipelines)
         self._warm_up()
         from concurrent.futures import ThreadPoolExecutor
 
