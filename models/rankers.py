@@ -212,7 +212,11 @@ def export_torchscript(model: HeavyRanker, weights: np.ndarray) -> bytes:
 
 
 def load_torchscript(data: bytes) -> torch.jit.ScriptModule:
-    return torch.jit.load(io.BytesIO(data))
+    import warnings
+
+    with warnings.catch_warnings():  # torch 2.13 marks jit.load deprecated; TorchScript is what serving runs
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.load(io.BytesIO(data))
 
 
 def state_bytes(model: nn.Module) -> bytes:
