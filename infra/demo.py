@@ -38,7 +38,7 @@ from feedrank.config import PROJECT_ROOT, Config
 #: must give the holdout enough examples for decisions (production: feedrank.toml defaults).
 DEMO_LEARNER = {"FEEDRANK_ONLINE_LEARNING_HOLDOUT_FRACTION": "0.2", "FEEDRANK_ONLINE_LEARNING_MIN_HOLDOUT": "150",
                 "FEEDRANK_ONLINE_LEARNING_MIN_HOLDOUT_POSITIVES": "10", "FEEDRANK_ONLINE_LEARNING_BATCH_SIZE": "32",
-                "FEEDRANK_ONLINE_LEARNING_VALIDATE_EVERY_S": "30", "FEEDRANK_ONLINE_LEARNING_ATTRIBUTION_WINDOW_S": "60",
+                "FEEDRANK_ONLINE_LEARNING_VALIDATE_EVERY_S": "30", "FEEDRANK_ONLINE_LEARNING_ATTRIBUTION_WINDOW_S": "30",
                 "FEEDRANK_ONLINE_LEARNING_HOLDOUT_WINDOW_S": "600"}
 
 
@@ -128,6 +128,7 @@ def run_demo(cfg: Config, scale: str, users: int, minutes: float, keep_up: bool,
         console.rule(f"7/7 {users} simulated users for {minutes:g} minutes (trend shift at the midpoint)")
         run = _clients(cfg, wdir, users, minutes, address, procs, console)
         console.rule("report")
+        _drain(cfg, run, console)
         result = _collect(cfg, run, meta, time.perf_counter() - t_start)
         path = write_report(report_dir, result)
         console.print(_summary(result))
@@ -332,6 +333,18 @@ def _clients(cfg: Config, wdir: Path, users: int, minutes: float, address: str, 
 
 
 # --------------------------------------------------------------------------- results
+
+
+def _drain(cfg: Config, run: dict[str, Any], console: Console, timeout: float = 60.0) -> None:
+    """Give the jobs up to ``timeout`` to catch up with the run's last events before reading their counters."""
+    from features.client import read_progress
+
+    if not run["stats"].actions.get("click"):
+        return
+    t0 = time.time()
+    with console.status("letting the jobs catch up"):
+        while time.time() - t0 < timeout and not (read_progress(cfg, "learner").get("examples") or 0) > 0:
+            time.sleep(1.0)
 
 
 def _exposures_since(cfg: Config, t0_ms: int) -> list[Any]:

@@ -1,4 +1,4 @@
-"""The demo end to end, shortened: a tiny world, one minute of simulated clients."""
+"""The demo end to end, shortened: a tiny world, 90 s of simulated clients."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def test_short_demo_runs_everything_and_reports_measured_figures(make_cfg, tmp_p
                    FEEDRANK_RETRIEVAL_NLIST="64", FEEDRANK_RETRIEVAL_NPROBE="32",
                    FEEDRANK_SERVING_PORT=str(free_port()), FEEDRANK_SERVING_METRICS_PORT=str(free_port()))
     out = io.StringIO()
-    rc = run_demo(cfg, scale="small", users=80, minutes=1.0, keep_up=False, console=Console(file=out, width=120),
+    rc = run_demo(cfg, scale="small", users=80, minutes=1.5, keep_up=False, console=Console(file=out, width=120),
                   report_root=tmp_path / "reports")
     assert rc == 0, out.getvalue()[-4000:]
     (report,) = list((tmp_path / "reports").glob("*/report.md"))

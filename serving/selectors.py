@@ -160,8 +160,12 @@ class RerankSelector(Selector):
             if ad_every and slot % ad_every == 0:
                 while ads and used[ads[0]]:
                     ads.pop(0)
-                if ads:
-                    i = ads.pop(0)
+                recent = order[-rr.max_consecutive_author:]
+                ok = [i for i in ads if not (len(recent) == rr.max_consecutive_author
+                                             and all(author[j] == author[i] for j in recent))]
+                if ok:  # the best ad that does not make a 4th item in a row by one author
+                    i = ok[0]
+                    ads.remove(i)
                     used[i] = True
                     order.append(i)
                     reasons.append(["sponsored", "ad_slot"])
