@@ -15,6 +15,7 @@ through every stage, and per-object Python would cost more than the whole budget
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -126,7 +127,7 @@ class Candidates:
         return int(hit[0]) if hit.size else None
 
 
-class Component:
+class Component(ABC):
     """Base of every funnel component: a name for metrics, traces and DebugRanking."""
 
     kind: ClassVar[str] = "component"
@@ -140,42 +141,47 @@ class CandidateSource(Component):
     kind = "source"
     source_code: ClassVar[int] = OUT_OF_NETWORK
 
+    @abstractmethod
     def fetch(self, query: Query, state: Any) -> Candidates:
-        raise NotImplementedError
+        """Implemented by every concrete component."""
 
 
 class Filter(Component):
     kind = "filter"
 
+    @abstractmethod
     def keep(self, query: Query, state: Any, cands: Candidates) -> np.ndarray:
         """Boolean mask of the candidates kept (the rest are removed)."""
-        raise NotImplementedError
 
 
 class FeatureHydrator(Component):
     kind = "hydrator"
 
+    @abstractmethod
     def hydrate(self, query: Query, state: Any, cands: Candidates) -> None:
-        raise NotImplementedError
+        """Implemented by every concrete component."""
 
 
 class Scorer(Component):
     kind = "scorer"
     writes: ClassVar[tuple[str, ...]] = ()
 
+    @abstractmethod
     def score(self, query: Query, state: Any, cands: Candidates) -> None:
-        raise NotImplementedError
+        """Implemented by every concrete component."""
 
 
 class Selector(Component):
     kind = "selector"
 
+    @abstractmethod
     def select(self, query: Query, state: Any, cands: Candidates) -> Candidates:
-        raise NotImplementedError
+        """Implemented by every concrete component."""
 
 
 class SideEffect(Component):
     kind = "side_effect"
 
+    @abstractmethod
     def run(self, query: Query, state: Any, page: Candidates) -> None:
-        raise NotImplementedError
+        """Implemented by every concrete component."""
