@@ -48,7 +48,8 @@ def bench_retrieval(cfg: Config, world_dir: Path, k: int = 8000, n_tune: int = 1
     import pyarrow.parquet as pq
     import torch
 
-    from models.retrieval import RetrievalIndex, recall
+    from models.retrieval import recall
+    from models.train import index_for
     from models.store import ModelStore
     from models.train import load_two_tower
     from features.offline import History
@@ -71,9 +72,7 @@ def bench_retrieval(cfg: Config, world_dir: Path, k: int = 8000, n_tune: int = 1
         emb[sl] = embed_posts(model, feat(text[sl], world.post_author[sl], world.post_topic[sl], world.post_ctype[sl]))
         step("embedding posts", min(1.0, (i + chunk) / world.n_posts))
     day = world.post_ts / DAY_MS
-    idx = RetrievalIndex(dim=model.config["dim"], kind=cfg.retrieval.index, nlist=cfg.retrieval.nlist,
-                         nprobe=cfg.retrieval.nprobe, day0=float(day.min()),
-                         temperature=float(model.config.get("temperature", 0.05)), recency=float(model.recency.detach()))
+    idx = index_for(cfg, model, float(day.min()))
     step("building IVF", 0.0)
     faiss.omp_set_num_threads(os.cpu_count() or 1)  # building may use every core
     t0 = time.perf_counter()

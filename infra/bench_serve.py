@@ -44,7 +44,7 @@ def build_world_index(cfg: Config, world_dir: Path, step: Step) -> tuple[Path, s
     import faiss
     import pyarrow.parquet as pq
 
-    from models.retrieval import RetrievalIndex
+    from models.train import index_for
     from models.store import ModelStore
     from models.towers import PostFeaturizer
     from models.train import load_numpy_towers, load_two_tower_model
@@ -72,9 +72,7 @@ def build_world_index(cfg: Config, world_dir: Path, step: Step) -> tuple[Path, s
         emb[sl] = towers.post(feat.arrays(text[sl], world.post_author[sl], world.post_topic[sl], world.post_ctype[sl]))
         step("embedding posts", min(1.0, (i + chunk) / world.n_posts))
     day = world.post_ts / DAY_MS
-    idx = RetrievalIndex(dim=model.config["dim"], kind=cfg.retrieval.index, nlist=cfg.retrieval.nlist,
-                         nprobe=cfg.retrieval.nprobe, day0=float(day.min()),
-                         temperature=float(model.config.get("temperature", 0.05)), recency=float(model.recency.detach()))
+    idx = index_for(cfg, model, float(day.min()))
     step("building IVF index", 0.0)
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     idx.build(np.arange(world.n_posts, dtype=np.int64), emb, day)

@@ -65,16 +65,21 @@ def fit_two_tower(data: SimData, epochs: int = 4, seed: int = 0, progress: Progr
                         "seconds": round(time.perf_counter() - t0, 1), "recency": float(model.recency.detach())}
 
 
+def index_for(cfg: Config, model: TwoTower, day0: float) -> RetrievalIndex:
+    """An empty index configured from feedrank.toml and the towers' temperature and recency weight."""
+    return RetrievalIndex(dim=int(model.config.get("dim", cfg.retrieval.dim)), kind=cfg.retrieval.index,
+                          nlist=cfg.retrieval.nlist, nprobe=cfg.retrieval.nprobe, day0=day0,
+                          temperature=float(model.config.get("temperature", 0.05)),
+                          recency=float(model.recency.detach()))
+
+
 def fit_index(data: SimData, model: TwoTower, post_emb: np.ndarray, cfg: Config, n_queries: int = 50,
               k: int | None = None, seed: int = 0) -> tuple[RetrievalIndex, dict]:
     """Build IVF over all posts and tune nprobe to recall >= 0.95 at k vs exact search."""
     w = data.world
     k = min(k or cfg.candidates.ann_k, max(1, w.n_posts // 2))
     day = w.post_ts / DAY_MS
-    idx = RetrievalIndex(dim=cfg.retrieval.dim, kind=cfg.retrieval.index, nlist=cfg.retrieval.nlist,
-                         nprobe=cfg.retrieval.nprobe, day0=float(day.min()),
-                         temperature=float(model.config.get("temperature", 0.05)),
-                         recency=float(model.recency.detach()))
+    idx = index_for(cfg, model, float(day.min()))
     ids = np.arange(w.n_posts, dtype=np.int64)
     idx.build(ids, post_emb, day, seed=seed)
     rows = data.sample_rows(~data.train_mask, n_queries, seed)
