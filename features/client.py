@@ -12,6 +12,7 @@ Per request, only the one user's features are read from Feast (:meth:`FeatureCli
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
@@ -119,12 +120,47 @@ class FeatureClient:
         return self.store.get_online_features(features, entity_rows=[{"post_id": int(p)} for p in post_ids]).to_dict()
 
 
-class PostStatsCache:
+class StreamFollower:
+    """Polls a Redis stream in a daemon thread (blocking reads: a change lands within milliseconds).
+    Subclasses implement ``poll(block_ms)`` and set ``self._stop`` / ``self._thread`` in ``__init__``."""
+
+    name = "stream-follower"
+    healthy = True
+
+    def poll(self, block_ms: int | None = None) -> int:
+        raise RuntimeError(f"{type(self).__name__} must define poll()")
+
+    def start(self) -> "StreamFollower":
+        def loop() -> None:
+            while not self._stop.is_set():
+                try:
+                    self.poll(block_ms=200)
+                    self.healthy = True
+                except Exception as e:  # noqa: BLE001 - Redis outages must not kill serving; retry
+                    if self.healthy:
+                        logging.getLogger("feedrank.features").warning("%s: stream unavailable (%s); retrying",
+                                                                       self.name, e)
+                    self.healthy = False
+                    time.sleep(0.5)
+
+        self._thread = threading.Thread(target=loop, name=self.name, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=2)
+
+
+class PostStatsCache(StreamFollower):
     """Every post's stats in numpy, following the change stream (serving's in-process copy).
 
     ``ints[post]`` / ``floats[post]`` are in POST_STATS_INT / POST_STATS_FLOAT order;
     ``applied_ms[post]`` is when the job pushed the values this replica holds.
     """
+
+    name = "post-stats-cache"
 
     def __init__(self, cfg: Config, capacity: int = 1 << 16):
         self.redis = redis_client(cfg)
@@ -165,24 +201,6 @@ class PostStatsCache:
                 n += self.apply(fields)
                 self.last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
         return n
-
-    def start(self) -> "PostStatsCache":
-        """Follow the stream in a daemon thread (blocking reads: a change lands within milliseconds)."""
-        def loop() -> None:
-            while not self._stop.is_set():
-                try:
-                    self.poll(block_ms=200)
-                except Exception:  # noqa: BLE001 - Redis restarts must not kill serving; retry
-                    time.sleep(0.5)
-
-        self._thread = threading.Thread(target=loop, name="post-stats-cache", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=2)
 
     def get(self, post_id: int) -> dict[str, float]:
         with self.lock:

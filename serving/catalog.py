@@ -12,16 +12,15 @@ milliseconds. The replica that accepted a write applies it at once as well.
 
 from __future__ import annotations
 
-import logging
 import threading
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-log = logging.getLogger("feedrank.serving.catalog")
+from features.client import StreamFollower
+
 
 POST_CHANGES = "feedrank:changes:posts"
 FOLLOW_CHANGES = "feedrank:changes:follows"
@@ -244,8 +243,10 @@ def load_bootstrap(catalog: PostCatalog, graph: FollowGraph, directory: str | Pa
     return out
 
 
-class ChangeFollower:
+class ChangeFollower(StreamFollower):
     """Applies the post and follow change streams to this replica (daemon thread)."""
+
+    name = "change-follower"
 
     def __init__(self, redis: Any, catalog: PostCatalog, graph: FollowGraph, start: str = "$"):
         self.redis, self.catalog, self.graph = redis, catalog, graph
@@ -277,27 +278,6 @@ class ChangeFollower:
                 n += 1
         self.applied += n
         return n
-
-    def start(self) -> "ChangeFollower":
-        def loop() -> None:
-            while not self._stop.is_set():
-                try:
-                    self.poll(block_ms=200)
-                    self.healthy = True
-                except Exception as e:  # noqa: BLE001 - Redis outages must not kill serving
-                    if self.healthy:
-                        log.warning("change streams unavailable (%s); retrying", e)
-                    self.healthy = False
-                    time.sleep(0.5)
-
-        self._thread = threading.Thread(target=loop, name="change-follower", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=2)
 
 
 def post_change(post_id: int, author: int, topic: int, ctype: int, original: bool, flagged: bool,
