@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import sys
@@ -411,25 +412,51 @@ def _run_streaming_job(cfg, job: str, seconds: float) -> None:
     # jobs/feature_job.py, not jobs/features.py: `flink run -py jobs/<job>.py` puts jobs/ first
     # on sys.path, where a features.py would shadow the features package
     mod = __import__(f"jobs.{'feature_job' if job == 'features' else job}", fromlist=["run_embedded"])
+    # each job's gateway JVM logs to its own directory: two jobs never write one file
+    log_dir = cfg.data_dir / "flink" / f"log-{job}"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("FLINK_LOG_DIR", str(log_dir))
     try:
         client = mod.run_embedded(cfg)
     except (ServiceError, RuntimeError) as e:
         _fail(str(e))
-    console.print(f"{job} job submitted to a local MiniCluster; Ctrl-C stops it")
+    console.print(f"{job} job submitted to a local MiniCluster (JVM log in {os.environ['FLINK_LOG_DIR']}); Ctrl-C stops it")
+    keys = (("post_events", "user_events", "topic_events", "dedupe_duplicates", "dedupe_invalid") if job == "features"
+            else ("examples", "steps", "promoted", "rejected", "rolled_back", "current"))
     t0 = _time.monotonic()
+    failed: str | None = None
     try:
         while not seconds or _time.monotonic() - t0 < seconds:
             _time.sleep(2.0)
+            try:
+                status = str(client.get_job_status().result()).rsplit(".", 1)[-1]
+            except Exception as e:  # noqa: BLE001 - the MiniCluster is gone: say so rather than poll forever
+                failed = f"{job} job status unavailable: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                break
+            if status in ("FAILED", "CANCELED", "FINISHED"):
+                failed = f"{job} job is {status}: {_job_failure(client)}"
+                break
             p = read_progress(cfg, job)
-            keys = (("post_events", "user_events", "topic_events", "dedupe_duplicates", "dedupe_invalid") if job == "features"
-                    else ("examples", "steps", "promoted", "rejected", "rolled_back", "current"))
-            console.print("  " + "  ".join(f"{k}={p.get(k, 0):g}" if isinstance(p.get(k, 0), float) else f"{k}={p.get(k)}"
-                                          for k in keys))
+            console.print(f"  [{status}] " + "  ".join(
+                f"{k}={p.get(k, 0):g}" if isinstance(p.get(k, 0), float) else f"{k}={p.get(k)}" for k in keys))
     except KeyboardInterrupt:
         pass
     finally:
-        client.cancel().result()
+        if failed is None:
+            client.cancel().result()
     print(json.dumps(read_progress(cfg, job)))
+    if failed:
+        _fail(failed)
+
+
+def _job_failure(client) -> str:
+    """The root cause of a job that ended by itself (a streaming job should never end)."""
+    try:
+        client.get_job_execution_result().result()
+    except Exception as e:  # noqa: BLE001 - Py4J wraps the Java exception; its message is what people need
+        lines = [ln for ln in str(e).splitlines() if ln.strip() and not ln.lstrip().startswith("at ")]
+        return " | ".join(lines[-6:])
+    return "it finished without an error"
 
 
 def _world_dir(cfg, data: Optional[Path]) -> Path:

@@ -80,7 +80,9 @@ class Procs:
 
 
 def _env(cfg: Config, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FEEDRANK_") or k == "FEEDRANK_CONFIG"}
+    # FLINK_LOG_DIR may be inherited from a caller that ran a job itself: each job picks its own
+    env = {k: v for k, v in os.environ.items()
+           if (not k.startswith("FEEDRANK_") or k == "FEEDRANK_CONFIG") and k != "FLINK_LOG_DIR"}
     env.update({"FEEDRANK_PATHS_DATA_DIR": str(cfg.data_dir), "FEEDRANK_REDIS": cfg.redis.uri,
                 "FEEDRANK_EVENTS": cfg.events.uri, "FEEDRANK_MODEL_STORE": cfg.resolve_uri(cfg.model_store.uri),
                 "FEEDRANK_SERVING_PORT": str(cfg.serving.port), "FEEDRANK_SERVING_METRICS_PORT": str(cfg.serving.metrics_port),
@@ -232,7 +234,21 @@ def _wait_jobs(cfg: Config, procs: Procs, console: Console, timeout: float = 240
                 console.print(f"feature job and learner running after {time.time() - t0:.0f} s")
                 return
             time.sleep(1.0)
-    raise RuntimeError(f"the PyFlink jobs did not report progress in {timeout:.0f} s")
+    raise RuntimeError(f"the PyFlink jobs did not report progress in {timeout:.0f} s\n" + _job_diagnostics(cfg, procs))
+
+
+def _job_diagnostics(cfg: Config, procs: Procs) -> str:
+    """What a stuck job said: the tail of its console and the last warnings of its JVM log."""
+    from infra.procs import tail
+
+    out = []
+    for name in ("feature-job", "learner"):
+        out.append(f"--- {name} console (last lines):\n{tail(procs.log_dir / (name + '.log'), 6)}")
+    for log in sorted((cfg.data_dir / "flink").glob("log-*/*.log")):
+        bad = [ln for ln in log.read_text(errors="replace").splitlines() if " ERROR " in ln or " WARN " in ln
+               or "Exception" in ln]
+        out.append(f"--- {log} ({len(bad)} warnings/errors; last):\n" + "\n".join(bad[-8:]))
+    return "\n".join(out)
 
 
 # --------------------------------------------------------------------------- the run

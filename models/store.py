@@ -179,6 +179,30 @@ class ModelStore:
             os.replace(tmp, local)
         return ck, local
 
+    def copy_current(self, dst: "ModelStore", models: list[str] | None = None) -> dict[str, str]:
+        """Copy each model's current version (files, metadata, version id) into ``dst`` and make it
+        current there: experiments and benchmarks learn and promote in their own store, never in this one."""
+        out = {}
+        for model in models or self.models():
+            version = self.current(model)
+            if version is None:
+                continue
+            ck = self.verify(model, version)
+            src = self._p(model, "versions", version)
+            stage = dst._p(model, "staging", f"{version}-{uuid.uuid4().hex[:6]}")
+            dst.fs.makedirs(stage, exist_ok=True)
+            for name in [*ck.files, META, COMPLETE]:
+                with self.fs.open(f"{src}/{name}", "rb") as f, dst.fs.open(f"{stage}/{name}", "wb") as g:
+                    g.write(f.read())
+            dst.fs.makedirs(dst._p(model, "versions"), exist_ok=True)
+            if not dst.fs.exists(dst._p(model, "versions", version)):
+                dst.fs.mv(stage, dst._p(model, "versions", version), recursive=True)
+            else:
+                dst.fs.rm(stage, recursive=True)
+            dst.promote(model, version)
+            out[model] = version
+        return out
+
     # ------------------------------------------------------------------ pointer ops
     def _write_pointer(self, model: str, data: dict) -> None:
         path = self._p(model, "current.json")

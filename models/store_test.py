@@ -72,3 +72,16 @@ def test_retention_keeps_current_previous_and_newest(store):
     assert sorted(deleted) == sorted(vs[2:4])
     assert store.versions("heavy") == sorted([vs[0], vs[1], vs[4], vs[5]])
     assert store.rollback("heavy") == vs[0]
+
+
+def test_copy_current_gives_an_independent_store(store, tmp_path):
+    store.publish("heavy", {"model.pt": b"old"}, promote=True)
+    cur = store.publish("heavy", {"model.pt": b"cur"}, metrics={"auc": 0.7}, promote=True)
+    store.publish("light", {"light.npz": b"l"}, promote=True)
+    dst = ModelStore("file://" + str(tmp_path / "copy"), cache_dir=tmp_path / "cache2")
+    assert store.copy_current(dst) == {"heavy": cur.version, "light": store.current("light")}
+    ck, path = dst.fetch("heavy")
+    assert ck.version == cur.version and ck.metrics == {"auc": 0.7} and (path / "model.pt").read_bytes() == b"cur"
+    assert dst.versions("heavy") == [cur.version]  # only the current version travels
+    dst.publish("heavy", {"model.pt": b"learned"}, parent=cur.version, promote=True)
+    assert store.current("heavy") == cur.version  # promotions in the copy never reach the source

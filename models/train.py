@@ -162,6 +162,20 @@ def publish_two_tower(cfg: Config, store: ModelStore, model: TwoTower, index: Re
     return ck, ick
 
 
+def publish_heavy(cfg: Config, store: ModelStore, heavy: HeavyRanker, window: dict, metrics: dict,
+                  promote: bool = True, extra: dict | None = None) -> Checkpoint:
+    """Publish a heavy ranker in every form serving and the learner load (TorchScript, numpy)."""
+    weights = np.array([cfg.heads.weights()[h] for h in HEAD_NAMES], dtype=np.float32)
+    curve = heavy.examination_curve(np.arange(1, 41))
+    ck = store.publish("heavy", {"heavy.ts": rankers.export_torchscript(heavy, weights),
+                                 "heavy_state.pt": rankers.state_bytes(heavy), "heavy.npz": rankers.heavy_npz(heavy)},
+                       data_window=window, feature_schema_hash=schema_hash(HEAVY_FEATURES), metrics=metrics,
+                       extra={"head_weights": weights.tolist(), "examination_curve": (curve / curve[0]).round(4).tolist(),
+                              **(extra or {})}, promote=promote)
+    store.apply_retention("heavy")
+    return ck
+
+
 def load_retrieval(store: ModelStore, version: str | None = None) -> tuple[RetrievalIndex, str]:
     """The retrieval index of ``version`` (default: current) and that version."""
     ck, path = store.fetch("retrieval", version)
@@ -202,16 +216,7 @@ def train_all(cfg: Config, data_dir: str, which: str = "all", store: ModelStore 
         if which in ("heavy", "all"):
             heavy, hm = fit_heavy(train, True, heavy_epochs, seed, progress)
             trained.heavy = heavy
-            weights = np.array([cfg.heads.weights()[h] for h in HEAD_NAMES], dtype=np.float32)
-            curve = heavy.examination_curve(np.arange(1, 41))
-            ck = store.publish("heavy", {"heavy.ts": rankers.export_torchscript(heavy, weights),
-                                         "heavy_state.pt": rankers.state_bytes(heavy),
-                                         "heavy.npz": rankers.heavy_npz(heavy)},
-                               data_window=data.window, feature_schema_hash=schema_hash(HEAVY_FEATURES),
-                               metrics=hm, extra={"head_weights": weights.tolist(),
-                                                  "examination_curve": (curve / curve[0]).round(4).tolist()},
-                               promote=True)
-            store.apply_retention("heavy")
+            ck = publish_heavy(cfg, store, heavy, data.window, hm)
             out["heavy"] = {"version": ck.version, **hm}
             if with_blind:
                 trained.heavy_blind, bm = fit_heavy(train, False, heavy_epochs, seed, progress)
