@@ -25,7 +25,8 @@ config_app = typer.Typer(help="Inspect and validate feedrank.toml + FEEDRANK_* o
 jobs_app = typer.Typer(help="PyFlink jobs, run embedded on a local MiniCluster.", no_args_is_help=True)
 events_app = typer.Typer(help="The event log.", no_args_is_help=True)
 feast_app = typer.Typer(help="The Feast repository in feast_repo/ (then use the feast CLI there).", no_args_is_help=True)
-bench_app = typer.Typer(help="Benchmarks: measured numbers as JSON + markdown in bench/results/.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks: measured numbers as JSON + markdown in bench/results/. "
+                             "Without a sub-command: all of them and a summary.", invoke_without_command=True)
 models_app = typer.Typer(help="The model store: versions, promotion, rollback, retention.", no_args_is_help=True)
 app.add_typer(flink_app, name="flink")
 app.add_typer(sim_app, name="sim")
@@ -508,6 +509,9 @@ def eval_(
     data: Optional[Path] = typer.Option(None, help="Simulated world directory"),
     users: int = typer.Option(300, help="experiments: simulated users"),
     minutes: float = typer.Option(60.0, help="experiments: simulated minutes per variant"),
+    only: str = typer.Option("variants,position_bias,trend_shift", help="experiments: which comparisons"),
+    trend_minutes: float = typer.Option(40.0, help="experiments: simulated minutes per trend-shift arm"),
+    speed: float = typer.Option(8.0, help="experiments: trend shift runs this many times faster than real time"),
 ) -> None:
     """Offline evaluation (trains on the time split), or `eval experiments`: feed variants (V0 chronological,
     V1 follow graph + rankers, V2 full funnel, ablations) on the simulator's ground truth."""
@@ -521,12 +525,18 @@ def eval_(
         from sim.experiments import run_experiments
 
         d = _world_dir(cfg, data)
+        from sim.experiments import PARTS
+
+        parts = tuple(p.strip() for p in only.split(",") if p.strip())
+        if not parts or set(parts) - set(PARTS):
+            _fail(f"--only takes a comma-separated subset of {', '.join(PARTS)}")
         json_out = json_out or PROJECT_ROOT / "reports" / f"experiments-{stamp}" / "experiments.json"
         with _progress() as prog:
-            res = run_experiments(cfg, d, json_out, users=users, minutes=minutes, progress=_StageProgress(prog))
-        print(json.dumps({n: {k: r[k] for k in ("utility_per_examined", "ctr", "page_expected_utility",
-                                                "ndcg@20_vs_true_utility", "discovery_share")}
-                          for n, r in res["variants"].items()}))
+            res = run_experiments(cfg, d, json_out, users=users, minutes=minutes, progress=_StageProgress(prog),
+                                  parts=parts, trend_minutes=trend_minutes, speed=speed)
+        print(json.dumps({"checks": res["checks"], **{n: {k: r[k] for k in ("utility_per_examined", "ctr",
+                                                                             "ndcg@20_vs_true_utility")}
+                                                      for n, r in res.get("variants", {}).items()}}))
         console.print(f"report: {json_out.parent / 'report.md'}")
         return
     if what != "models":
@@ -628,6 +638,51 @@ def feast_export(world: Optional[Path] = typer.Option(None, help="Simulated worl
 
     cfg = _cfg()
     print(json.dumps(export(cfg, _world_dir(cfg, world))))
+
+
+@bench_app.callback()
+def bench_all_cmd(ctx: typer.Context,
+                  rps: str = typer.Option("20,50,100,150", help="GetFeed offered loads, requests/s"),
+                  seconds: float = typer.Option(30.0, help="Seconds per load level"),
+                  scales: str = typer.Option("small,large", help="World scales for GetFeed latency (existing worlds)")) -> None:
+    """Every benchmark: GetFeed latency vs load per scale, retrieval, rankers, feature-job throughput,
+    freshness, event -> promoted-model serving delay; then bench/results/summary-<stamp>.md."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from infra.bench_all import run_all
+
+    try:
+        levels = tuple(float(x) for x in rps.split(",") if x.strip())
+    except ValueError:
+        _fail(f"--rps must be numbers separated by commas, got {rps!r}")
+    with _progress() as prog:
+        try:
+            path, results = run_all(_cfg(), levels, seconds, tuple(s.strip() for s in scales.split(",") if s.strip()),
+                                    progress=_StageProgress(prog))
+        except RuntimeError as e:
+            _fail(str(e))
+    failed = [k for k, v in results.items() if "error" in v]
+    console.print(f"summary: {path}" + (f" ([red]failed: {', '.join(failed)}[/red])" if failed else ""))
+    if failed:
+        raise typer.Exit(1)
+
+
+@bench_app.command("model-delay")
+def bench_model_delay_cmd(users: int = typer.Option(300, help="Simulated users (real time)"),
+                          minutes: float = typer.Option(5.0, help="Minutes of traffic")) -> None:
+    """Event -> promoted model serving: the online learner and the FeedService in real time."""
+    from infra.bench import write_result
+    from infra.bench_model_delay import bench_model_delay
+
+    cfg = _cfg()
+    with _progress() as prog:
+        try:
+            res = bench_model_delay(cfg, _world_dir(cfg, None), users, minutes, progress=_StageProgress(prog))
+        except RuntimeError as e:
+            _fail(str(e))
+    path = write_result("model-delay", res)
+    print(json.dumps({k: v for k, v in res.items() if k != "promotions"}))
+    console.print(f"written to {path}")
 
 
 @bench_app.command("retrieval")

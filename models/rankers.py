@@ -141,8 +141,10 @@ class HeavyRanker(nn.Module):
         return rel + F.logsigmoid(self.position(pos))
 
     def examination_curve(self, positions: np.ndarray) -> np.ndarray:
-        """Learned P(examined | position) (PAL models only)."""
-        assert self.position is not None
+        """Learned P(examined | position); ones for a position-blind model (which assumes every
+        logged item was examined: the naive reading of clicks)."""
+        if self.position is None:
+            return np.ones(len(positions))
         with torch.no_grad():
             return torch.sigmoid(self.position(torch.from_numpy(np.asarray(positions, dtype=np.int64)))).numpy().ravel()
 

@@ -14,9 +14,10 @@ simulation's clock (sessions run instantly), and are called over gRPC like any c
 Measured per variant: realised true utility (per examined item and total), CTR, the
 expected utility of each served page (examination-weighted true utility, "page DCG"),
 NDCG@20 of each page's order vs its true-utility order, discovery share (items from
-authors the user does not follow) and diversity (distinct authors per page). Not yet
-here: online learning on vs off after a trend shift, and corrected vs naive
-position-bias training (they need the learner job and a retraining per arm).
+authors the user does not follow) and diversity (distinct authors per page).
+
+Also here: position-bias corrected vs naive training (:mod:`sim.position_bias_experiment`)
+and online learning on vs off after a trend shift (:mod:`sim.trend_shift_experiment`).
 """
 
 from __future__ import annotations
@@ -138,8 +139,13 @@ def run_variant(cfg: Config, variant: str, world_dir: Path, users: int, minutes:
             "pages": len(pages), "errors": st.errors, "seconds": round(time.perf_counter() - t0, 1)}
 
 
+PARTS = ("variants", "position_bias", "trend_shift")
+
+
 def run_experiments(cfg: Config, world_dir: Path, out_json: Path, users: int = 300, minutes: float = 60.0,
-                    seed: int = 0, variants: tuple[str, ...] = VARIANTS, progress: Step | None = None) -> dict:
+                    seed: int = 0, variants: tuple[str, ...] = VARIANTS, progress: Step | None = None,
+                    parts: tuple[str, ...] = PARTS, trend_minutes: float = 40.0, speed: float = 8.0) -> dict:
+    """Every comparison on one isolated stack; one JSON, one markdown report, a plot per comparison."""
     from features.feast_repo import apply, export
     from infra import runtime
     from infra.bench import isolated_config, machine
@@ -147,26 +153,40 @@ def run_experiments(cfg: Config, world_dir: Path, out_json: Path, users: int = 3
     step = progress or (lambda s, f: None)
     bcfg = isolated_config(cfg, "experiments")
     runtime.up(bcfg)
+    res: dict[str, Any] = {"world": str(world_dir), "users": users, "simulated_minutes": minutes, "seed": seed,
+                           "machine": machine(), "parts": list(parts)}
     try:
         step("Feast export of the world", 0.0)
         apply(bcfg)
         export(bcfg, world_dir)
-        results = []
-        for i, v in enumerate(variants):
-            step(f"variant {v}", i / len(variants))
-            results.append(run_variant(bcfg, v, world_dir, users, minutes, seed))
-        step("variants", 1.0)
+        if "variants" in parts:
+            results = []
+            for i, v in enumerate(variants):
+                step(f"variant {v}", i / len(variants))
+                results.append(run_variant(bcfg, v, world_dir, users, minutes, seed))
+            step("variants", 1.0)
+            res["variants"] = {r["variant"]: r for r in results}
+            res["protocol"] = ("same users (seeded), same simulated window and starting state per variant; true "
+                               "utility from the simulator's ground truth at serve time")
+        if "position_bias" in parts:
+            from sim.position_bias_experiment import run_position_bias
+
+            res["position_bias"] = run_position_bias(bcfg, world_dir, users, minutes, seed, progress=step)
+        if "trend_shift" in parts:
+            from sim.trend_shift_experiment import run_trend_shift
+
+            res["trend_shift"] = run_trend_shift(bcfg, world_dir, users, trend_minutes, speed, seed, progress=step)
     finally:
         runtime.down(bcfg)
-    res = {"world": str(world_dir), "users": users, "simulated_minutes": minutes, "seed": seed, "machine": machine(),
-           "variants": {r["variant"]: r for r in results},
-           "protocol": "same users (seeded), same simulated window and starting state per variant; true utility from "
-                       "the simulator's ground truth at serve time"}
-    v = res["variants"]
+    checks: dict[str, bool] = {}
+    v = res.get("variants", {})
     if {"V0_chronological", "V1_follow_graph_rankers", "V2_full_funnel"} <= set(v):
         key = "utility_per_examined"
-        res["checks"] = {"V2_beats_V1_on_utility": v["V2_full_funnel"][key] > v["V1_follow_graph_rankers"][key],
-                         "V2_beats_V0_on_utility": v["V2_full_funnel"][key] > v["V0_chronological"][key]}
+        checks.update({"V2_beats_V1_on_utility": v["V2_full_funnel"][key] > v["V1_follow_graph_rankers"][key],
+                       "V2_beats_V0_on_utility": v["V2_full_funnel"][key] > v["V0_chronological"][key]})
+    for part in ("position_bias", "trend_shift"):
+        checks.update(res.get(part, {}).get("checks", {}))
+    res["checks"] = checks
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(res, indent=2))
     _report(res, out_json.parent)
@@ -179,26 +199,64 @@ def _report(res: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    v = res["variants"]
-    names = list(v)
-    metrics = ["utility_per_examined", "ctr", "page_expected_utility", "ndcg@20_vs_true_utility", "discovery_share",
-               "distinct_authors_per_item"]
-    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
-    for ax, m in zip(axes.ravel(), metrics):
-        ax.bar(range(len(names)), [v[n][m] for n in names], color=[f"C{i}" for i in range(len(names))])
-        ax.set_title(m, fontsize=9)
-        ax.set_xticks(range(len(names)), [n.replace("_", "\n", 1) for n in names], fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out / "experiments.png", dpi=110)
-    plt.close(fig)
-    lines = ["# feed variants on the simulator's ground truth", "", res["protocol"] + ".", "",
-             f"{res['users']} users, {res['simulated_minutes']:g} simulated minutes, world `{res['world']}`.", "",
-             "| variant | utility / examined | CTR | page expected utility | NDCG@20 vs true utility | discovery | "
-             "distinct authors / item | sessions |", "|---|---|---|---|---|---|---|---|"]
-    for n in names:
-        r = v[n]
-        lines.append(f"| {n} | {r['utility_per_examined']} | {r['ctr']} | {r['page_expected_utility']} | "
-                     f"{r['ndcg@20_vs_true_utility']} | {r['discovery_share']} | {r['distinct_authors_per_item']} | "
-                     f"{r['sessions']} |")
-    lines += ["", f"Checks: {res.get('checks', {})}", "", "![experiments](experiments.png)", ""]
+    lines = ["# feedrank experiments on the simulator's ground truth", "",
+             f"World `{res['world']}`, {res['users']} simulated users, seed {res['seed']}; machine: "
+             f"{res['machine']['cpus']} cores, {res['machine']['memory_gb']} GB.", ""]
+    v = res.get("variants")
+    if v:
+        names = list(v)
+        metrics = ["utility_per_examined", "ctr", "page_expected_utility", "ndcg@20_vs_true_utility", "discovery_share",
+                   "distinct_authors_per_item"]
+        fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
+        for ax, m in zip(axes.ravel(), metrics):
+            ax.bar(range(len(names)), [v[n][m] for n in names], color=[f"C{i}" for i in range(len(names))])
+            ax.set_title(m, fontsize=9)
+            ax.set_xticks(range(len(names)), [n.replace("_", "\n", 1) for n in names], fontsize=6)
+        fig.tight_layout()
+        fig.savefig(out / "experiments.png", dpi=110)
+        plt.close(fig)
+        lines += ["## Feed variants and ablations", "", res["protocol"] + f"; {res['simulated_minutes']:g} simulated "
+                  "minutes each.", "",
+                  "| variant | utility / examined | CTR | page expected utility | NDCG@20 vs true utility | discovery | "
+                  "distinct authors / item | sessions |", "|---|---|---|---|---|---|---|---|"]
+        for n in names:
+            r = v[n]
+            lines.append(f"| {n} | {r['utility_per_examined']} | {r['ctr']} | {r['page_expected_utility']} | "
+                         f"{r['ndcg@20_vs_true_utility']} | {r['discovery_share']} | {r['distinct_authors_per_item']} | "
+                         f"{r['sessions']} |")
+        lines += ["", "![experiments](experiments.png)", ""]
+    pb = res.get("position_bias")
+    if pb:
+        from sim.position_bias_experiment import plot as pb_plot
+
+        name = pb_plot(pb, out)
+        o = pb["offline_ndcg@20"]
+        lines += ["## Position bias: corrected (PAL) vs naive training", "", pb["protocol"] + ".", "",
+                  "| | corrected | naive |", "|---|---|---|",
+                  f"| offline NDCG@20, mean of seeds {pb['seeds']} | {o['corrected']['mean']} | {o['naive']['mean']} |",
+                  f"| offline NDCG@20 per seed | {o['corrected']['per_seed']} | {o['naive']['per_seed']} |"]
+        if "online" in pb:
+            on = pb["online"]
+            for k in ("ndcg@20_vs_true_utility", "utility_per_examined", "page_expected_utility", "ctr"):
+                lines.append(f"| served: {k} | {on['corrected'][k]} | {on['naive'][k]} |")
+        d = pb["offline_corrected_minus_naive"]
+        lines += ["", f"Corrected beats naive offline in {d['seeds_corrected_better']} of {d['of']} seeds "
+                  f"(mean difference {d['mean']:+}).", "", f"![position bias]({name})", ""]
+    ts = res.get("trend_shift")
+    if ts:
+        from sim.trend_shift_experiment import plot as ts_plot
+
+        name = ts_plot(ts, out)
+        a = ts["arms"]
+        lines += ["## Trend shift: online learning on vs off", "", ts["protocol"] + f". {ts['users']} users, "
+                  f"{ts['simulated_minutes']:g} simulated minutes at {ts['speed']:g}x real time; topic {ts['topic']} "
+                  f"gets +{ts['boost']} on the engagement logit at minute {ts['shift_at_min']:g}.", "",
+                  "| after the shift | frozen | online |", "|---|---|---|"]
+        for k in ("page_expected_utility", "shift_expected_utility_per_page", "shift_topic_share"):
+            lines.append(f"| {k} | {a['frozen']['after_shift'][k]} | {a['online']['after_shift'][k]} |")
+        lines += [f"| utility per examined (whole window) | {a['frozen']['utility_per_examined']} | "
+                  f"{a['online']['utility_per_examined']} |",
+                  "", f"Learner decisions (online arm): {a['online']['learner']['decisions']}, "
+                  f"{a['online']['learner']['examples']} examples.", "", f"![trend shift]({name})", ""]
+    lines += ["## Checks", "", *[f"- {k}: **{'yes' if ok else 'no'}**" for k, ok in res["checks"].items()], ""]
     (out / "report.md").write_text("\n".join(lines))
