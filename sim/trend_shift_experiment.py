@@ -44,18 +44,19 @@ LEARNER = {"FEEDRANK_ONLINE_LEARNING_HOLDOUT_FRACTION": "0.2", "FEEDRANK_ONLINE_
 class ShiftRecorder:
     """Wraps a FeedApi: scores each served page against the ground truth when it is served."""
 
-    def __init__(self, api: Any, world: Any, clock: Any, topic: int, t0_ms: int, bucket_ms: int):
+    def __init__(self, api: Any, world: Any, clock: Any, topic: int, t0_ms: int, bucket_ms: int, end_ms: int):
         self.api, self.world, self.clock, self.topic = api, world, clock, topic
-        self.t0_ms, self.bucket_ms = t0_ms, bucket_ms
+        self.t0_ms, self.bucket_ms, self.end_ms = t0_ms, bucket_ms, end_ms
         self.exam = world.examination_prob(np.arange(1, 201))
         self.buckets: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self.pages: list[tuple[int, float, float]] = []  # (ms since start, expected utility, ... from the topic)
 
     def get_feed(self, user_id: int, feed_type: str = "home", cursor: str = "", limit: int = 20, now_ms=None):
         page = self.api.get_feed(user_id, feed_type, cursor, limit, now_ms=now_ms)
         w = self.world
         items = [it for it in page.items if it.post_id < w.n_posts]
-        if items:
-            now = self.clock.now_ms()
+        now = self.clock.now_ms()
+        if items and now < self.end_ms:  # the tails of sessions running past the window are not scored
             posts = np.array([it.post_id for it in items], dtype=np.int64)
             pos = np.minimum(np.array([it.position for it in items]), 200) - 1
             eu = w.true_utility(user_id, posts, now) * self.exam[pos]
@@ -66,6 +67,7 @@ class ShiftRecorder:
             b["shift_items"] += float(on.sum())
             b["expected_utility"] += float(eu.sum())
             b["shift_expected_utility"] += float(eu[on].sum())
+            self.pages.append((now - self.t0_ms, float(eu.sum()), float(eu[on].sum())))
             b.setdefault("model_versions", set()).add(page.model_version)  # type: ignore[union-attr]
         return page
 
@@ -129,7 +131,7 @@ def run_arm(cfg: Config, arm: str, world_dir: Path, users: int, minutes: float, 
         server = Server(acfg, bootstrap_dir=world_dir, clock=clock.now_ms, port=0, metrics_port=0)
         server.service.limiter.rate = 1e9  # simulated time runs faster than the per-user limit assumes
         api = GrpcFeedApi(server.address, cfg.serving.jwt_secret, timeout_s=30)
-        rec = ShiftRecorder(api, world, clock, topic, t0_ms, int(bucket_min * 60_000))
+        rec = ShiftRecorder(api, world, clock, topic, t0_ms, int(bucket_min * 60_000), t0_ms + int(minutes * 60_000))
         pop = Population(world, cfg.clients, users, seed=seed, page_size=cfg.funnel.page_size,
                          repost_rate=cfg.sim.repost_rate, policy_flag_rate=cfg.sim.policy_flag_rate)
         realised: dict[int, dict[str, float]] = {}
@@ -178,7 +180,13 @@ def run_arm(cfg: Config, arm: str, world_dir: Path, users: int, minutes: float, 
         n = sum(x["pages"] for x in rows)
         return round(sum(x[key] * x["pages"] for x in rows) / n, 4) if n else None
 
-    return {"arm": arm, "sessions": st.sessions, "impressions": st.impressions, "errors": st.errors,
+    pages = np.array(rec.pages, dtype=np.float64).reshape(-1, 3)
+    post = pages[pages[:, 0] >= minutes * 30_000]
+    return {"arm": arm, "sessions": st.sessions,
+            "after_shift_pages": {"n": int(post.shape[0]), "expected_utility_mean": _mean(post[:, 1]),
+                                  "expected_utility_se": _se(post[:, 1]),
+                                  "shift_expected_utility_mean": _mean(post[:, 2]),
+                                  "shift_expected_utility_se": _se(post[:, 2])}, "impressions": st.impressions, "errors": st.errors,
             "utility_per_examined": round(st.utility / max(st.examined, 1), 4), "ctr": round(st.ctr, 4),
             "before_shift": {"page_expected_utility": wmean(before, "page_expected_utility"),
                              "shift_expected_utility_per_page": wmean(before, "shift_expected_utility_per_page"),
@@ -190,6 +198,14 @@ def run_arm(cfg: Config, arm: str, world_dir: Path, users: int, minutes: float, 
             "learner": {"decisions": {k: sum(d["decision"] == k for d in decisions)
                                       for k in ("promote", "reject", "rollback")},
                         "examples": learner.get("examples"), "log": decisions[-20:]} if arm == "online" else None}
+
+
+def _mean(v: np.ndarray) -> float | None:
+    return round(float(v.mean()), 4) if v.size else None
+
+
+def _se(v: np.ndarray) -> float | None:
+    return round(float(v.std(ddof=1) / np.sqrt(v.size)), 4) if v.size > 1 else None
 
 
 def run_trend_shift(cfg: Config, world_dir: Path, users: int = 300, minutes: float = 40.0, speed: float = 8.0,
@@ -209,6 +225,14 @@ def run_trend_shift(cfg: Config, world_dir: Path, users: int = 300, minutes: flo
            "after_shift_online_minus_frozen": {k: round(on[k] - off[k], 4) for k in on if on[k] is not None
                                                and off[k] is not None},
            "seconds": round(time.perf_counter() - t0, 1)}
+    # difference of the per-page means after the shift, with its standard error (pages independent)
+    pa, pb = arms["online"]["after_shift_pages"], arms["frozen"]["after_shift_pages"]
+    for key in ("expected_utility", "shift_expected_utility"):
+        if pa[f"{key}_se"] is not None and pb[f"{key}_se"] is not None:
+            d = pa[f"{key}_mean"] - pb[f"{key}_mean"]
+            se = float(np.hypot(pa[f"{key}_se"], pb[f"{key}_se"]))
+            res[f"after_shift_{key}_per_page_difference"] = {"online_minus_frozen": round(d, 4), "se": round(se, 4),
+                                                             "z": round(d / se, 2) if se > 0 else None}
     res["checks"] = {"online_beats_frozen_after_shift": bool(
         (on["page_expected_utility"] or 0) > (off["page_expected_utility"] or 0))}
     return res
