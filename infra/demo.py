@@ -549,7 +549,8 @@ def write_report(out: Path, r: dict[str, Any]) -> Path:
         f"| full HOME pages with >= 20% out-of-network | {_pct(rc['out_of_network_ok'])} of {rc['full_pages']} |",
         f"| full HOME pages with ads exactly at every 5th slot (ads are frequency-capped: once per user) | "
         f"{_pct(rc['ad_slots_ok'])} of {rc['full_pages']} |",
-        "", f"Trend shift: topic {r['trend_shift']['topic']} x1.5 at {r['trend_shift']['at_s'] / 60:.1f} min.", "",
+        "", f"Trend shift: topic {r['trend_shift']['topic']} gets +1.5 on its engagement logit (nobody is told) "
+            f"at {r['trend_shift']['at_s'] / 60:.1f} min.", "",
         "## Per-stage latency (server)", "", "| stage | p50 ms | p99 ms |", "|---|---|---|",
     ]
     md += [f"| {n} | {v.get('p50_ms')} | {v.get('p99_ms')} |" for n, v in st.items()]
