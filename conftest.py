@@ -33,3 +33,4 @@ def make_cfg(tmp_path: Path) -> Callable[..., Config]:
 @pytest.fixture
 def cfg(make_cfg: Callable[..., Config]) -> Config:
     return make_cfg()
+

@@ -213,7 +213,7 @@ class OnlineLearning(_Section):
     max_auc_drop: Fraction
     max_logloss_increase: PosFloat
     min_logloss_improvement: Fraction
-    min_auc_gain: Annotated[float, Field(ge=0, le=1)]
+    min_auc_gain: Annotated[float, Field(ge=-1, le=1)]
     label_drift_z: PosFloat
     label_drift_ratio: Annotated[float, Field(gt=1)]
     promotion_z: Annotated[float, Field(ge=0)]

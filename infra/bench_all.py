@@ -99,8 +99,19 @@ def markdown(summary: dict[str, Any], results: dict[str, Any], png: str | None) 
              f"Machine: {m['cpus']} cores, {m['memory_gb']} GB, {m['platform']}, Python {m['python']}.", "",
              "Command: `feedrank bench` (each figure below is measured in this run; full JSON beside each line).", ""]
     for name, fig in headline(results).items():
-        lines += [f"## {name}", "", f"`{Path(summary['results'][name]).name}`", "", "```json",
-                  json.dumps(fig, indent=1), "```", ""]
+        lines += [f"## {name}", "", f"`{Path(summary['results'][name]).name}`", ""]
+        if name.startswith("serve-"):
+            lines += [f"{fig['posts']:,} posts. Latency of requests answered OK; shed = RESOURCE_EXHAUSTED.", "",
+                      "| offered load | p50 ms | p99 ms | requests | answered OK | shed | server RSS MB |",
+                      "|---|---|---|---|---|---|---|"]
+            for level, v in fig.items():
+                if level != "posts":
+                    lines.append(f"| {level} | {v['p50_ms']} | {v['p99_ms']} | {v['requests']} | "
+                                 f"{v['codes'].get('OK', 0)} | {v['codes'].get('RESOURCE_EXHAUSTED', 0)} | "
+                                 f"{v['server_rss_mb']} |")
+            lines.append("")
+        else:
+            lines += ["```json", json.dumps(fig), "```", ""]
     for name, err in summary["errors"].items():
         lines += [f"## {name}: FAILED", "", f"    {err}", ""]
     if png:

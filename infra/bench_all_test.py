@@ -28,4 +28,5 @@ def test_headline_and_markdown_quote_the_given_results(tmp_path):
                "errors": {"model-delay": results["model-delay"]["error"]}}
     md = markdown(summary, results, png)
     assert "2 cores, 23.5 GB" in md and "serve-small.json" in md and "6116.5" in md
+    assert "| 20 rps | 7.5 | 21.0 | 600 | 600 | 0 | 900.0 |" in md
     assert "## model-delay: FAILED" in md and "did not start" in md

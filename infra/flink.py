@@ -61,8 +61,8 @@ def flink_home() -> Path:
 def python_path() -> str:
     """What the embedded interpreter must see: venv site-packages + the project root."""
     parts = site.getsitepackages() + [str(PROJECT_ROOT)]
-    old = os.environ.get("PYTHONPATH")
-    return os.pathsep.join(parts + ([old] if old else []))
+    old = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in parts]
+    return os.pathsep.join(parts + old)
 
 
 def _prepare_python_env(cfg: Config) -> None:

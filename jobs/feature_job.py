@@ -127,6 +127,13 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
             self.events = 0
             self.max_ts = 0
 
+        def mark_opened(self) -> None:
+            """``<view>_opened`` counts completed opens: restarts are visible, and `feedrank jobs run` restarts
+            a job whose operators never finish opening (a PyFlink thread-mode start-up hang, seen intermittently)."""
+            from features.client import PROGRESS_KEY
+
+            self.writer.redis.hincrby(PROGRESS_KEY.format(job=JOB), f"{self.view}_opened", 1)
+
         def after_update(self, ctx: Any) -> None:
             if len(self.dirty) >= S.max_buffer_rows or (self.dirty and time.monotonic() - self.last_flush >= S.flush_ms / 1000):
                 self.flush()
@@ -179,9 +186,8 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
             self.fault_marker = cfg.data_dir / "flink" / f"fault-{fail_once_on}.done"
             self.counts = {"events": 0, "duplicates": 0, "invalid": 0}
             self.retention_ms = int(S.dedupe_retention_s * 1000)
-            from features.client import PROGRESS_KEY
-
-            self.writer.redis.hincrby(PROGRESS_KEY.format(job=JOB), "post_opened", 1)  # restarts are visible
+            self.expiry_due: dict[int, int] = {}
+            self.mark_opened()
 
         def process_element(self, e: tuple, ctx: Any):
             self.events += 1
@@ -193,9 +199,15 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
             if self.seen.contains(eid):
                 self.counts["duplicates"] += 1
                 return
-            now = ctx.timer_service().current_processing_time()
+            now = int(time.time() * 1000)  # Flink's processing time is the wall clock: no call into the JVM
             self.seen.put(eid, now)
-            ctx.timer_service().register_processing_time_timer(_tagged(now + self.retention_ms, 1, 60_000))
+            # one id-expiry timer per key and minute: registering it again is a no-op in Flink but still
+            # a call into the JVM, so the operator remembers what it registered (a restart forgets: harmless)
+            due = _tagged(now + self.retention_ms, 1, 60_000)
+            key = e[rt.K_POST] if e[rt.K_KIND] not in (rt.FOLLOW, rt.UNFOLLOW) else -1 - e[rt.K_USER]
+            if self.expiry_due.get(key) != due:
+                ctx.timer_service().register_processing_time_timer(due)
+                self.expiry_due[key] = due
             if self.fault and eid == self.fault and not self.fault_marker.exists():
                 self.fault_marker.parent.mkdir(parents=True, exist_ok=True)
                 self.fault_marker.touch()
@@ -228,12 +240,17 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
 
         def on_other_timer(self, timestamp: int, ctx: Any) -> None:
             if timestamp % 10 == 1:  # forget event ids older than the retention
+                key = ctx.get_current_key()
+                if self.expiry_due.get(key) == timestamp:
+                    del self.expiry_due[key]
                 horizon = timestamp - self.retention_ms
                 old = [k for k, t in self.seen.items() if t <= horizon]
                 for k in old:
                     self.seen.remove(k)
                 if not self.seen.is_empty():
-                    ctx.timer_service().register_processing_time_timer(_tagged(timestamp + 60_000, 1, 60_000))
+                    due = _tagged(timestamp + 60_000, 1, 60_000)
+                    ctx.timer_service().register_processing_time_timer(due)
+                    self.expiry_due.setdefault(key, due)
             elif timestamp % 10 == 2:  # velocities decay as event time passes
                 s = self.state.value()
                 if s is not None:
@@ -268,6 +285,7 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
             self.catalog = Catalog(cfg)
             self.embedder = UserEmbedder(cfg)
             self.embedder.get()
+            self.mark_opened()
 
         def process_element(self, e: tuple, ctx: Any):
             self.events += 1
@@ -312,6 +330,7 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
         def open(self, ctx: Any) -> None:
             super().open(ctx)
             self.state = ctx.get_state(ValueStateDescriptor("topic", Types.PICKLED_BYTE_ARRAY()))
+            self.mark_opened()
 
         def process_element(self, value: tuple, ctx: Any):
             self.events += 1
@@ -379,7 +398,7 @@ class _Towers:
                 self.warned = True
             return None
         if v != self.version:
-            from models.train import load_numpy_towers
+            from models.inference import load_numpy_towers
 
             try:
                 self.model = load_numpy_towers(self.store, v)  # torch never returns in thread mode: numpy
@@ -397,9 +416,9 @@ class PostEmbedder(_Towers):
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
-        from models.towers import PostFeaturizer
+        from models.inference import PostArrays
 
-        self.featurize = PostFeaturizer()
+        self.featurize = PostArrays()
 
     def publish(self, writer: Any, posts: list[tuple]) -> None:
         from features import realtime as rt
@@ -421,7 +440,7 @@ class UserEmbedder(_Towers):
 
     def publish(self, writer: Any, users: list[tuple[int, list]]) -> None:
         from features import realtime as rt
-        from models.towers import author_bucket
+        from models.inference import author_bucket
 
         model = self.get()
         if model is None:

@@ -166,7 +166,7 @@ def _functions(cfg: Config) -> dict[str, Any]:
             log.info("online learner starts from heavy %s (lr %.5f)", version, self.learner.lr)
 
         def _load(self, version: str) -> Any:
-            from models.rankers import NumpyHeavy
+            from models.inference import NumpyHeavy
 
             _, path = self.store.fetch("heavy", version)
             if not (path / "heavy.npz").exists():
@@ -243,6 +243,7 @@ def _functions(cfg: Config) -> dict[str, Any]:
                 promote=True)
 
         def _record(self, d: dict) -> None:
+            d["decided_at_wall_ms"] = int(time.time() * 1000)  # event time says what it saw, this when it decided
             kind = {"promote": "promoted", "reject": "rejected", "rollback": "rolled_back"}.get(d["decision"], "waits")
             self.counts[kind] += 1
             if kind in self.metrics:

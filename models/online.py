@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from features.schema import HEAD_NAMES
-from models.rankers import NumpyHeavy
+from models.inference import NumpyHeavy
 
 CLICK = HEAD_NAMES.index("click")
 

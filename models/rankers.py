@@ -21,7 +21,7 @@ from torch import nn
 
 from features.schema import HEAD_NAMES
 
-MAX_POSITION = 64
+from models.inference import MAX_POSITION, NumpyHeavy, _sigmoid  # noqa: F401  (re-exported)
 
 
 def _standardize_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -249,102 +249,6 @@ def heavy_npz(model: HeavyRanker) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return buf.getvalue()
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(x, -30, 30)))
-
-
-class NumpyHeavy:
-    """The heavy ranker's forward pass in numpy, split at the final layer.
-
-    ``hidden(x)`` -> [n, heads, 32] is fixed; ``final_w`` [heads, 32] / ``final_b`` [heads]
-    are what the online learner updates (only they change between an offline checkpoint and
-    its online descendants, so hidden activations are computed once per example).
-    """
-
-    def __init__(self, arrays: dict[str, np.ndarray]):
-        import json
-
-        self.arrays = dict(arrays)
-        self.config = json.loads(bytes(arrays["__config__"]).decode())
-        a = self.arrays
-        self.mean, self.std, self.lo, self.hi = a["mean"], a["std"], a["lo"], a["hi"]
-        self.n_experts = self.config["n_experts"]
-        self.final_w = np.stack([a[f"final.{j}.weight"][0] for j in range(len(HEAD_NAMES))]).astype(np.float64)
-        self.final_b = np.array([a[f"final.{j}.bias"][0] for j in range(len(HEAD_NAMES))], dtype=np.float64)
-        self.wide = a["wide.weight"].astype(np.float64) if "wide.weight" in a else np.zeros((len(HEAD_NAMES), self.mean.size))
-
-    @classmethod
-    def from_npz(cls, src: bytes | str) -> "NumpyHeavy":
-        with np.load(io.BytesIO(src) if isinstance(src, bytes) else src) as z:
-            return cls({k: z[k] for k in z.files})
-
-    def examination(self, positions: np.ndarray) -> np.ndarray:
-        """Learned P(examined | position) of the PAL tower (ones for a position-blind model)."""
-        if "position.weight" not in self.arrays:
-            return np.ones(len(positions))
-        w = self.arrays["position.weight"][:, 0]
-        return _sigmoid(w[np.clip(np.asarray(positions, dtype=np.int64), 0, MAX_POSITION)].astype(np.float64))
-
-    def normalized(self, x: np.ndarray, clip_sigma: float | None = None) -> np.ndarray:
-        """[n, F] standardised features. ``clip_sigma`` clips features to mean +- k sigma of the
-        training statistics first (the online learner's feature bound)."""
-        x = np.clip(np.asarray(x, dtype=np.float32), self.lo, self.hi)
-        if clip_sigma is not None:
-            x = np.clip(x, self.mean - clip_sigma * self.std, self.mean + clip_sigma * self.std)
-        return np.clip((x - self.mean) / self.std, -8.0, 8.0)
-
-    def hidden(self, x: np.ndarray, clip_sigma: float | None = None, z: np.ndarray | None = None) -> np.ndarray:
-        """[n, heads, 32] tower outputs: the deep inputs of the final layer."""
-        a = self.arrays
-        z = self.normalized(x, clip_sigma) if z is None else z
-        ex = []
-        for e in range(self.n_experts):
-            h = np.maximum(z @ a[f"experts.{e}.0.weight"].T + a[f"experts.{e}.0.bias"], 0)
-            ex.append(np.maximum(h @ a[f"experts.{e}.2.weight"].T + a[f"experts.{e}.2.bias"], 0))
-        ex_s = np.stack(ex, axis=1)  # [n, E, d]
-        out = []
-        for j in range(len(HEAD_NAMES)):
-            g = z @ a[f"gates.{j}.weight"].T + a[f"gates.{j}.bias"]
-            g = np.exp(g - g.max(1, keepdims=True))
-            g /= g.sum(1, keepdims=True)
-            mix = (ex_s * g[:, :, None]).sum(1)
-            out.append(np.maximum(mix @ a[f"towers.{j}.0.weight"].T + a[f"towers.{j}.0.bias"], 0))
-        return np.stack(out, axis=1).astype(np.float64)
-
-    def score(self, x: np.ndarray) -> np.ndarray:
-        """[n, heads] relevance logits of raw feature rows."""
-        z = self.normalized(x)
-        return self.logits(self.hidden(x, z=z), z)
-
-    def logits(self, h: np.ndarray, z: np.ndarray, w: np.ndarray | None = None, b: np.ndarray | None = None,
-               wide: np.ndarray | None = None) -> np.ndarray:
-        """[n, heads] relevance logits from tower outputs and normalised features (optionally
-        with other final-layer weights)."""
-        w = self.final_w if w is None else w
-        b = self.final_b if b is None else b
-        wide = self.wide if wide is None else wide
-        return np.einsum("nhd,hd->nh", h, w) + z @ wide.T + b
-
-    def with_final(self, w: np.ndarray, b: np.ndarray, wide: np.ndarray | None = None) -> "NumpyHeavy":
-        arrays = dict(self.arrays)
-        for j in range(len(HEAD_NAMES)):
-            arrays[f"final.{j}.weight"] = w[j][None, :].astype(np.float32)
-            arrays[f"final.{j}.bias"] = np.array([b[j]], dtype=np.float32)
-        arrays["wide.weight"] = (self.wide if wide is None else wide).astype(np.float32)
-        return NumpyHeavy(arrays)
-
-    def to_npz(self) -> bytes:
-        buf = io.BytesIO()
-        np.savez(buf, **self.arrays)
-        return buf.getvalue()
-
-    def final_npz(self) -> bytes:
-        buf = io.BytesIO()
-        np.savez(buf, w=self.final_w.astype(np.float32), b=self.final_b.astype(np.float32),
-                 wide=self.wide.astype(np.float32))
-        return buf.getvalue()
 
 
 def apply_final(serving: torch.jit.ScriptModule, final_npz: bytes) -> torch.jit.ScriptModule:

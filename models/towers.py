@@ -11,7 +11,6 @@ Trained with in-batch sampled softmax and logQ correction for popularity.
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,39 +21,10 @@ from torch import nn
 
 from features.offline import USER_DENSE_DIM
 
-TEXT_BUCKETS = 1 << 18
-AUTHOR_BUCKETS = 1 << 17
+from models.inference import (AUTHOR_BUCKETS, TEXT_BUCKETS, NumpyTowers, PostArrays, TextHasher,  # noqa: F401
+                              author_bucket)
+
 MAX_FOLLOWS = 200
-
-
-class TextHasher:
-    """Stable (crc32) hashing of unigrams and bigrams into buckets; caches word hashes."""
-
-    def __init__(self, buckets: int = TEXT_BUCKETS):
-        self.buckets = buckets
-        self._cache: dict[str, int] = {}
-
-    def _h(self, w: str) -> int:
-        h = self._cache.get(w)
-        if h is None:
-            h = zlib.crc32(w.encode())
-            self._cache[w] = h
-        return h
-
-    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        ids: list[int] = []
-        offsets = np.zeros(len(texts), dtype=np.int64)
-        b = self.buckets
-        for i, text in enumerate(texts):
-            offsets[i] = len(ids)
-            hs = [self._h(w) for w in text.lower().split()] or [0]
-            ids.extend(h % b for h in hs)
-            ids.extend((hs[j] * 1_000_003 + hs[j + 1]) % b for j in range(len(hs) - 1))
-        return np.asarray(ids, dtype=np.int64), offsets
-
-
-def author_bucket(author_ids: np.ndarray) -> np.ndarray:
-    return (np.asarray(author_ids, dtype=np.int64) * 2_654_435_761) % AUTHOR_BUCKETS
 
 
 @dataclass
@@ -107,17 +77,8 @@ class TwoTower(nn.Module):
 # ---------------------------------------------------------------------- input builders
 
 
-class PostFeaturizer:
+class PostFeaturizer(PostArrays):
     """Turns post attributes into PostInputs (used offline, at publish time and in serving)."""
-
-    def __init__(self) -> None:
-        self.hasher = TextHasher()
-
-    def arrays(self, texts: list[str], authors: np.ndarray, topics: np.ndarray,
-               ctypes: np.ndarray) -> tuple[np.ndarray, ...]:
-        """(text ids, text offsets, author buckets, topics, content types) as numpy."""
-        ids, offs = self.hasher(texts)
-        return (ids, offs, author_bucket(authors), np.asarray(topics, dtype=np.int64), np.asarray(ctypes, dtype=np.int64))
 
     def __call__(self, texts: list[str], authors: np.ndarray, topics: np.ndarray, ctypes: np.ndarray) -> PostInputs:
         return PostInputs(*(torch.from_numpy(a) for a in self.arrays(texts, authors, topics, ctypes)))
@@ -236,74 +197,3 @@ def embed_posts(model: TwoTower, posts: PostInputs, batch: int = 8192) -> np.nda
 
 def embed_users(model: TwoTower, users: UserInputs, batch: int = 8192) -> np.ndarray:
     return _embed(model, model.user, users, subset_users, users.dense.shape[0], batch)
-
-
-# ------------------------------------------------------------------ numpy inference
-
-
-def _bag_mean(table: np.ndarray, ids: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """EmbeddingBag(mode='mean') in numpy; every bag is non-empty (the builders pad)."""
-    sums = np.add.reduceat(table[ids], offsets, axis=0)
-    lens = np.diff(np.append(offsets, ids.size))
-    return sums / lens[:, None]
-
-
-def _normalize(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-class NumpyTowers:
-    """The towers' forward pass in numpy, for the streaming jobs.
-
-    Torch's MKL matmul never returns inside PyFlink's thread-mode interpreter (measured:
-    ``nn.Linear`` on a 1x4 input blocks forever, elementwise ops work), so the feature job
-    embeds posts and users with these copies of the weights. ``towers_test`` checks they
-    match the torch model to 1e-5.
-    """
-
-    def __init__(self, sd: dict[str, np.ndarray]):
-        """From :meth:`arrays` (``towers.npz`` in a two_tower checkpoint). Inside a thread-mode
-        worker neither building a torch module nor ``torch.load`` returns either, so the
-        checkpoint carries the weights as plain numpy as well."""
-        if "text.weight" not in sd:
-            raise ValueError("NumpyTowers supports the hashed-text post tower only")
-        self.text, self.author, self.topic, self.ctype = sd["text.weight"], sd["author.weight"], sd["topic.weight"], sd["ctype.weight"]
-        self.post_mlp = [(sd["post_mlp.0.weight"].T.copy(), sd["post_mlp.0.bias"]), (sd["post_mlp.2.weight"].T.copy(), sd["post_mlp.2.bias"])]
-        self.user_mlp = [(sd["user_mlp.0.weight"].T.copy(), sd["user_mlp.0.bias"]), (sd["user_mlp.2.weight"].T.copy(), sd["user_mlp.2.bias"])]
-
-    @staticmethod
-    def arrays(model: TwoTower) -> dict[str, np.ndarray]:
-        return {k: v.detach().cpu().numpy().astype(np.float32) for k, v in model.state_dict().items()}
-
-    @staticmethod
-    def npz(model: TwoTower) -> bytes:
-        import io
-
-        buf = io.BytesIO()
-        np.savez(buf, **NumpyTowers.arrays(model))
-        return buf.getvalue()
-
-    @classmethod
-    def from_npz(cls, path_or_bytes: Any) -> "NumpyTowers":
-        import io
-
-        src = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
-        with np.load(src) as z:
-            return cls({k: z[k] for k in z.files})
-
-    @staticmethod
-    def _mlp(layers: list[tuple[np.ndarray, np.ndarray]], h: np.ndarray) -> np.ndarray:
-        (w1, b1), (w2, b2) = layers
-        return np.maximum(h @ w1 + b1, 0.0) @ w2 + b2
-
-    def post(self, x: tuple[np.ndarray, ...]) -> np.ndarray:
-        """``x`` = :meth:`PostFeaturizer.arrays` (numpy only: no torch tensor may be touched in a worker)."""
-        ids, offs, author, topic, ctype = x
-        txt = _bag_mean(self.text, ids, offs)
-        h = np.hstack([txt, self.author[author], self.topic[topic], self.ctype[ctype]])
-        return _normalize(self._mlp(self.post_mlp, h.astype(np.float32))).astype(np.float32)
-
-    def user(self, dense: np.ndarray, follow_ids: np.ndarray, follow_offsets: np.ndarray) -> np.ndarray:
-        follows = _bag_mean(self.author, follow_ids, follow_offsets)
-        h = np.hstack([dense, follows]).astype(np.float32)
-        return _normalize(self._mlp(self.user_mlp, h)).astype(np.float32)

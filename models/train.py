@@ -24,6 +24,7 @@ from models.rankers import HeavyRanker, LightRanker
 from models.retrieval import RetrievalIndex
 from models.sim_data import SimData
 from models.store import Checkpoint, ModelStore
+from models.inference import load_numpy_towers  # noqa: F401  (re-exported)
 from models.towers import TwoTower, embed_posts, subset_posts, train_two_tower
 from sim.world import DAY_MS
 
@@ -234,17 +235,6 @@ def load_two_tower_model(store: ModelStore, version: str | None = None) -> TwoTo
     model.config.update(blob["config"])
     model.load_state_dict(blob["state"])
     return model.eval()
-
-
-def load_numpy_towers(store: ModelStore, version: str | None = None) -> Any:
-    """The towers of ``version`` as :class:`models.towers.NumpyTowers` (no torch: for the Flink jobs)."""
-    from models.towers import NumpyTowers
-
-    _, path = store.fetch("two_tower", version)
-    if not (path / "towers.npz").exists():
-        raise FileNotFoundError(f"two_tower {version} has no towers.npz (published by an older feedrank): "
-                                "run `feedrank train two-tower` again")
-    return NumpyTowers.from_npz(str(path / "towers.npz"))
 
 
 def load_two_tower(store: ModelStore, data: SimData | None = None) -> tuple[TwoTower, np.ndarray]:
