@@ -37,7 +37,7 @@ venv: preflight $(STAMP)
 # operators (seen intermittently) every later job in that JVM stayed INITIALIZING.
 test: venv
 	@set +e; \
-	if [ -n "$(PYTEST_ARGS)" ]; then runs=("$(PYTEST_ARGS)"); else runs=("--ignore=jobs" $$(ls jobs/*_test.py)); fi; \
+	if [ -n "$(PYTEST_ARGS)" ]; then runs=("$(PYTEST_ARGS)"); else runs=("--ignore-glob=jobs/*" $$(ls jobs/*_test.py)); fi; \
 	rc=0; for r in "$${runs[@]}"; do \
 	  $(VPY) -m pytest $$r; c=$$?; \
 	  if [ $$c -eq 5 ]; then echo "ERROR: pytest collected no tests ($$r)"; c=1; fi; \

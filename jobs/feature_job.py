@@ -127,6 +127,13 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
             self.events = 0
             self.max_ts = 0
 
+        def warm_up(self) -> None:
+            """The bootstrap catalog and the towers load on the first element, not in ``open``: the job's
+            operators open concurrently, and keeping ``open`` short keeps them out of each other's way
+            (the thread-mode start-up hang was seen while one operator loaded these inside ``open``)."""
+            self.catalog = Catalog(cfg)
+            self.embedder.get()
+
         def mark_opened(self) -> None:
             """``<view>_opened`` counts completed opens: restarts are visible, and `feedrank jobs run` restarts
             a job whose operators never finish opening (a PyFlink thread-mode start-up hang, seen intermittently)."""
@@ -178,10 +185,9 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
             super().open(ctx)
             self.state = ctx.get_state(ValueStateDescriptor("post", Types.PICKLED_BYTE_ARRAY()))
             self.seen = ctx.get_map_state(MapStateDescriptor("seen", Types.STRING(), Types.LONG()))
-            self.catalog = Catalog(cfg)
+            self.catalog: Catalog | None = None  # loaded with the towers on the first element (see warm_up)
             self.new_posts: list[tuple] = []
             self.embedder = PostEmbedder(cfg)
-            self.embedder.get()  # load the towers now, not on the first published post
             self.fault = fail_once_on
             self.fault_marker = cfg.data_dir / "flink" / f"fault-{fail_once_on}.done"
             self.counts = {"events": 0, "duplicates": 0, "invalid": 0}
@@ -190,6 +196,8 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
             self.mark_opened()
 
         def process_element(self, e: tuple, ctx: Any):
+            if self.catalog is None:
+                self.warm_up()
             self.events += 1
             self.counts["events"] += 1
             if e[0] < 0:
@@ -282,12 +290,13 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
         def open(self, ctx: Any) -> None:
             super().open(ctx)
             self.state = ctx.get_state(ValueStateDescriptor("user", Types.PICKLED_BYTE_ARRAY()))
-            self.catalog = Catalog(cfg)
+            self.catalog: Catalog | None = None  # loaded with the towers on the first element (see warm_up)
             self.embedder = UserEmbedder(cfg)
-            self.embedder.get()
             self.mark_opened()
 
         def process_element(self, e: tuple, ctx: Any):
+            if self.catalog is None:
+                self.warm_up()
             self.events += 1
             uid = e[rt.K_USER]
             s = self.state.value()
