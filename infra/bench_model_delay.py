@@ -7,7 +7,9 @@ what passes its guardrails; the server hot-reloads. A trend shift early in the r
 the learner something real to learn. Every GetFeed response names the model version that
 ranked it, so for each promoted version we know when it first served.
 
-Per promotion (event time = wall time here: the clock runs at 1x):
+Per promotion (event time ~ wall time here: the clock runs at 1x, but each simulated session
+stamps its scroll events on its own timeline, up to a session ahead of the wall clock, so the
+event-time based figures below understate; published -> serving is wall time on both ends):
 
     exposure -> serving    first response ranked by the version, minus the time the newest
                            exposures it learned from were served (the validation boundary)
@@ -143,6 +145,8 @@ def bench_model_delay(cfg: Config, world_dir: Path, users: int = 300, minutes: f
                 "max": round(float(max(decide)), 2) if decide else None, "n": len(decide)},
             "published_to_serving_s": q("published_to_serving_s"),
             "versions_served": len(first_served),
-            "note": "exposure -> serving >= attribution window (labels must close) + up to one validation interval "
-                    "+ learner lag + reload polling; with production settings (attribution 600 s, validation 30 s) "
-                    "add the difference in windows"}
+            "note": "published -> serving is wall time on both ends. The event-time figures (exposure -> serving, "
+                    "labels closed -> published) map event time to wall time at 1x, but simulated sessions stamp "
+                    "their scroll events on their own timeline, up to a session's length ahead of the wall clock, so "
+                    "they understate (negative values). By construction: exposure -> serving = attribution window "
+                    "+ up to one validation interval + learner lag + published -> serving"}
