@@ -674,6 +674,17 @@ def feast_export(world: Optional[Path] = typer.Option(None, help="Simulated worl
     print(json.dumps(export(cfg, _world_dir(cfg, world))))
 
 
+def _rps_levels(rps: str) -> tuple[float, ...]:
+    """``--rps 20,50,100`` -> (20.0, 50.0, 100.0), or a clear error."""
+    try:
+        levels = tuple(float(x) for x in rps.split(",") if x.strip())
+    except ValueError:
+        _fail(f"--rps must be numbers separated by commas, got {rps!r}")
+    if not levels or min(levels) <= 0:
+        _fail(f"--rps needs at least one positive load, got {rps!r}")
+    return levels
+
+
 @bench_app.callback()
 def bench_all_cmd(ctx: typer.Context,
                   rps: str = typer.Option("20,50,100,150", help="GetFeed offered loads, requests/s"),
@@ -685,10 +696,7 @@ def bench_all_cmd(ctx: typer.Context,
         return
     from infra.bench_all import run_all
 
-    try:
-        levels = tuple(float(x) for x in rps.split(",") if x.strip())
-    except ValueError:
-        _fail(f"--rps must be numbers separated by commas, got {rps!r}")
+    levels = _rps_levels(rps)
     with _progress() as prog:
         try:
             path, results = run_all(_cfg(), levels, seconds, tuple(s.strip() for s in scales.split(",") if s.strip()),
@@ -789,10 +797,7 @@ def bench_serve_cmd(scale: str = typer.Option("large", help="World scale (its wo
     from infra.bench import write_result
     from infra.bench_serve import bench_serve
 
-    try:
-        levels = tuple(float(x) for x in rps.split(",") if x.strip())
-    except ValueError:
-        _fail(f"--rps must be numbers separated by commas, got {rps!r}")
+    levels = _rps_levels(rps)
     with _progress() as prog:
         try:
             res = bench_serve(_cfg(), scale, levels, seconds, progress=_StageProgress(prog), workers=workers)

@@ -55,7 +55,7 @@ def bench_model_delay(cfg: Config, world_dir: Path, users: int = 300, minutes: f
     from serving.client import GrpcFeedApi
     from serving.server import Server
     from sim.clients import Population, WallClock
-    from sim.trend_shift_experiment import _wait_progress
+    from sim.trend_shift_experiment import _wait_progress, shutdown
     from sim.world import TrendShift, World
 
     step = progress or (lambda s, f: None)
@@ -106,11 +106,7 @@ def bench_model_delay(cfg: Config, world_dir: Path, users: int = 300, minutes: f
         st = pop.run(api, clock, minutes * 60.0, on_tick=on_tick)
         decisions = [d for d in read_decisions(bcfg) if d.get("decision") in ("promote", "reject", "rollback")]
     finally:
-        if api is not None:
-            api.close()
-        if server is not None:
-            server.stop(grace=1.0)
-        procs.stop()
+        shutdown(api, server, procs)
         runtime.down(bcfg)
 
     window_s = float(LEARNER["FEEDRANK_ONLINE_LEARNING_ATTRIBUTION_WINDOW_S"])

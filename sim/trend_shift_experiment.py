@@ -75,6 +75,15 @@ class ShiftRecorder:
         return getattr(self.api, name)
 
 
+def shutdown(api: Any, server: Any, procs: Any) -> None:
+    """Close the client, stop the in-process server, stop the job processes (whichever were started)."""
+    if api is not None:
+        api.close()
+    if server is not None:
+        server.stop(grace=1.0)
+    procs.stop()
+
+
 def _wait_progress(cfg: Config, jobs: dict[str, str], procs: Any, timeout: float = 300.0) -> None:
     from features.client import read_progress
 
@@ -156,11 +165,7 @@ def run_arm(cfg: Config, arm: str, world_dir: Path, users: int, minutes: float, 
         decisions = [d for d in read_decisions(acfg) if d.get("decision") != "wait"]
         learner = read_progress(acfg, "learner")
     finally:
-        if api is not None:
-            api.close()
-        if server is not None:
-            server.stop(grace=1.0)
-        procs.stop()
+        shutdown(api, server, procs)
     timeline = []
     for b in sorted(rec.buckets):
         r = rec.buckets[b]
