@@ -436,7 +436,7 @@ def _run_streaming_job(cfg, job: str, seconds: float) -> None:
                 p = read_progress(cfg, job)
                 started = all(p.get(k, 0) > before.get(k, 0) for k in opened)
                 if not started and _time.monotonic() - t0 > cfg.flink.startup_timeout_s:
-                    _restart_stuck_job(job, opened, p)
+                    _restart_stuck_job(job, opened, p, before)
             try:
                 status = str(client.get_job_status().result()).rsplit(".", 1)[-1]
             except Exception as e:  # noqa: BLE001 - the MiniCluster is gone: say so rather than poll forever
@@ -458,7 +458,11 @@ def _run_streaming_job(cfg, job: str, seconds: float) -> None:
         _fail(failed)
 
 
-def _restart_stuck_job(job: str, opened: tuple[str, ...], progress: dict) -> None:
+#: not FEEDRANK_*: the configuration rejects unknown FEEDRANK_ variables
+START_ATTEMPT_ENV = "_FEEDRANK_JOB_START_ATTEMPT"
+
+
+def _restart_stuck_job(job: str, opened: tuple[str, ...], progress: dict, before: dict) -> None:
     """Start again in a fresh JVM when the job's Python operators never finished opening.
 
     Measured: now and then (in CI, and in a long test session) PyFlink's thread-mode operators
@@ -467,8 +471,8 @@ def _restart_stuck_job(job: str, opened: tuple[str, ...], progress: dict) -> Non
     finalizer, so the JVM is killed and this command re-executes itself (at most 3 attempts)."""
     import psutil
 
-    attempt = int(os.environ.get("FEEDRANK_JOB_START_ATTEMPT", "1"))
-    missing = [k for k in opened if not progress.get(k)]
+    attempt = int(os.environ.get(START_ATTEMPT_ENV, "1"))
+    missing = [k for k in opened if progress.get(k, 0) <= before.get(k, 0)]
     if attempt >= 3:
         _fail(f"{job} job: operators did not open ({', '.join(missing)}) in 3 attempts; see the JVM log in "
               f"{os.environ.get('FLINK_LOG_DIR')}")
@@ -479,7 +483,7 @@ def _restart_stuck_job(job: str, opened: tuple[str, ...], progress: dict) -> Non
             child.kill()
         except psutil.NoSuchProcess:
             pass
-    os.environ["FEEDRANK_JOB_START_ATTEMPT"] = str(attempt + 1)
+    os.environ[START_ATTEMPT_ENV] = str(attempt + 1)
     sys.stdout.flush()
     os.execv(sys.executable, [sys.executable, *sys.argv])
 
