@@ -134,13 +134,16 @@ def flink_status() -> None:
 @flink_app.command("submit")
 def flink_submit(job: Path = typer.Argument(..., help="Python job file, e.g. jobs/audit.py"),
                  args: Optional[list[str]] = typer.Argument(None)) -> None:
-    """`flink run -py JOB -pyexec <venv python>` against the standalone cluster (detached)."""
+    """`flink run -py JOB -pyexec <venv python>` against the standalone cluster (detached); returns once
+    every operator runs, restarting a job whose operators never open (see infra.flink.submit_supervised)."""
     from infra import flink
+    from infra.procs import ServiceError
 
-    r = flink.submit(_cfg(), job, list(args or []))
-    print(r.stdout)
-    if r.returncode != 0:
-        _fail(r.stderr[-2000:] or "flink run failed")
+    try:
+        job_id = flink.submit_supervised(_cfg(), job, list(args or []), say=console.print)
+    except ServiceError as e:
+        _fail(str(e))
+    console.print(f"[green]✓[/green] {job.name}: job {job_id} running")
 
 
 # ----------------------------------------------------------------------------- config
@@ -471,8 +474,12 @@ def _restart_stuck_job(job: str, opened: tuple[str, ...], progress: dict, before
     finalizer, so the JVM is killed and this command re-executes itself (at most 3 attempts)."""
     import psutil
 
+    from jobs.startup_stacks import read_dumps
+
     attempt = int(os.environ.get(START_ATTEMPT_ENV, "1"))
     missing = [k for k in opened if progress.get(k, 0) <= before.get(k, 0)]
+    dumps = read_dumps(get_config(), since=psutil.Process().create_time())
+    console.print(dumps or "no Python stack dump: the operators never reached their own open")
     if attempt >= 3:
         _fail(f"{job} job: operators did not open ({', '.join(missing)}) in 3 attempts; see the JVM log in "
               f"{os.environ.get('FLINK_LOG_DIR')}")

@@ -99,6 +99,7 @@ class Flink(_Section):
     checkpoint_interval_ms: PosInt
     file_monitor_interval_ms: PosInt
     startup_timeout_s: PosFloat
+    task_cancellation_timeout_s: PosFloat
 
 
 class ModelStore(_Section):

@@ -172,6 +172,9 @@ def write_cluster_conf(cfg: Config) -> Path:
         "rest.bind-address": "localhost",
         "rest.port": str(cfg.flink.rest_port),
         "io.tmp.dirs": str(d["tmp"]),
+        # a task stuck in native code (see submit_supervised) ignores interrupts: Flink's own
+        # watchdog then stops its taskmanager after this long instead of the default 180 s
+        "task.cancellation.timeout": str(int(cfg.flink.task_cancellation_timeout_s * 1000)),
         **base_configuration(cfg),
     }
     text = "# written by `feedrank flink up` from feedrank.toml; edits are overwritten\n"
@@ -268,3 +271,110 @@ def submit(cfg: Config, job_py: Path, args: list[str], detached: bool = True) ->
         *args,
     ]
     return subprocess.run(argv, env=cluster_environ(cfg), capture_output=True, text=True, cwd=str(PROJECT_ROOT))
+
+
+def rest(cfg: Config, path: str, method: str = "GET", timeout: float = 5.0) -> dict | None:
+    """One call to the cluster's REST API (None when the cluster does not answer or the path is unknown)."""
+    req = urllib.request.Request(f"http://localhost:{cfg.flink.rest_port}{path}", method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            body = r.read()
+            return json.loads(body) if body else {}
+    except (OSError, ValueError):
+        return None
+
+
+def job_state(cfg: Config, job_id: str) -> tuple[str, dict[str, str]]:
+    """The job's state and each operator chain's state (``INITIALIZING`` until its ``open`` returned)."""
+    info = rest(cfg, f"/jobs/{job_id}") or {}
+    return info.get("state", "UNKNOWN"), {v["name"]: v["status"] for v in info.get("vertices", [])}
+
+
+def job_failure(cfg: Config, job_id: str) -> str:
+    """The root exception Flink recorded for the job, first lines only."""
+    exc = (rest(cfg, f"/jobs/{job_id}/exceptions") or {}).get("root-exception") or "no exception recorded"
+    return " | ".join(ln for ln in exc.splitlines()[:6] if ln.strip())
+
+
+def live_taskmanagers(cfg: Config) -> list[int]:
+    """Pids of our taskmanager processes that are alive: processes, not the jobmanager's count,
+    since a stopped taskmanager stays registered until its heartbeat times out."""
+    import psutil
+
+    alive = []
+    for pf in cluster_dirs(cfg)["pid"].glob("*taskexecutor*.pid"):
+        for t in pf.read_text().split():
+            try:
+                if t.isdigit() and psutil.Process(int(t)).status() != psutil.STATUS_ZOMBIE:
+                    alive.append(int(t))
+            except psutil.NoSuchProcess:
+                pass
+    return alive
+
+
+def ensure_taskmanagers(cfg: Config, timeout_s: float | None = None) -> int:
+    """Start taskmanagers until ``flink.taskmanagers`` are registered (one may have been stopped
+    by Flink's cancellation watchdog); returns how many were started."""
+    if rest_overview(cfg) is None:
+        raise ServiceError("the Flink cluster is not running: `feedrank flink up`")
+    missing = cfg.flink.taskmanagers - len(live_taskmanagers(cfg))
+    for _ in range(missing):
+        r = subprocess.run(["bash", str(flink_home() / "bin" / "taskmanager.sh"), "start"], env=cluster_environ(cfg),
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise ServiceError(f"taskmanager.sh start failed: {r.stdout[-800:]} {r.stderr[-800:]}")
+    deadline = time.monotonic() + (timeout_s or cfg.flink.startup_timeout_s)
+    while missing > 0 and time.monotonic() < deadline:
+        ov = rest_overview(cfg) or {}
+        if ov.get("taskmanagers", 0) >= cfg.flink.taskmanagers and ov.get("slots-available", 0) > 0:
+            break
+        time.sleep(0.5)
+    return max(missing, 0)
+
+
+def submit_supervised(cfg: Config, job_py: Path, args: list[str], attempts: int = 3,
+                      say: Any = print) -> str:
+    """Submit a streaming job and return its id once every operator has opened.
+
+    Measured: now and then a PyFlink thread-mode operator never leaves INITIALIZING (its Python
+    ``open`` never returns; see jobs/startup_stacks.py). A supervisor restarts such a job, as a
+    Kubernetes operator would: cancel it, let Flink's cancellation watchdog stop the taskmanager
+    whose task thread is stuck in native code (``flink.task_cancellation_timeout_s``), start a
+    replacement taskmanager and submit again, at most ``attempts`` times. A job that fails is
+    reported with Flink's root exception, never retried blindly.
+    """
+    from jobs.startup_stacks import read_dumps
+
+    for attempt in range(1, attempts + 1):
+        ensure_taskmanagers(cfg)
+        submitted_at = time.time()
+        r = submit(cfg, job_py, args)
+        m = re.search(r"JobID ([0-9a-f]{32})", r.stdout)
+        if r.returncode != 0 or not m:
+            raise ServiceError(f"flink run {job_py.name} failed: {(r.stdout + r.stderr)[-2000:]}")
+        job_id = m.group(1)
+        deadline = time.monotonic() + cfg.flink.startup_timeout_s
+        state, vertices = job_state(cfg, job_id)
+        while time.monotonic() < deadline:
+            state, vertices = job_state(cfg, job_id)
+            if state in ("FAILED", "CANCELED", "FINISHED"):
+                raise ServiceError(f"{job_py.name} job {job_id} is {state}: {job_failure(cfg, job_id)}")
+            if state == "RUNNING" and vertices and all(v in ("RUNNING", "FINISHED") for v in vertices.values()):
+                return job_id
+            time.sleep(1.0)
+        stuck = ", ".join(f"{k} {v}" for k, v in vertices.items() if v not in ("RUNNING", "FINISHED"))
+        say(f"{job_py.name} job {job_id}: not running after {cfg.flink.startup_timeout_s:.0f} s ({stuck or state}); "
+            f"attempt {attempt} of {attempts}")
+        say(read_dumps(cfg, since=submitted_at) or "no Python stack dump: the operators never reached their own open")
+        before = set(live_taskmanagers(cfg))
+        rest(cfg, f"/jobs/{job_id}?mode=cancel", method="PATCH")
+        # wait for the cancel, and for the stuck taskmanager to stop (it does within the cancellation
+        # timeout when the task ignores the cancel; a task that reacts leaves every taskmanager up)
+        end = time.monotonic() + cfg.flink.task_cancellation_timeout_s + 30
+        while time.monotonic() < end:
+            if job_state(cfg, job_id)[0] in ("CANCELED", "FAILED", "UNKNOWN") and before - set(live_taskmanagers(cfg)):
+                break
+            time.sleep(1.0)
+        said_stopped = sorted(before - set(live_taskmanagers(cfg)))
+        say(f"{job_py.name} job {job_id}: {job_state(cfg, job_id)[0]}; taskmanagers stopped by Flink: {said_stopped or 'none'}")
+    raise ServiceError(f"{job_py.name}: operators did not open in {attempts} attempts; logs in {cluster_dirs(cfg)['log']}")

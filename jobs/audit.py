@@ -35,8 +35,12 @@ DEDUP_RETENTION_MS = 3_600_000  # an event_id is remembered this long
 SUMMARY_EVERY = 5000  # events between two summaries (also emitted every 500 ms of processing time)
 
 
-def _functions() -> tuple[type, type]:
-    """The keyed process functions (imported lazily: pyflink is heavy)."""
+def _functions(cfg: Config, stall_open_once: str | None = None) -> tuple[type, type]:
+    """The keyed process functions (imported lazily: pyflink is heavy).
+
+    ``stall_open_once`` (a marker path) is the test hook for the supervisor: the first time,
+    the tally operator's ``open`` never returns and ignores interrupts, as in PyFlink's
+    thread-mode start-up hang."""
     from pyflink.common import Types
     from pyflink.datastream import KeyedProcessFunction
     from pyflink.datastream.state import ValueStateDescriptor
@@ -50,7 +54,11 @@ def _functions() -> tuple[type, type]:
         """
 
         def open(self, ctx: Any) -> None:
+            from jobs import startup_stacks
+
+            startup_stacks.begin(cfg, "first-seen operator")
             self.seen = ctx.get_state(ValueStateDescriptor("seen", Types.BOOLEAN()))
+            startup_stacks.end("first-seen operator")
 
         def process_element(self, value: Any, ctx: Any):
             eid, typ, err = value
@@ -69,8 +77,19 @@ def _functions() -> tuple[type, type]:
         """One key: running counts, emitted as a JSON summary every N events and when idle."""
 
         def open(self, ctx: Any) -> None:
+            from jobs import startup_stacks
+
+            startup_stacks.begin(cfg, "tally operator")
+            if stall_open_once:
+                from pathlib import Path
+
+                marker = Path(stall_open_once)
+                if not marker.exists():
+                    marker.write_text("stalled once")
+                    time.sleep(10**6)
             self.state = ctx.get_state(ValueStateDescriptor("tally", Types.STRING()))
             self.timer = ctx.get_state(ValueStateDescriptor("timer", Types.LONG()))
+            startup_stacks.end("tally operator")
 
         def _tally(self) -> dict:
             raw = self.state.value()
@@ -102,13 +121,13 @@ def _functions() -> tuple[type, type]:
     return FirstSeenFunction, TallyFunction
 
 
-def build(env: Any, cfg: Config) -> Any:
+def build(env: Any, cfg: Config, stall_open_once: str | None = None) -> Any:
     """Event lines -> validate -> duplicate check keyed by event_id -> running summaries (JSON)."""
     from pyflink.common import Types
 
     from jobs.sources import event_lines
 
-    first_seen, tally = _functions()
+    first_seen, tally = _functions(cfg, stall_open_once)
     checked = (
         event_lines(env, cfg, "events")
         .map(validate_line, output_type=Types.TUPLE([Types.STRING(), Types.STRING(), Types.STRING()]))
@@ -175,7 +194,8 @@ def main(argv: list[str]) -> None:
 
     cfg = job_config(argv)
     env = stream_env(cfg)
-    build(env, cfg).print()
+    stall = argv[argv.index("--stall-open-once") + 1] if "--stall-open-once" in argv else None
+    build(env, cfg, stall).print()
     env.execute("feedrank-audit")
 
 

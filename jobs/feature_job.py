@@ -119,7 +119,9 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
 
         def open(self, ctx: Any) -> None:
             from features.client import FeatureWriter
+            from jobs import startup_stacks
 
+            startup_stacks.begin(cfg, f"{self.view} operator")
             self.writer = FeatureWriter(cfg)
             self.dirty: dict[int, Any] = {}
             self.last_flush = time.monotonic()
@@ -139,7 +141,10 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
             a job whose operators never finish opening (a PyFlink thread-mode start-up hang, seen intermittently)."""
             from features.client import PROGRESS_KEY
 
+            from jobs import startup_stacks
+
             self.writer.redis.hincrby(PROGRESS_KEY.format(job=JOB), f"{self.view}_opened", 1)
+            startup_stacks.end(f"{self.view} operator")
 
         def after_update(self, ctx: Any) -> None:
             if len(self.dirty) >= S.max_buffer_rows or (self.dirty and time.monotonic() - self.last_flush >= S.flush_ms / 1000):

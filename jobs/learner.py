@@ -139,6 +139,15 @@ def _functions(cfg: Config) -> dict[str, Any]:
         """One instance: materialises examples, trains, validates, publishes, rolls back."""
 
         def open(self, ctx: Any) -> None:
+            from jobs import startup_stacks
+
+            startup_stacks.begin(cfg, "learner operator")
+            try:
+                self._open(ctx)
+            finally:
+                startup_stacks.end("learner operator")
+
+        def _open(self, ctx: Any) -> None:
             from features.client import PROGRESS_KEY, redis_client
             from features.snapshots import SnapshotStore
             from models.online import OnlineLearner
