@@ -579,9 +579,9 @@ def eval_(
         with _progress() as prog:
             res = run_experiments(cfg, d, json_out, users=users, minutes=minutes, progress=_StageProgress(prog),
                                   parts=parts, trend_minutes=trend_minutes, speed=speed)
-        print(json.dumps({"checks": res["checks"], **{n: {k: r[k] for k in ("utility_per_examined", "ctr",
-                                                                             "ndcg@20_vs_true_utility")}
-                                                      for n, r in res.get("variants", {}).items()}}))
+        shown = ("utility_total", "utility_per_examined", "ctr", "ndcg@20_vs_true_utility")
+        print(json.dumps({"checks": res["checks"], "wall_seconds": res["wall_seconds"],
+                          **{n: {k: r[k] for k in shown} for n, r in res.get("variants", {}).items()}}))
         console.print(f"report: {json_out.parent / 'report.md'}")
         return
     if what != "models":

@@ -155,6 +155,7 @@ def run_experiments(cfg: Config, world_dir: Path, out_json: Path, users: int = 3
 
     step = progress or (lambda s, f: None)
     bcfg = isolated_config(cfg, "experiments")
+    t0 = time.monotonic()
     runtime.up(bcfg)
     res: dict[str, Any] = {"world": str(world_dir), "users": users, "simulated_minutes": minutes, "seed": seed,
                            "machine": machine(), "parts": list(parts)}
@@ -194,6 +195,7 @@ def run_experiments(cfg: Config, world_dir: Path, out_json: Path, users: int = 3
     for part in ("position_bias", "trend_shift"):
         checks.update(res.get(part, {}).get("checks", {}))
     res["checks"] = checks
+    res["wall_seconds"] = round(time.monotonic() - t0, 1)
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(res, indent=2))
     _report(res, out_json.parent)
@@ -208,7 +210,8 @@ def _report(res: dict, out: Path) -> None:
 
     lines = ["# feedrank experiments on the simulator's ground truth", "",
              f"World `{res['world']}`, {res['users']} simulated users, seed {res['seed']}; machine: "
-             f"{res['machine']['cpus']} cores, {res['machine']['memory_gb']} GB.", ""]
+             f"{res['machine']['cpus']} cores, {res['machine']['memory_gb']} GB"
+             + (f"; {res['wall_seconds'] / 60:.1f} minutes wall time." if "wall_seconds" in res else "."), ""]
     v = res.get("variants")
     if v:
         names = list(v)
