@@ -238,7 +238,8 @@ def _wait_jobs(cfg: Config, procs: Procs, console: Console, timeout: float = 240
 
 
 def _job_diagnostics(cfg: Config, procs: Procs) -> str:
-    """What a stuck job said: the tail of its console and the last warnings of its JVM log."""
+    """What a stuck job said: the tail of its console, the last warnings of its JVM log, and the
+    Python stacks of an operator whose open did not return (jobs/startup_stacks.py)."""
     from infra.procs import tail
 
     out = []
@@ -248,6 +249,9 @@ def _job_diagnostics(cfg: Config, procs: Procs) -> str:
         bad = [ln for ln in log.read_text(errors="replace").splitlines() if " ERROR " in ln or " WARN " in ln
                or "Exception" in ln]
         out.append(f"--- {log} ({len(bad)} warnings/errors; last):\n" + "\n".join(bad[-8:]))
+    from jobs.startup_stacks import read_dumps
+
+    out.append(read_dumps(cfg) or "--- no Python stack dump (no operator's open outlasted half the start-up timeout)")
     return "\n".join(out)
 
 
