@@ -17,7 +17,6 @@ absolute values, never increments.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import numpy as np
@@ -59,33 +58,6 @@ def compact(line: str) -> Compact | str:
                 -1, 0, -1, -1, "", ev.position)
     return (k, ev.event_id, ev.ts, ev.user_id, ev.post_id, ev.author_id if ev.author_id is not None else -1,
             A[ev.action], ev.dwell_ms or 0, -1, -1, "", ev.position or 0)
-
-
-# ----------------------------------------------------------------------------- routing
-
-#: the key of a line that is not an event (its post operator instance counts it invalid)
-INVALID_KEY = -(1 << 62)
-_POST_ID = re.compile(r'"post_id"\s*:\s*(-?\d+)')
-_USER_ID = re.compile(r'"user_id"\s*:\s*(-?\d+)')
-_FOLLOWS = re.compile(r'"type"\s*:\s*"(?:followed|unfollowed)"')
-
-
-def event_key(e: Compact) -> int:
-    """The post operator's key: the post; for follows (no post) ``-1 - user``."""
-    return e[K_POST] if e[K_KIND] not in (FOLLOW, UNFOLLOW) else -1 - e[K_USER]
-
-
-def line_key(line: str) -> int:
-    """:func:`event_key` read off the raw JSON line by a regex (~1 us), so the job keys lines before
-    parsing them: a separate parse operator cost a whole PyFlink hop (~50 us) per event. A quote
-    inside a string value is escaped, so ``"post_id":`` only matches the field itself. The post
-    operator parses the line and rejects it if this key disagrees (non-canonical JSON, e.g. an
-    escaped key name); the event log's own writers never produce such lines."""
-    m = _USER_ID.search(line) if _FOLLOWS.search(line) else _POST_ID.search(line)
-    if m is None:
-        return INVALID_KEY
-    v = int(m.group(1))
-    return -1 - v if m.re is _USER_ID else v
 
 
 # ----------------------------------------------------------------------------- buckets

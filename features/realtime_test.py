@@ -63,25 +63,3 @@ def test_topic_trend_against_long_run():
     c5, c1h, longrun, trend = rt.topic_row(s)
     assert (c5, c1h) == (20.0, 20.0) and longrun == pytest.approx(30 / (10 + 19 / 3600))  # 30 clicks over 10 h 19 s
     assert trend > 1.0
-
-
-def test_line_key_is_the_parsed_events_key_and_ignores_look_alikes_in_text():
-    import json
-
-    from sim.eventgen import synthetic_events
-
-    lines = [e.model_dump_json() for e in synthetic_events(5000, seed=11)]
-    kinds = set()
-    for line in lines:
-        e = rt.compact(line)
-        kinds.add(e[rt.K_KIND])
-        assert rt.line_key(line) == rt.event_key(e)
-    assert {rt.PUBLISH, rt.FOLLOW, rt.EXPOSURE, rt.ENGAGEMENT} <= kinds
-    # a post whose text mentions the field: the escaped quotes keep it from matching
-    pub = json.loads(next(ln for ln in lines if '"post_published"' in ln))
-    pub["text"] = 'see "post_id": 999 and "type": "followed"'
-    line = json.dumps(pub, indent=1)  # other whitespace than the writers'
-    assert rt.line_key(line) == pub["post_id"] == rt.event_key(rt.compact(line))
-    follow = json.loads(next(ln for ln in lines if '"followed"' in ln))
-    assert rt.line_key(json.dumps(follow)) == -1 - follow["user_id"]
-    assert rt.line_key("not json") == rt.INVALID_KEY and rt.line_key('{"type": "exposure"}') == rt.INVALID_KEY

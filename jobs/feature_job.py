@@ -1,15 +1,13 @@
 """Real-time feature job (PyFlink DataStream, thread mode): event log -> Feast online store.
 
-    event lines ─ key_by(post id, read off the line)
-      ─ PostFeaturesFunction  validation, de-duplication, post_stats, new-post embeddings + index delta
+    event lines ─ ParseMap
+      ─ key_by(post) PostFeaturesFunction   de-duplication, post_stats, new-post embeddings + index delta
       ─ event-time watermarks (engagements and follows only)
       ─ key_by(user) UserFeaturesFunction   user_topic, user_embedding (user tower)
       ─ key_by(topic) TopicFeaturesFunction topic_stats
 
-* Validation: the post operator puts every line through :func:`features.events.parse_event`;
-  malformed lines are counted and logged with their reason, never passed on. Lines are
-  keyed before they are parsed (:func:`features.realtime.line_key`, a regex): a parse
-  operator of its own cost a PyFlink hop per event.
+* Validation: every line goes through :func:`features.events.parse_event`; malformed
+  lines are counted and logged with their reason, never passed on.
 * De-duplication by event_id inside the post operator: every copy of an event has the
   same post (follows: the same user), so a per-key MapState of recent ids is enough and
   saves a whole operator hop per event (measured ~27 us). Ids expire through
@@ -86,7 +84,7 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
     """The job's functions (pyflink and torch are imported lazily, inside the workers)."""
     from pyflink.common import Types
     from pyflink.common.watermark_strategy import TimestampAssigner
-    from pyflink.datastream import KeyedProcessFunction, TimeDomain
+    from pyflink.datastream import KeyedProcessFunction, MapFunction, TimeDomain
     from pyflink.datastream.state import MapStateDescriptor, ValueStateDescriptor
 
     from features import realtime as rt
@@ -94,6 +92,21 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
 
     S = cfg.streaming
     long_dwell_ms = cfg.heads.long_dwell_ms
+
+    class ParseMap(MapFunction):
+        """JSON line -> compact tuple; a malformed line becomes (-1, reason) and is logged."""
+
+        def open(self, ctx: Any) -> None:
+            self.invalid = 0
+
+        def map(self, line: str) -> tuple:
+            out = rt.compact(line)
+            if isinstance(out, str):
+                self.invalid += 1
+                if self.invalid <= 20 or self.invalid % 1000 == 0:
+                    log.warning("invalid event #%d: %s", self.invalid, out)
+                return (-1, out)
+            return out
 
     class EventTime(TimestampAssigner):
         def extract_timestamp(self, value: tuple, record_timestamp: int) -> int:
@@ -187,17 +200,13 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
             self.expiry_due: dict[int, int] = {}
             self.mark_opened()
 
-        def process_element(self, line: str, ctx: Any):
+        def process_element(self, e: tuple, ctx: Any):
             if self.catalog is None:
                 self.warm_up()
             self.events += 1
             self.counts["events"] += 1
-            e = rt.compact(line)
-            if isinstance(e, str) or rt.event_key(e) != ctx.get_current_key():
-                reason = e if isinstance(e, str) else "post_id/user_id not found by the line key reader"
+            if e[0] < 0:
                 self.counts["invalid"] += 1
-                if self.counts["invalid"] <= 20 or self.counts["invalid"] % 1000 == 0:
-                    log.warning("invalid event #%d: %s", self.counts["invalid"], reason)
                 return
             eid = e[rt.K_ID]
             if self.seen.contains(eid):
@@ -208,7 +217,7 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
             # one id-expiry timer per key and minute: registering it again is a no-op in Flink but still
             # a call into the JVM, so the operator remembers what it registered (a restart forgets: harmless)
             due = _tagged(now + self.retention_ms, 1, 60_000)
-            key = rt.event_key(e)
+            key = e[rt.K_POST] if e[rt.K_KIND] not in (rt.FOLLOW, rt.UNFOLLOW) else -1 - e[rt.K_USER]
             if self.expiry_due.get(key) != due:
                 ctx.timer_service().register_processing_time_timer(due)
                 self.expiry_due[key] = due
@@ -363,7 +372,7 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
             self.writer.write("topic_stats", np.fromiter(rows.keys(), dtype=np.int64, count=len(rows)),
                               {n: vals[:, j] for j, n in enumerate(TOPIC_STATS_FLOAT)})
 
-    return {"event_time": EventTime, "post": PostFeaturesFunction,
+    return {"parse": ParseMap, "event_time": EventTime, "post": PostFeaturesFunction,
             "user": UserFeaturesFunction, "topic": TopicFeaturesFunction}
 
 
@@ -478,10 +487,15 @@ def build(env: Any, cfg: Config, fail_once_on: str | None = None) -> Any:
     f = _functions(cfg, fail_once_on)
     wm = (WatermarkStrategy.for_bounded_out_of_orderness(Duration.of_millis(cfg.streaming.out_of_orderness_ms))
           .with_timestamp_assigner(f["event_time"]()))
-    # lines are keyed by a regex and parsed in the post operator: a parse operator of its own cost
-    # a PyFlink hop and a pickled tuple per event (see features.realtime.line_key)
-    enriched = (event_lines(env, cfg, "events")
-                .key_by(rt.line_key, key_type=Types.LONG()).process(f["post"]()).name("post-features")
+    invalid_key = -(1 << 62)
+
+    def post_key(e: tuple) -> int:
+        if e[0] < 0:
+            return invalid_key
+        return e[rt.K_POST] if e[rt.K_KIND] not in (rt.FOLLOW, rt.UNFOLLOW) else -1 - e[rt.K_USER]
+
+    enriched = (event_lines(env, cfg, "events").map(f["parse"]()).name("parse")
+                .key_by(post_key, key_type=Types.LONG()).process(f["post"]()).name("post-features")
                 .assign_timestamps_and_watermarks(wm))
     clicks = (enriched.key_by(lambda e: e[rt.K_USER], key_type=Types.LONG())
               .process(f["user"]()).name("user-features"))
