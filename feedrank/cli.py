@@ -469,8 +469,9 @@ def _restart_stuck_job(job: str, opened: tuple[str, ...], progress: dict, before
     """Start again in a fresh JVM when the job's Python operators never finished opening.
 
     Measured: now and then (in CI, and in a long test session) PyFlink's thread-mode operators
-    stay INITIALIZING forever, their Python ``open`` never returning while the source runs; a
-    new JVM starts normally. Cancelling the stuck job would itself wait 180 s in the interpreter's
+    stayed INITIALIZING forever, their Python ``open`` never returning while the source ran; a
+    new JVM started normally. The cause found is fixed (``feedrank.embedded_sys_path``); this
+    stays for any other start-up deadlock. Cancelling the stuck job would itself wait 180 s in the interpreter's
     finalizer, so the JVM is killed and this command re-executes itself (at most 3 attempts)."""
     import psutil
 

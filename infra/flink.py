@@ -336,8 +336,9 @@ def submit_supervised(cfg: Config, job_py: Path, args: list[str], attempts: int 
                       say: Any = print) -> str:
     """Submit a streaming job and return its id once every operator has opened.
 
-    Measured: now and then a PyFlink thread-mode operator never leaves INITIALIZING (its Python
-    ``open`` never returns; see jobs/startup_stacks.py). A supervisor restarts such a job, as a
+    Measured: now and then a PyFlink thread-mode operator never left INITIALIZING (its Python
+    ``open`` never returned). The cause found so far is fixed (see ``feedrank.embedded_sys_path``);
+    any other native deadlock at start-up looks the same, so a supervisor restarts such a job, as a
     Kubernetes operator would: cancel it, let Flink's cancellation watchdog stop the taskmanager
     whose task thread is stuck in native code (``flink.task_cancellation_timeout_s``), start a
     replacement taskmanager and submit again, at most ``attempts`` times. A job that fails is

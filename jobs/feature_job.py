@@ -131,8 +131,8 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
 
         def warm_up(self) -> None:
             """The bootstrap catalog and the towers load on the first element, not in ``open``: the job's
-            operators open concurrently, and keeping ``open`` short keeps them out of each other's way
-            (the thread-mode start-up hang was seen while one operator loaded these inside ``open``)."""
+            operators open concurrently, and a short ``open`` keeps start-up quick and its stack dump
+            (jobs/startup_stacks.py) about start-up alone."""
             self.catalog = Catalog(cfg)
             self.embedder.get()
 
@@ -140,7 +140,6 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
             """``<view>_opened`` counts completed opens: restarts are visible, and `feedrank jobs run` restarts
             a job whose operators never finish opening (a PyFlink thread-mode start-up hang, seen intermittently)."""
             from features.client import PROGRESS_KEY
-
             from jobs import startup_stacks
 
             self.writer.redis.hincrby(PROGRESS_KEY.format(job=JOB), f"{self.view}_opened", 1)
