@@ -355,7 +355,7 @@ def submit_supervised(cfg: Config, job_py: Path, args: list[str], attempts: int 
             raise ServiceError(f"flink run {job_py.name} failed: {(r.stdout + r.stderr)[-2000:]}")
         job_id = m.group(1)
         deadline = time.monotonic() + cfg.flink.startup_timeout_s
-        state, vertices = job_state(cfg, job_id)
+        state, vertices = "UNKNOWN", {}
         while time.monotonic() < deadline:
             state, vertices = job_state(cfg, job_id)
             if state in ("FAILED", "CANCELED", "FINISHED"):

@@ -1,14 +1,16 @@
 """Evidence for a Python operator that never finishes ``open``.
 
-PyFlink's thread mode (pemja) has an intermittent start-up hang: an operator stays
-INITIALIZING because its Python ``open`` never returns, and the JVM's stack shows only a
-native ``invokeMethodNoArgs``. While any operator of this interpreter is inside ``open``,
-a C-level timer (``faulthandler``, which needs no GIL, so it fires even if the GIL is
-held) is armed; if the opens are not all done within half of ``flink.startup_timeout_s``
-(the runners restart a stuck job after all of it), every Python thread's stack is
-written to ``var/flink/python-stacks-<pid>.txt``. The job
-runners (`feedrank jobs run`, `feedrank flink submit`) print that file when they restart
-a stuck job.
+PyFlink's thread mode (pemja) had an intermittent start-up hang: an operator stayed
+INITIALIZING because its Python ``open`` never returned, and the JVM's stack showed only a
+native ``invokeMethodNoArgs``. This module's dump found the cause (now fixed, see
+``feedrank.embedded_sys_path``) and stays for any other native deadlock at start-up.
+
+While any operator of this interpreter is inside ``open``, a C-level timer
+(``faulthandler``, which needs no GIL, so it fires even if the GIL is held) is armed; if
+the opens are not all done within half of ``flink.startup_timeout_s`` (the runners
+restart a stuck job after all of it), every Python thread's stack is written to
+``var/flink/python-stacks-<pid>.txt``. The runners (`feedrank jobs run`, `feedrank flink
+submit`) and the demo print it.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ _opening = 0
 _file: IO[str] | None = None
 
 
-def stacks_path(cfg: Config, pid: int | None = None) -> Path:
-    return cfg.data_dir / "flink" / f"python-stacks-{pid or os.getpid()}.txt"
+def stacks_path(cfg: Config) -> Path:
+    return cfg.data_dir / "flink" / f"python-stacks-{os.getpid()}.txt"
 
 
 def begin(cfg: Config, name: str) -> None:
