@@ -529,8 +529,8 @@ class _StageProgress:
 def train(
     what: str = typer.Argument("all", help="two-tower | light | heavy | all"),
     data: Optional[Path] = typer.Option(None, help="Simulated world directory (default: var/sim/<scale>-<seed>)"),
-    heavy_rows: int = typer.Option(300_000, help="Training impressions sampled for the rankers"),
-    epochs: int = typer.Option(4, help="Two-tower epochs"),
+    heavy_rows: Optional[int] = typer.Option(None, help="Training impressions sampled for the rankers (default: training.heavy_rows)"),
+    epochs: Optional[int] = typer.Option(None, help="Two-tower epochs (default: training.two_tower_epochs)"),
 ) -> None:
     """Train models on the simulator's logs (time-based split) and publish + promote them."""
     import torch

@@ -130,6 +130,14 @@ class Retrieval(_Section):
     nprobe: PosInt
 
 
+class Training(_Section):
+    two_tower_epochs: PosInt
+    two_tower_author_dim: PosInt
+    heavy_rows: PosInt
+    heavy_epochs: PosInt
+    heavy_masked: list[str]
+
+
 class Funnel(_Section):
     light_k: PosInt
     heavy_k: PosInt
@@ -305,6 +313,7 @@ class Config(_Section):
     model_store: ModelStore
     candidates: Candidates
     retrieval: Retrieval
+    training: Training
     funnel: Funnel
     heads: Heads
     rerank: Rerank

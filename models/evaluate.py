@@ -305,14 +305,15 @@ def markdown(res: dict, files: list[str]) -> str:
 
 
 def evaluate_sim(cfg, data_dir: str, out_json: Path, trained=None, data: SimData | None = None,
-                 extra: dict | None = None, progress: Progress | None = None, heavy_rows: int = 300_000,
-                 n_queries: int = 3000, n_sessions: int = 400, n_valid: int = 100_000, store=None,
-                 tt_epochs: int = 4, heavy_epochs: int = 3) -> dict:
+                 extra: dict | None = None, progress: Progress | None = None, heavy_rows: int | None = None,
+                 n_queries: int = 10_000, n_sessions: int = 400, n_valid: int = 100_000, store=None,
+                 tt_epochs: int | None = None, heavy_epochs: int | None = None) -> dict:
     """Train (if not given) and evaluate everything; write JSON + markdown + PNGs."""
     from models.train import ranking_rows, train_all
 
     t0 = time.perf_counter()
     progress = progress or (lambda s, f: None)
+    heavy_rows = heavy_rows or cfg.training.heavy_rows
     res: dict = {}
     if trained is None:
         out = train_all(cfg, data_dir, "all", progress=progress, with_blind=True, heavy_rows=heavy_rows, store=store,

@@ -158,6 +158,7 @@ class NumpyHeavy:
         self.config = json.loads(bytes(arrays["__config__"]).decode())
         a = self.arrays
         self.mean, self.std, self.lo, self.hi = a["mean"], a["std"], a["lo"], a["hi"]
+        self.input_mask = a["input_mask"] if "input_mask" in a else np.ones_like(self.mean)
         self.n_experts = self.config["n_experts"]
         self.final_w = np.stack([a[f"final.{j}.weight"][0] for j in range(len(HEAD_NAMES))]).astype(np.float64)
         self.final_b = np.array([a[f"final.{j}.bias"][0] for j in range(len(HEAD_NAMES))], dtype=np.float64)
@@ -181,7 +182,7 @@ class NumpyHeavy:
         x = np.clip(np.asarray(x, dtype=np.float32), self.lo, self.hi)
         if clip_sigma is not None:
             x = np.clip(x, self.mean - clip_sigma * self.std, self.mean + clip_sigma * self.std)
-        return np.clip((x - self.mean) / self.std, -8.0, 8.0)
+        return np.clip((x - self.mean) / self.std, -8.0, 8.0) * self.input_mask
 
     def hidden(self, x: np.ndarray, clip_sigma: float | None = None, z: np.ndarray | None = None) -> np.ndarray:
         """[n, heads, 32] tower outputs: the deep inputs of the final layer."""

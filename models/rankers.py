@@ -91,6 +91,8 @@ class HeavyRanker(nn.Module):
         self.register_buffer("std", torch.ones(n_features))
         self.register_buffer("lo", torch.full((n_features,), -1e9))
         self.register_buffer("hi", torch.full((n_features,), 1e9))
+        # 0 for feature columns the model is trained and served without (``training.heavy_masked``)
+        self.register_buffer("input_mask", torch.ones(n_features))
         self.experts = nn.ModuleList(
             nn.Sequential(nn.Linear(n_features, hidden), nn.ReLU(), nn.Linear(hidden, expert_dim), nn.ReLU())
             for _ in range(n_experts))
@@ -113,9 +115,12 @@ class HeavyRanker(nn.Module):
         self.lo.copy_(torch.from_numpy(np.asarray(lo, dtype=np.float32)))
         self.hi.copy_(torch.from_numpy(np.asarray(hi, dtype=np.float32)))
 
+    def set_input_mask(self, mask: np.ndarray) -> None:
+        self.input_mask.copy_(torch.from_numpy(np.asarray(mask, dtype=np.float32)))
+
     def normalized(self, x: torch.Tensor) -> torch.Tensor:
         z = (torch.clamp(x, self.lo, self.hi) - self.mean) / self.std
-        return torch.clamp(z, -8.0, 8.0)
+        return torch.clamp(z, -8.0, 8.0) * self.input_mask
 
     def hidden(self, x: torch.Tensor, z: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Per-head inputs of the final layer (features -> MMoE -> towers)."""
@@ -231,9 +236,9 @@ def heavy_from_bytes(data: bytes) -> HeavyRanker:
     blob = torch.load(io.BytesIO(data), weights_only=False)
     m = HeavyRanker(**blob["config"])
     missing, unexpected = m.load_state_dict(blob["state"], strict=False)
-    if unexpected or any(k != "wide.weight" for k in missing):
+    if unexpected or any(k not in ("wide.weight", "input_mask") for k in missing):
         raise ValueError(f"heavy checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
-    return m  # a checkpoint from before the wide layer loads with the wide layer at zero
+    return m  # an older checkpoint loads with the wide layer at zero and no column masked
 
 
 # ------------------------------------------------------------------ numpy (streaming jobs)

@@ -70,3 +70,44 @@ def test_numpy_heavy_matches_torch_and_final_layer_patch():
     with torch.no_grad():
         p, _ = ts(torch.from_numpy(x))
     assert np.allclose(p.numpy(), 1 / (1 + np.exp(-upd.score(x))), atol=1e-4)
+
+
+def test_masked_columns_have_no_effect_in_every_serving_form():
+    from models.rankers import NumpyHeavy, heavy_npz
+
+    torch.manual_seed(0)
+    m = HeavyRanker(30)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(40, 30)).astype(np.float32)
+    m.set_normalization(x.mean(0), x.std(0) + 0.1, np.full(30, -1e9), np.full(30, 1e9))
+    mask = np.ones(30, dtype=np.float32)
+    mask[10:20] = 0.0
+    m.set_input_mask(mask)
+    x2 = x.copy()
+    x2[:, 10:20] = rng.normal(size=(40, 10)) * 5  # only masked columns differ
+    ts = load_torchscript(export_torchscript(m, np.ones(6, dtype=np.float32)))
+    again = heavy_from_bytes(state_bytes(m))
+    nh = NumpyHeavy.from_npz(heavy_npz(m))
+    with torch.no_grad():
+        base = m.relevance_logits(torch.from_numpy(x)).numpy()
+        assert np.allclose(m.relevance_logits(torch.from_numpy(x2)).numpy(), base, atol=1e-6)
+        assert np.allclose(ts(torch.from_numpy(x2))[0].numpy(), 1 / (1 + np.exp(-base)), atol=1e-5)
+        assert np.allclose(again.relevance_logits(torch.from_numpy(x2)).numpy(), base, atol=1e-6)
+    assert np.allclose(nh.score(x2), base, atol=1e-4)
+    # an unmasked column does change the output (the test above can fail)
+    x3 = x.copy()
+    x3[:, 0] += 3.0
+    assert not np.allclose(nh.score(x3), base, atol=1e-3)
+
+
+def test_heavy_input_mask_takes_groups_and_names_and_rejects_unknown_ones():
+    import pytest
+
+    from features.schema import HEAVY_FEATURES
+    from models.train import heavy_input_mask
+
+    mask = heavy_input_mask(["post_embedding", "ann_score"])
+    assert mask.sum() == len(HEAVY_FEATURES) - 1 - sum(f.group == "post_embedding" for f in HEAVY_FEATURES)
+    assert mask[[f.name for f in HEAVY_FEATURES].index("ann_score")] == 0
+    with pytest.raises(ValueError, match="unknown feature groups or names \\['nope'\\]"):
+        heavy_input_mask(["nope"])

@@ -92,7 +92,7 @@ class RetrievalIndex:
         return np.where(pos >= 0, np.asarray(ids)[np.maximum(pos, 0)], -1)
 
     def tune_nprobe(self, queries: np.ndarray, k: int, exact_ids: np.ndarray, target: float = 0.95,
-                    candidates: tuple[int, ...] = (16, 32, 64, 96, 128, 192, 256, 384, 512)) -> dict:
+                    candidates: tuple[int, ...] = (16, 32, 64, 96, 128, 160, 192, 224, 256, 320, 384, 512)) -> dict:
         """Smallest nprobe reaching ``target`` recall@k vs ``exact_ids``; returns the measurements."""
         if not hasattr(self.index, "nprobe"):
             return {"nprobe": None, "recall": recall(self.search(queries, k)[1], exact_ids), "trials": []}

@@ -45,18 +45,21 @@ class UserInputs:
 
 
 class TwoTower(nn.Module):
-    def __init__(self, n_topics: int = 24, dim: int = 128, text_dim: int = 0, hidden: int = 256):
+    """``author_dim`` defaults to 32 so checkpoints from before it was configurable load;
+    training uses ``training.two_tower_author_dim``."""
+
+    def __init__(self, n_topics: int = 24, dim: int = 128, text_dim: int = 0, hidden: int = 256, author_dim: int = 32):
         super().__init__()
-        self.config = {"n_topics": n_topics, "dim": dim, "text_dim": text_dim, "hidden": hidden}
+        self.config = {"n_topics": n_topics, "dim": dim, "text_dim": text_dim, "hidden": hidden, "author_dim": author_dim}
         # sparse gradients: a step touches only the rows in the batch (dense Adam over these
         # tables was measured ~10x slower)
-        self.author = nn.Embedding(AUTHOR_BUCKETS, 32, sparse=True)
+        self.author = nn.Embedding(AUTHOR_BUCKETS, author_dim, sparse=True)
         self.text = nn.EmbeddingBag(TEXT_BUCKETS, 64, mode="mean", sparse=True) if text_dim == 0 else None
         self.text_proj = nn.Linear(text_dim, 64) if text_dim else None
         self.topic = nn.Embedding(n_topics, 16)
         self.ctype = nn.Embedding(3, 8)
-        self.post_mlp = nn.Sequential(nn.Linear(64 + 32 + 16 + 8, hidden), nn.ReLU(), nn.Linear(hidden, dim))
-        self.user_mlp = nn.Sequential(nn.Linear(USER_DENSE_DIM + 32, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+        self.post_mlp = nn.Sequential(nn.Linear(64 + author_dim + 16 + 8, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+        self.user_mlp = nn.Sequential(nn.Linear(USER_DENSE_DIM + author_dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
         # score = u.p / temperature + recency * (publish_day - query_day): an exact 129th
         # inner-product coordinate, so the ANN index ranks fresh posts up as the truth does
         self.recency = nn.Parameter(torch.tensor(0.5))

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from feedrank.config import Config
-from features.schema import HEAD_NAMES, HEAVY_FEATURES, LIGHT_FEATURES, bounds, schema_hash
+from features.schema import HEAD_NAMES, HEAVY_FEATURES, HEAVY_NAMES, LIGHT_FEATURES, bounds, schema_hash
 from models import rankers
 from models.rankers import HeavyRanker, LightRanker
 from models.retrieval import RetrievalIndex
@@ -48,7 +48,8 @@ class Trained:
 # --------------------------------------------------------------------------- two-tower
 
 
-def fit_two_tower(data: SimData, epochs: int = 4, seed: int = 0, progress: Progress = _noop) -> tuple[TwoTower, np.ndarray, dict]:
+def fit_two_tower(data: SimData, epochs: int = 4, seed: int = 0, progress: Progress = _noop,
+                  author_dim: int = 128) -> tuple[TwoTower, np.ndarray, dict]:
     """Positives: clicks in the training window, with the user's state at click time."""
     imp, y = data.impressions, data.labels
     pos_rows = np.flatnonzero(data.train_mask & (y[:, 0] > 0))
@@ -56,7 +57,7 @@ def fit_two_tower(data: SimData, epochs: int = 4, seed: int = 0, progress: Progr
     posts = imp["post_id"].to_numpy()[pos_rows]
     t = imp["ts"].to_numpy()[pos_rows]
     all_posts = data.post_inputs()
-    model = TwoTower(n_topics=data.world.n_topics)
+    model = TwoTower(n_topics=data.world.n_topics, author_dim=author_dim)
     t0 = time.perf_counter()
     losses = train_two_tower(model, data.user_inputs(users, t), subset_posts(all_posts, posts), posts,
                              t / DAY_MS, data.world.post_ts[posts] / DAY_MS, epochs=epochs, seed=seed,
@@ -116,10 +117,22 @@ def fit_light(train: dict) -> LightRanker:
     return LightRanker.fit(train["x"][:, :n], train["y"][:, 0])
 
 
+def heavy_input_mask(masked: list[str]) -> np.ndarray:
+    """1 per heavy feature column, 0 for the columns ``masked`` names (a feature group or a
+    feature name; anything else is an error naming what is known)."""
+    groups = {f.group for f in HEAVY_FEATURES}
+    unknown = sorted(set(masked) - groups - set(HEAVY_NAMES))
+    if unknown:
+        raise ValueError(f"training.heavy_masked: unknown feature groups or names {unknown}; groups: {sorted(groups)}")
+    return np.array([0.0 if (f.group in masked or f.name in masked) else 1.0 for f in HEAVY_FEATURES], dtype=np.float32)
+
+
 def fit_heavy(train: dict, position_aware: bool = True, epochs: int = 3, seed: int = 0,
-              progress: Progress = _noop) -> tuple[HeavyRanker, dict]:
+              progress: Progress = _noop, masked: list[str] | None = None) -> tuple[HeavyRanker, dict]:
     x = train["x"]
     m = HeavyRanker(x.shape[1], position_aware=position_aware)
+    if masked:
+        m.set_input_mask(heavy_input_mask(masked))
     mean, std = x.mean(0), x.std(0)
     lo, hi = bounds(HEAVY_FEATURES)
     m.set_normalization(mean.astype(np.float32), np.where(std < 1e-6, 1.0, std).astype(np.float32), lo, hi)
@@ -127,7 +140,7 @@ def fit_heavy(train: dict, position_aware: bool = True, epochs: int = 3, seed: i
     losses = rankers.train_heavy(m, x, train["y"], train["position"], epochs=epochs, seed=seed,
                                  progress=lambda f: progress("heavy" + ("" if position_aware else " (position-blind)"), f))
     return m, {"train_loss": [round(v, 4) for v in losses], "rows": int(x.shape[0]),
-               "seconds": round(time.perf_counter() - t0, 1)}
+               "seconds": round(time.perf_counter() - t0, 1), "masked": list(masked or [])}
 
 
 # --------------------------------------------------------------------------- publish
@@ -185,16 +198,21 @@ def load_retrieval(store: ModelStore, version: str | None = None) -> tuple[Retri
 
 
 def train_all(cfg: Config, data_dir: str, which: str = "all", store: ModelStore | None = None,
-              heavy_rows: int = 300_000, tt_epochs: int = 4, heavy_epochs: int = 3, seed: int = 0,
-              progress: Progress = _noop, with_blind: bool = False) -> dict:
-    """Train what ``which`` names (two-tower | light | heavy | all); publish and promote each."""
+              heavy_rows: int | None = None, tt_epochs: int | None = None, heavy_epochs: int | None = None,
+              seed: int = 0, progress: Progress = _noop, with_blind: bool = False) -> dict:
+    """Train what ``which`` names (two-tower | light | heavy | all); publish and promote each.
+    Sizes not given come from ``[training]`` in feedrank.toml."""
+    tc = cfg.training
+    heavy_rows = heavy_rows or tc.heavy_rows
+    tt_epochs = tt_epochs or tc.two_tower_epochs
+    heavy_epochs = heavy_epochs or tc.heavy_epochs
     store = store or ModelStore.from_config(cfg)
     progress("loading data", 0.0)
     data = SimData.load(data_dir)
     out: dict = {"window": data.window}
     trained = Trained()
     if which in ("two-tower", "all"):
-        model, emb, m = fit_two_tower(data, epochs=tt_epochs, seed=seed, progress=progress)
+        model, emb, m = fit_two_tower(data, epochs=tt_epochs, seed=seed, progress=progress, author_dim=tc.two_tower_author_dim)
         progress("retrieval index", 0.0)
         index, im = fit_index(data, model, emb, cfg, seed=seed)
         ck, ick = publish_two_tower(cfg, store, model, index, emb, data.window, m, im)
@@ -215,12 +233,12 @@ def train_all(cfg: Config, data_dir: str, which: str = "all", store: ModelStore 
             store.apply_retention("light")
             out["light"] = {"version": ck.version}
         if which in ("heavy", "all"):
-            heavy, hm = fit_heavy(train, True, heavy_epochs, seed, progress)
+            heavy, hm = fit_heavy(train, True, heavy_epochs, seed, progress, tc.heavy_masked)
             trained.heavy = heavy
             ck = publish_heavy(cfg, store, heavy, data.window, hm)
             out["heavy"] = {"version": ck.version, **hm}
             if with_blind:
-                trained.heavy_blind, bm = fit_heavy(train, False, heavy_epochs, seed, progress)
+                trained.heavy_blind, bm = fit_heavy(train, False, heavy_epochs, seed, progress, tc.heavy_masked)
                 out["heavy_position_blind"] = bm
     out["trained"] = trained
     out["data"] = data
@@ -231,7 +249,7 @@ def load_two_tower_model(store: ModelStore, version: str | None = None) -> TwoTo
     """The two-tower model of ``version`` (default: current), in eval mode."""
     _, path = store.fetch("two_tower", version)
     blob = torch.load(path / "model.pt", weights_only=False)
-    model = TwoTower(**{k: v for k, v in blob["config"].items() if k in ("n_topics", "dim", "text_dim", "hidden")})
+    model = TwoTower(**{k: v for k, v in blob["config"].items() if k in ("n_topics", "dim", "text_dim", "hidden", "author_dim")})
     model.config.update(blob["config"])
     model.load_state_dict(blob["state"])
     return model.eval()
