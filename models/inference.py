@@ -182,13 +182,12 @@ class NumpyHeavy:
         x = np.clip(np.asarray(x, dtype=np.float32), self.lo, self.hi)
         if clip_sigma is not None:
             x = np.clip(x, self.mean - clip_sigma * self.std, self.mean + clip_sigma * self.std)
-        return np.clip((x - self.mean) / self.std, -8.0, 8.0)
+        return np.clip((x - self.mean) / self.std, -8.0, 8.0) * self.input_mask
 
     def hidden(self, x: np.ndarray, clip_sigma: float | None = None, z: np.ndarray | None = None) -> np.ndarray:
-        """[n, heads, 32] tower outputs: the deep inputs of the final layer (masked columns zeroed;
-        the wide layer in :meth:`logits` sees every column)."""
+        """[n, heads, 32] tower outputs: the deep inputs of the final layer."""
         a = self.arrays
-        z = (self.normalized(x, clip_sigma) if z is None else z) * self.input_mask
+        z = self.normalized(x, clip_sigma) if z is None else z
         ex = []
         for e in range(self.n_experts):
             h = np.maximum(z @ a[f"experts.{e}.0.weight"].T + a[f"experts.{e}.0.bias"], 0)

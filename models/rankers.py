@@ -91,9 +91,7 @@ class HeavyRanker(nn.Module):
         self.register_buffer("std", torch.ones(n_features))
         self.register_buffer("lo", torch.full((n_features,), -1e9))
         self.register_buffer("hi", torch.full((n_features,), 1e9))
-        # 0 for feature columns kept out of offline training (``training.heavy_masked``): the deep
-        # part never sees them, and the wide layer's weights on them stay at their initial zero
-        # offline; the online learner, which trains on served logs, may give them weight
+        # 0 for feature columns the model is trained and served without (``training.heavy_masked``)
         self.register_buffer("input_mask", torch.ones(n_features))
         self.experts = nn.ModuleList(
             nn.Sequential(nn.Linear(n_features, hidden), nn.ReLU(), nn.Linear(hidden, expert_dim), nn.ReLU())
@@ -122,11 +120,11 @@ class HeavyRanker(nn.Module):
 
     def normalized(self, x: torch.Tensor) -> torch.Tensor:
         z = (torch.clamp(x, self.lo, self.hi) - self.mean) / self.std
-        return torch.clamp(z, -8.0, 8.0)
+        return torch.clamp(z, -8.0, 8.0) * self.input_mask
 
     def hidden(self, x: torch.Tensor, z: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Per-head inputs of the final layer (features -> MMoE -> towers), masked columns zeroed."""
-        z = (self.normalized(x) if z is None else z) * self.input_mask
+        """Per-head inputs of the final layer (features -> MMoE -> towers)."""
+        z = self.normalized(x) if z is None else z
         ex = torch.stack([e(z) for e in self.experts], dim=1)  # [n, E, d]
         out = []
         for gate, tower in zip(self.gates, self.towers):
@@ -137,9 +135,7 @@ class HeavyRanker(nn.Module):
     def relevance_logits(self, x: torch.Tensor) -> torch.Tensor:
         """[n, 6] position-free logits of P(head | examined)."""
         z = self.normalized(x)
-        # training: masked columns get no gradient, so offline their wide weights stay zero
-        wide = self.wide.weight * self.input_mask if self.training else self.wide.weight
-        return torch.cat([f(h) for f, h in zip(self.final, self.hidden(x, z))], dim=1) + F.linear(z, wide)
+        return torch.cat([f(h) for f, h in zip(self.final, self.hidden(x, z))], dim=1) + self.wide(z)
 
     def training_logprobs(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """[n, 6] log P(head) as observed at ``position`` (PAL), or log P(head|examined) if position-blind."""
