@@ -47,17 +47,20 @@ def test_pal_heavy_ranker_learns_position_and_relevance_and_exports():
         assert torch.allclose(torch.sigmoid(again.relevance_logits(batch)), eager)
 
 
-def test_numpy_heavy_matches_torch_and_final_layer_patch():
-    import numpy as np
-    import torch
-
-    from models.rankers import HeavyRanker, NumpyHeavy, apply_final, export_torchscript, heavy_npz, load_torchscript
-
+def _random_heavy(rows: int, seed: int, bound: float) -> tuple[HeavyRanker, np.ndarray, np.random.Generator]:
+    """An untrained 30-feature heavy ranker normalised to ``rows`` random feature rows."""
     torch.manual_seed(0)
     m = HeavyRanker(30)
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(50, 30)).astype(np.float32)
-    m.set_normalization(x.mean(0), x.std(0) + 0.1, np.full(30, -2.0), np.full(30, 2.0))
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(rows, 30)).astype(np.float32)
+    m.set_normalization(x.mean(0), x.std(0) + 0.1, np.full(30, -bound), np.full(30, bound))
+    return m, x, rng
+
+
+def test_numpy_heavy_matches_torch_and_final_layer_patch():
+    from models.rankers import NumpyHeavy, apply_final, heavy_npz
+
+    m, x, rng = _random_heavy(50, 0, 2.0)
     nh = NumpyHeavy.from_npz(heavy_npz(m))
     with torch.no_grad():
         want = m.relevance_logits(torch.from_numpy(x)).numpy()
@@ -75,11 +78,7 @@ def test_numpy_heavy_matches_torch_and_final_layer_patch():
 def test_masked_columns_have_no_effect_in_every_serving_form():
     from models.rankers import NumpyHeavy, heavy_npz
 
-    torch.manual_seed(0)
-    m = HeavyRanker(30)
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=(40, 30)).astype(np.float32)
-    m.set_normalization(x.mean(0), x.std(0) + 0.1, np.full(30, -1e9), np.full(30, 1e9))
+    m, x, rng = _random_heavy(40, 1, 1e9)
     mask = np.ones(30, dtype=np.float32)
     mask[10:20] = 0.0
     m.set_input_mask(mask)

@@ -49,7 +49,7 @@ class Trained:
 
 
 def fit_two_tower(data: SimData, epochs: int = 4, seed: int = 0, progress: Progress = _noop,
-                  author_dim: int = 128) -> tuple[TwoTower, np.ndarray, dict]:
+                  author_dim: int = 64) -> tuple[TwoTower, np.ndarray, dict]:
     """Positives: clicks in the training window, with the user's state at click time."""
     imp, y = data.impressions, data.labels
     pos_rows = np.flatnonzero(data.train_mask & (y[:, 0] > 0))
