@@ -34,3 +34,20 @@ def test_reader_and_writer_match_get_online_features(cfg):
         assert emb[0]["embedding"] == [0.5] * 128 and emb[1] is None
     finally:
         runtime.down(cfg)
+
+
+def test_hand_encoded_values_are_byte_identical_to_protobuf():
+    from feast.protos.feast.types.Value_pb2 import FloatList, Value
+
+    from features.client import encode_values
+
+    ints = [0, 1, 127, 128, 300, 2**40 + 5, 2**63 - 1, -1, -(2**63)]
+    assert encode_values("i", np.array(ints)) == [Value(int64_val=v).SerializeToString() for v in ints]
+    floats = [0.0, -0.0, 1.5, 1e-40, 3.4e38, 0.1, float("inf")]
+    assert encode_values("f", floats) == [Value(float_val=v).SerializeToString() for v in floats]
+    assert encode_values("b", [True, False]) == [Value(bool_val=v).SerializeToString() for v in (True, False)]
+    rows = np.random.default_rng(0).normal(size=(4, 128)).astype(np.float32)
+    for m in (rows, rows[:, :3], rows[:, :32], np.zeros((2, 0), np.float32)):
+        assert encode_values("fl", m) == [Value(float_list_val=FloatList(val=r.tolist())).SerializeToString() for r in m]
+    ragged = [[1.0, 2.0], [0.5], []]
+    assert encode_values("fl", ragged) == [Value(float_list_val=FloatList(val=r)).SerializeToString() for r in ragged]

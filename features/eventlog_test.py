@@ -29,6 +29,24 @@ def test_append_flush_read(tmp_path: Path):
     log.close()
 
 
+def test_segments_hold_bundles_of_events(tmp_path: Path):
+    """A segment line is a bundle of up to bundle_events events (RS-separated); readers return events."""
+    from features.eventlog import RS, split_bundle
+
+    evs = [e.to_json() for e in synthetic_events(600, seed=4)]
+    for bundle, lines in ((256, 3), (1, 600)):
+        log = FileEventLog(tmp_path / str(bundle), rotate_ms=60_000, bundle_events=bundle)
+        log.append_many(evs[:100])
+        log.append_many(evs[100:])  # bundles span appends
+        log.close()
+        (seg,) = (tmp_path / str(bundle) / "segments").glob("*.jsonl")
+        raw = seg.read_text().split("\n")[:-1]  # (str.splitlines would split at RS too)
+        assert len(raw) == lines
+        assert [x for line in raw for x in split_bundle(line)] == evs
+        assert (RS in raw[0]) == (bundle > 1)
+        assert read_all(FileEventLog(tmp_path / str(bundle)).reader(), idle_s=0.2) == evs
+
+
 def test_rotation_by_count_and_by_time(tmp_path: Path):
     log = FileEventLog(tmp_path, rotate_ms=200, rotate_events=100)
     log.append_many(synthetic_events(250, seed=2))

@@ -180,6 +180,28 @@ def user_row(s: list) -> dict[str, Any]:
             "last_engagement_ms": s[U_LAST]}
 
 
+def user_rows(states: list[list]) -> dict[str, np.ndarray]:
+    """:func:`user_row` of many users at once, as columns (the feature job's flush: same values)."""
+    tc, tn, cc = (np.array([s[i] for s in states], dtype=np.float64).reshape(len(states), -1) for i in (U_TC, U_TN, U_CC))
+
+    def shares(m: np.ndarray) -> np.ndarray:
+        return m / np.maximum(m.sum(1), 1)[:, None]
+
+    return {"topic_clicks": shares(tc), "topic_negative": shares(tn), "ctype_clicks": shares(cc),
+            "clicks": np.array([s[U_CLK] for s in states], dtype=np.int64),
+            "negatives": np.array([s[U_NEG] for s in states], dtype=np.int64),
+            "clicks_1h": np.array([window(s[U_BUCKETS], s[U_LAST], 60) for s in states], dtype=np.int64),
+            "last_engagement_ms": np.array([s[U_LAST] for s in states], dtype=np.int64)}
+
+
+def user_dense_many(states: list[list]) -> np.ndarray:
+    """:func:`user_dense` of many users at once ([n, USER_DENSE_DIM])."""
+    from features.offline import UserState
+
+    tc, tn, cc = (np.array([s[i] for s in states], dtype=np.float32).reshape(len(states), -1) for i in (U_TC, U_TN, U_CC))
+    return UserState.from_counts(tc, tn, cc).dense()
+
+
 def user_dense(s: list) -> np.ndarray:
     """The user tower's dense input, exactly as :meth:`features.offline.UserState.dense` builds it offline."""
     from features.offline import UserState

@@ -54,6 +54,26 @@ def test_user_topic_shares_and_negatives():
     assert dense[5] == 1.0 and dense[-2] == pytest.approx(0.5)  # neg_total = 1 / (1 + 1)
 
 
+def test_batched_user_rows_and_dense_equal_the_per_user_ones():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    states = []
+    for u in range(5):
+        s = rt.new_user_state(follows=[u])
+        for i in range(int(rng.integers(0, 30))):
+            a = rt.A[str(rng.choice(["click", "like", "hide", "click"]))]
+            rt.user_update(s, (rt.ENGAGEMENT, f"{u}-{i}", T + i * 60_000, u, i, 3, a, 0, int(rng.integers(-1, 20)),
+                               int(rng.integers(-1, 3)), "", 1))
+        states.append(s)
+    cols = rt.user_rows(states)
+    for i, s in enumerate(states):
+        row = rt.user_row(s)
+        for k, v in row.items():
+            assert np.asarray(cols[k][i]).tolist() == v, k
+        np.testing.assert_array_equal(rt.user_dense_many(states)[i], rt.user_dense(s))
+
+
 def test_topic_trend_against_long_run():
     s = rt.new_topic_state()
     for h in range(10):  # one click an hour for 10 hours, then a burst

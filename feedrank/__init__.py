@@ -20,20 +20,36 @@ def embedded_sys_path(path: list[str], prefix: str, base_prefix: str, base_sites
     """
     from pathlib import Path
 
-    if prefix != base_prefix:  # a virtualenv's own interpreter: nothing of the base leaks in
-        return path
-    venv = [p for p in path if p.endswith("site-packages") and (Path(p).parents[2] / "pyvenv.cfg").exists()]
+    venv = _venv_sites(path) if prefix == base_prefix else []  # a venv's own interpreter: nothing leaks in
     if not venv:
         return path
     drop = {str(Path(s)) for s in base_sites} - {str(Path(v)) for v in venv}
     return [p for p in path if str(Path(p)) not in drop]
 
 
+def _venv_sites(path: list[str]) -> list[str]:
+    from pathlib import Path
+
+    return [p for p in path if p.endswith("site-packages") and (Path(p).parents[2] / "pyvenv.cfg").exists()]
+
+
+def is_embedded(path: list[str], prefix: str, base_prefix: str) -> bool:
+    """The base Python with a virtualenv's site-packages on its path: PyFlink's thread mode (pemja)."""
+    return prefix == base_prefix and bool(_venv_sites(path))
+
+
 def _isolate() -> None:
     import site
 
     sites = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
-    sys.path[:] = embedded_sys_path(list(sys.path), sys.prefix, sys.base_prefix, sites)
+    if is_embedded(sys.path, sys.prefix, sys.base_prefix):
+        sys.path[:] = embedded_sys_path(list(sys.path), sys.prefix, sys.base_prefix, sites)
+        # torch is another pybind11 extension: Feast 0.67 imports it whenever it is installed
+        # (feast/torch_wrapper.py), and its import in a task thread hung a feature-job operator's
+        # `open` in 2 of 6 runs (py-spy: ExtensionFileLoader.create_module under feast's
+        # _import_torch). The jobs run their models in numpy, so the embedded interpreter has none:
+        # `import torch` raises ImportError there and Feast carries on without it.
+        sys.modules.setdefault("torch", None)  # type: ignore[assignment]
 
 
 _isolate()

@@ -68,6 +68,7 @@ class Events(_Section):
     rotate_ms: PosInt
     rotate_events: PosInt
     fsync: bool
+    bundle_events: PosInt
     kafka_partitions: PosInt
     flink_connector_jar: str
 
@@ -205,6 +206,7 @@ class Streaming(_Section):
     flush_ms: PosInt
     max_buffer_rows: PosInt
     dedupe_retention_s: PosFloat
+    key_shards: PosInt
     out_of_orderness_ms: NonNegInt
     change_stream_maxlen: PosInt
     bootstrap_world: str

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from feedrank import embedded_sys_path
+from feedrank import embedded_sys_path, is_embedded
 
 
 def test_base_site_packages_leave_the_path_of_an_embedded_interpreter_only(tmp_path: Path):
@@ -19,3 +19,5 @@ def test_base_site_packages_leave_the_path_of_an_embedded_interpreter_only(tmp_p
     assert embedded_sys_path(path, str(tmp_path / "venv"), "/base", [base_site]) == path
     plain = ["/project", "/base/lib/python3.11", base_site]
     assert embedded_sys_path(plain, "/base", "/base", [base_site]) == plain
+    assert is_embedded(path, "/base", "/base") and not is_embedded(path, str(tmp_path / "venv"), "/base")
+    assert not is_embedded(plain, "/base", "/base")

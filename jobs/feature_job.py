@@ -1,23 +1,28 @@
 """Real-time feature job (PyFlink DataStream, thread mode): event log -> Feast online store.
 
-    event lines ─ ParseMap
-      ─ key_by(post) PostFeaturesFunction   de-duplication, post_stats, new-post embeddings + index delta
-      ─ event-time watermarks (engagements and follows only)
-      ─ key_by(user) UserFeaturesFunction   user_topic, user_embedding (user tower)
-      ─ key_by(topic) TopicFeaturesFunction topic_stats
+    log records (bundles of events) ─ ParseBundle   validate, compact, group by post shard
+      ─ key_by(post shard) PostFeaturesFunction      de-duplication, post_stats, new-post embeddings + index delta
+      ─ event-time watermarks
+      ─ key_by(user shard) UserFeaturesFunction      user_topic, user_embedding (user tower)
+      ─ key_by(topic shard) TopicFeaturesFunction    topic_stats
 
-* Validation: every line goes through :func:`features.events.parse_event`; malformed
-  lines are counted and logged with their reason, never passed on.
+* Micro-batches: PyFlink's cost per record and Python operator hop (~30 us measured, plus
+  the hand-off of the one interpreter lock between task threads) capped the job at
+  ~4.6K events/s when every event was a record. A segment-log record is a bundle of up to
+  ``events.bundle_events`` events; each operator emits one record per *shard*
+  (``id % streaming.key_shards``) of what it received, and keeps per-post / per-user /
+  per-topic state in MapStates of that shard. Records never wait in Python for a later one,
+  so a checkpoint barrier always finds nothing buffered between operators.
+* Validation: every event goes through :func:`features.events.parse_event`; malformed
+  events are counted and logged with their reason, never passed on.
 * De-duplication by event_id inside the post operator: every copy of an event has the
-  same post (follows: the same user), so a per-key MapState of recent ids is enough and
-  saves a whole operator hop per event (measured ~27 us). Ids expire through
-  processing-time timers after ``streaming.dedupe_retention_s`` (StateTtlConfig fails in
-  thread mode on a cluster).
+  same post (follows: the same user), hence the same shard. Ids live in two generations of
+  ``streaming.dedupe_retention_s`` each; the older is cleared when a third begins, so an id
+  is remembered for one to two retentions without a timer per id.
 * Event time: 5-minute / 1-hour windows are per-minute buckets of event time. Watermarks
-  (bounded out-of-orderness) are assigned after the post operator, on the engagement
-  stream only: a Python timestamp assigner costs ~36 us per event, and exposures, which
-  dominate the log, need none. The post operator re-pushes decayed velocities from
-  processing-time timers, evaluated at the event time it has reached.
+  (bounded out-of-orderness, a record's time = its latest event) are assigned after the
+  post operator. The post operator re-pushes decayed velocities from processing-time timers,
+  evaluated at the event time it has reached; the user and topic operators from event-time timers.
 * Writes: each operator keeps the latest row per changed key and pushes them to Feast
   in one batch every ``streaming.flush_ms`` (or ``max_buffer_rows``); post stats also go
   to a Redis change stream for serving's in-memory cache.
@@ -84,33 +89,52 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
     """The job's functions (pyflink and torch are imported lazily, inside the workers)."""
     from pyflink.common import Types
     from pyflink.common.watermark_strategy import TimestampAssigner
-    from pyflink.datastream import KeyedProcessFunction, MapFunction, TimeDomain
+    from pyflink.datastream import FlatMapFunction, KeyedProcessFunction, TimeDomain
     from pyflink.datastream.state import MapStateDescriptor, ValueStateDescriptor
 
     from features import realtime as rt
+    from features.eventlog import split_bundle
     from features.feast_repo import POST_STATS_INT
 
     S = cfg.streaming
     long_dwell_ms = cfg.heads.long_dwell_ms
 
-    class ParseMap(MapFunction):
-        """JSON line -> compact tuple; a malformed line becomes (-1, reason) and is logged."""
+    shards = S.key_shards
+
+    def _groups(events: list[tuple], key: Any, ts: int = rt.K_TS) -> list[tuple]:
+        """``[(shard, events, latest event time)]``: one record per shard of a bundle (module docstring)."""
+        by: dict[int, list[tuple]] = {}
+        for e in events:
+            by.setdefault(key(e) % shards, []).append(e)
+        return [(k, v, max(e[ts] for e in v)) for k, v in by.items()]
+
+    def post_shard(e: tuple) -> int:
+        if e[0] < 0:
+            return 0
+        return e[rt.K_POST] if e[rt.K_KIND] not in (rt.FOLLOW, rt.UNFOLLOW) else e[rt.K_USER]
+
+    class ParseBundle(FlatMapFunction):
+        """A log record (a bundle of RS-separated JSON events) -> compact tuples grouped by post shard.
+        A malformed event becomes (-1, reason), is logged, and is counted by the post operator."""
 
         def open(self, ctx: Any) -> None:
             self.invalid = 0
 
-        def map(self, line: str) -> tuple:
-            out = rt.compact(line)
-            if isinstance(out, str):
-                self.invalid += 1
-                if self.invalid <= 20 or self.invalid % 1000 == 0:
-                    log.warning("invalid event #%d: %s", self.invalid, out)
-                return (-1, out)
-            return out
+        def flat_map(self, record: str):
+            events = []
+            for line in split_bundle(record):
+                out = rt.compact(line)
+                if isinstance(out, str):
+                    self.invalid += 1
+                    if self.invalid <= 20 or self.invalid % 1000 == 0:
+                        log.warning("invalid event #%d: %s", self.invalid, out)
+                    out = (-1, out, 0)
+                events.append(out)
+            return _groups(events, post_shard)
 
     class EventTime(TimestampAssigner):
         def extract_timestamp(self, value: tuple, record_timestamp: int) -> int:
-            return value[rt.K_TS] if value[0] >= 0 else 0
+            return value[2]  # a group's latest event time
 
     class Buffered(KeyedProcessFunction):
         """Keeps the latest row per changed key; pushes them as one batch per flush interval."""
@@ -165,6 +189,37 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
         def on_other_timer(self, timestamp: int, ctx: Any) -> None:
             """Event-time timers, and processing-time timers tagged by ``timestamp % 10`` (flush = 0)."""
 
+        def keyed_states(self, ctx: Any, name: str) -> None:
+            """Per-shard state: ``self.rows`` maps a post / user / topic id to its pickled state;
+            ``self.due`` maps a timer's timestamp to the ids it re-pushes (a shard holds many ids)."""
+            self.rows = ctx.get_map_state(MapStateDescriptor(name, Types.LONG(), Types.PICKLED_BYTE_ARRAY()))
+            self.due = ctx.get_map_state(MapStateDescriptor(f"{name}_due", Types.LONG(), Types.PICKLED_BYTE_ARRAY()))
+
+        def schedule(self, ctx: Any, pending: dict[int, set[int]], event_time: bool) -> None:
+            """Remember which ids each timer re-pushes; register the timer when its first id arrives."""
+            timers = ctx.timer_service()
+            for due, ids in pending.items():
+                old = self.due.get(due)
+                if old is None:
+                    if event_time:
+                        timers.register_event_time_timer(due)
+                    else:
+                        timers.register_processing_time_timer(due)
+                else:
+                    ids.update(old)
+                self.due.put(due, list(ids))
+
+        def take_due(self, timestamp: int) -> list[int]:
+            ids = self.due.get(timestamp)
+            if ids is None:
+                return []
+            self.due.remove(timestamp)
+            return ids
+
+        def store(self, local: dict[int, Any]) -> None:
+            for k, v in local.items():
+                self.rows.put(k, v)
+
         def flush(self) -> None:
             self.last_flush = time.monotonic()
             if self.dirty:
@@ -179,16 +234,17 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
             """Each subclass writes its view's rows (``{key: (state, as-of time)}``)."""
 
     class PostFeaturesFunction(Buffered):
-        """Keyed by post (follows: by user): drops repeated event_ids and invalid lines, keeps
-        engagement statistics, enriches engagements with the post's author/topic/content type
-        for the user and topic operators, and embeds newly published posts for retrieval."""
+        """Keyed by post shard (follows: user shard): drops repeated event_ids and invalid events, keeps
+        engagement statistics, enriches engagements with the post's author/topic/content type for the
+        user and topic operators, and embeds newly published posts for retrieval."""
 
         view = "post"
 
         def open(self, ctx: Any) -> None:
             super().open(ctx)
-            self.state = ctx.get_state(ValueStateDescriptor("post", Types.PICKLED_BYTE_ARRAY()))
-            self.seen = ctx.get_map_state(MapStateDescriptor("seen", Types.STRING(), Types.LONG()))
+            self.keyed_states(ctx, "posts")
+            self.seen = [ctx.get_map_state(MapStateDescriptor(f"seen{i}", Types.STRING(), Types.LONG())) for i in (0, 1)]
+            self.seen_gen = ctx.get_state(ValueStateDescriptor("seen_gen", Types.PICKLED_BYTE_ARRAY()))
             self.catalog: Catalog | None = None  # loaded with the towers on the first element (see warm_up)
             self.new_posts: list[tuple] = []
             self.embedder = PostEmbedder(cfg)
@@ -196,77 +252,85 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
             self.fault_marker = cfg.data_dir / "flink" / f"fault-{fail_once_on}.done"
             self.counts = {"events": 0, "duplicates": 0, "invalid": 0}
             self.retention_ms = int(S.dedupe_retention_s * 1000)
-            self.expiry_due: dict[int, int] = {}
             self.mark_opened()
 
-        def process_element(self, e: tuple, ctx: Any):
+        def seen_maps(self, now: int) -> tuple[Any, Any]:
+            """(this generation's ids, the previous generation's or None). A generation is one retention
+            period of processing time; the older one is cleared when a third begins, so an id is
+            remembered for between one and two retentions, with no per-id timers."""
+            g = now // self.retention_ms
+            gens = self.seen_gen.value() or [-1, -1]
+            cur, prev = g % 2, 1 - g % 2
+            changed = False
+            if gens[cur] != g:
+                self.seen[cur].clear()
+                gens[cur], changed = g, True
+            if gens[prev] not in (g - 1, -1):
+                self.seen[prev].clear()
+                gens[prev], changed = -1, True
+            if changed:
+                self.seen_gen.update(gens)
+            return self.seen[cur], (self.seen[prev] if gens[prev] == g - 1 else None)
+
+        def process_element(self, group: tuple, ctx: Any):
             if self.catalog is None:
                 self.warm_up()
-            self.events += 1
-            self.counts["events"] += 1
-            if e[0] < 0:
-                self.counts["invalid"] += 1
-                return
-            eid = e[rt.K_ID]
-            if self.seen.contains(eid):
-                self.counts["duplicates"] += 1
-                return
+            events = group[1]
+            self.events += len(events)
+            self.counts["events"] += len(events)
             now = int(time.time() * 1000)  # Flink's processing time is the wall clock: no call into the JVM
-            self.seen.put(eid, now)
-            # one id-expiry timer per key and minute: registering it again is a no-op in Flink but still
-            # a call into the JVM, so the operator remembers what it registered (a restart forgets: harmless)
-            due = _tagged(now + self.retention_ms, 1, 60_000)
-            key = e[rt.K_POST] if e[rt.K_KIND] not in (rt.FOLLOW, rt.UNFOLLOW) else -1 - e[rt.K_USER]
-            if self.expiry_due.get(key) != due:
-                ctx.timer_service().register_processing_time_timer(due)
-                self.expiry_due[key] = due
-            if self.fault and eid == self.fault and not self.fault_marker.exists():
-                self.fault_marker.parent.mkdir(parents=True, exist_ok=True)
-                self.fault_marker.touch()
-                raise RuntimeError(f"injected failure at event {self.fault} (test of restart from checkpoint)")
-            kind = e[rt.K_KIND]
-            if kind in (rt.FOLLOW, rt.UNFOLLOW):
-                yield e
-                return
-            ts = e[rt.K_TS]
-            self.max_ts = max(self.max_ts, ts)
-            pid = e[rt.K_POST]
-            s = self.state.value()
-            if s is None:
-                s = rt.new_post_state(self.catalog.post(pid))
-            changed = rt.post_update(s, e, long_dwell_ms)
-            self.state.update(s)
-            if kind == rt.PUBLISH:
-                self.new_posts.append(e)
-            if changed:
-                self.dirty[pid] = (s, None)
-            if kind == rt.ENGAGEMENT and e[rt.K_ACTION] != rt.A["view"]:
-                if e[rt.K_ACTION] == rt.A["click"]:  # re-push when the click leaves the 5 min / 1 h windows
-                    ctx.timer_service().register_processing_time_timer(_tagged(now + 5 * rt.MINUTE_MS, 2, 10_000))
-                    ctx.timer_service().register_processing_time_timer(_tagged(now + 60 * rt.MINUTE_MS, 2, 10_000))
-                meta = s[rt.P_META]
-                if meta is not None:
-                    e = e[:rt.K_AUTHOR] + (meta[0],) + e[rt.K_AUTHOR + 1:rt.K_TOPIC] + (meta[1], meta[2]) + e[rt.K_TEXT:]
-                yield e
+            seen, older = self.seen_maps(now)
+            local: dict[int, list] = {}
+            decay: dict[int, set[int]] = {}
+            forward: list[tuple] = []
+            for e in events:
+                if e[0] < 0:
+                    self.counts["invalid"] += 1
+                    continue
+                eid = e[rt.K_ID]
+                if seen.contains(eid) or (older is not None and older.contains(eid)):
+                    self.counts["duplicates"] += 1
+                    continue
+                seen.put(eid, now)
+                if self.fault and eid == self.fault and not self.fault_marker.exists():
+                    self.fault_marker.parent.mkdir(parents=True, exist_ok=True)
+                    self.fault_marker.touch()
+                    raise RuntimeError(f"injected failure at event {self.fault} (test of restart from checkpoint)")
+                kind = e[rt.K_KIND]
+                if kind in (rt.FOLLOW, rt.UNFOLLOW):
+                    forward.append(e)
+                    continue
+                self.max_ts = max(self.max_ts, e[rt.K_TS])
+                pid = e[rt.K_POST]
+                s = local.get(pid)
+                if s is None:
+                    s = self.rows.get(pid)
+                    if s is None:
+                        s = rt.new_post_state(self.catalog.post(pid))
+                    local[pid] = s
+                if rt.post_update(s, e, long_dwell_ms):
+                    self.dirty[pid] = (s, None)
+                if kind == rt.PUBLISH:
+                    self.new_posts.append(e)
+                elif kind == rt.ENGAGEMENT and e[rt.K_ACTION] != rt.A["view"]:
+                    if e[rt.K_ACTION] == rt.A["click"]:  # re-push when the click leaves the 5 min / 1 h windows
+                        for after in (5 * rt.MINUTE_MS, 60 * rt.MINUTE_MS):
+                            decay.setdefault(_tagged(now + after, 2, 10_000), set()).add(pid)
+                    meta = s[rt.P_META]
+                    if meta is not None:
+                        e = e[:rt.K_AUTHOR] + (meta[0],) + e[rt.K_AUTHOR + 1:rt.K_TOPIC] + (meta[1], meta[2]) + e[rt.K_TEXT:]
+                    forward.append(e)
+            self.store(local)
+            self.schedule(ctx, decay, event_time=False)
             self.after_update(ctx)
+            return iter(_groups(forward, lambda e: e[rt.K_USER]))
 
         def on_other_timer(self, timestamp: int, ctx: Any) -> None:
-            if timestamp % 10 == 1:  # forget event ids older than the retention
-                key = ctx.get_current_key()
-                if self.expiry_due.get(key) == timestamp:
-                    del self.expiry_due[key]
-                horizon = timestamp - self.retention_ms
-                old = [k for k, t in self.seen.items() if t <= horizon]
-                for k in old:
-                    self.seen.remove(k)
-                if not self.seen.is_empty():
-                    due = _tagged(timestamp + 60_000, 1, 60_000)
-                    ctx.timer_service().register_processing_time_timer(due)
-                    self.expiry_due.setdefault(key, due)
-            elif timestamp % 10 == 2:  # velocities decay as event time passes
-                s = self.state.value()
-                if s is not None:
-                    self.dirty[ctx.get_current_key()] = (s, max(s[rt.P_LAST], self.max_ts))
+            if timestamp % 10 == 2:  # velocities decay as event time passes
+                for pid in self.take_due(timestamp):
+                    s = self.rows.get(pid)
+                    if s is not None:
+                        self.dirty[pid] = (s, max(s[rt.P_LAST], self.max_ts))
 
         def write(self, rows: dict[int, Any]) -> None:
             ids = np.fromiter(rows.keys(), dtype=np.int64, count=len(rows))
@@ -286,83 +350,103 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
             self.writer.progress(JOB, {f"dedupe_{k}": v for k, v in self.counts.items()})
 
     class UserFeaturesFunction(Buffered):
-        """Keyed by user: topic preferences with negative feedback, recent engagement, follows;
+        """Keyed by user shard: topic preferences with negative feedback, recent engagement, follows;
         the user embedding is recomputed by the user tower for every user whose inputs changed."""
 
         view = "user"
 
         def open(self, ctx: Any) -> None:
             super().open(ctx)
-            self.state = ctx.get_state(ValueStateDescriptor("user", Types.PICKLED_BYTE_ARRAY()))
+            self.keyed_states(ctx, "users")
             self.catalog: Catalog | None = None  # loaded with the towers on the first element (see warm_up)
             self.embedder = UserEmbedder(cfg)
             self.mark_opened()
 
-        def process_element(self, e: tuple, ctx: Any):
+        def mark(self, uid: int, s: list, feats: bool, emb: bool) -> None:
+            old = self.dirty.get(uid)
+            self.dirty[uid] = (s, feats or (old is not None and old[1]), emb or (old is not None and old[2]))
+
+        def process_element(self, group: tuple, ctx: Any):
             if self.catalog is None:
                 self.warm_up()
-            self.events += 1
-            uid = e[rt.K_USER]
-            s = self.state.value()
-            if s is None:
-                s = rt.new_user_state(self.catalog.follows(uid))
-            feats, emb = rt.user_update(s, e)
-            self.state.update(s)
-            self.max_ts = max(self.max_ts, e[rt.K_TS])
-            if feats or emb:
-                old = self.dirty.get(uid)
-                self.dirty[uid] = (s, feats or (old is not None and old[1]), emb or (old is not None and old[2]))
-            if e[rt.K_KIND] == rt.ENGAGEMENT and e[rt.K_ACTION] == rt.A["click"]:
-                m = e[rt.K_TS] // rt.MINUTE_MS
-                ctx.timer_service().register_event_time_timer((m + 60) * rt.MINUTE_MS)
-                if e[rt.K_TOPIC] >= 0:
-                    yield e[rt.K_TOPIC], e[rt.K_TS]
+            events = group[1]
+            self.events += len(events)
+            local: dict[int, list] = {}
+            hour: dict[int, set[int]] = {}
+            clicks: list[tuple] = []
+            for e in events:
+                uid = e[rt.K_USER]
+                s = local.get(uid)
+                if s is None:
+                    s = self.rows.get(uid)
+                    if s is None:
+                        s = rt.new_user_state(self.catalog.follows(uid))
+                    local[uid] = s
+                feats, emb = rt.user_update(s, e)
+                self.max_ts = max(self.max_ts, e[rt.K_TS])
+                if feats or emb:
+                    self.mark(uid, s, feats, emb)
+                if e[rt.K_KIND] == rt.ENGAGEMENT and e[rt.K_ACTION] == rt.A["click"]:
+                    hour.setdefault((e[rt.K_TS] // rt.MINUTE_MS + 60) * rt.MINUTE_MS, set()).add(uid)
+                    if e[rt.K_TOPIC] >= 0:
+                        clicks.append((e[rt.K_TOPIC], e[rt.K_TS]))
+            self.store(local)
+            self.schedule(ctx, hour, event_time=True)
             self.after_update(ctx)
+            return iter(_groups(clicks, lambda c: c[0], ts=1))
 
         def on_other_timer(self, timestamp: int, ctx: Any) -> None:
-            s = self.state.value()
-            if s is not None:
-                s[rt.U_LAST] = max(s[rt.U_LAST], timestamp)  # clicks_1h as of the watermark
-                self.state.update(s)
-                self.dirty[ctx.get_current_key()] = (s, True, False)
+            for uid in self.take_due(timestamp):
+                s = self.rows.get(uid)
+                if s is not None:
+                    s[rt.U_LAST] = max(s[rt.U_LAST], timestamp)  # clicks_1h as of the watermark
+                    self.rows.put(uid, s)
+                    self.mark(uid, s, True, False)
 
         def write(self, rows: dict[int, Any]) -> None:
-            feat = [(uid, rt.user_row(s)) for uid, (s, f, _) in rows.items() if f]
+            feat = [(uid, s) for uid, (s, f, _) in rows.items() if f]
             if feat:
-                cols = {k: [r[k] for _, r in feat] for k in feat[0][1]}
-                self.writer.write("user_topic", np.array([u for u, _ in feat], dtype=np.int64), cols)
+                self.writer.write("user_topic", np.array([u for u, _ in feat], dtype=np.int64),
+                                  rt.user_rows([s for _, s in feat]))
             emb = [(uid, s) for uid, (s, _, e) in rows.items() if e]
             if emb:
                 self.embedder.publish(self.writer, emb)
 
     class TopicFeaturesFunction(Buffered):
-        """Keyed by topic: click velocity over 5 minutes / 1 hour and the trend against the long run."""
+        """Keyed by topic shard: click velocity over 5 minutes / 1 hour and the trend against the long run."""
 
         view = "topic"
 
         def open(self, ctx: Any) -> None:
             super().open(ctx)
-            self.state = ctx.get_state(ValueStateDescriptor("topic", Types.PICKLED_BYTE_ARRAY()))
+            self.keyed_states(ctx, "topics")
             self.mark_opened()
 
-        def process_element(self, value: tuple, ctx: Any):
-            self.events += 1
-            topic, ts = value
-            s = self.state.value() or rt.new_topic_state()
-            rt.topic_update(s, ts)
-            self.state.update(s)
-            self.max_ts = max(self.max_ts, ts)
-            self.dirty[topic] = (s, None)
-            m = ts // rt.MINUTE_MS
-            ctx.timer_service().register_event_time_timer((m + 5) * rt.MINUTE_MS)
-            ctx.timer_service().register_event_time_timer((m + 60) * rt.MINUTE_MS)
+        def process_element(self, group: tuple, ctx: Any):
+            clicks = group[1]
+            self.events += len(clicks)
+            local: dict[int, list] = {}
+            due: dict[int, set[int]] = {}
+            for topic, ts in clicks:
+                s = local.get(topic)
+                if s is None:
+                    s = local[topic] = self.rows.get(topic) or rt.new_topic_state()
+                rt.topic_update(s, ts)
+                self.max_ts = max(self.max_ts, ts)
+                self.dirty[topic] = (s, None)
+                m = ts // rt.MINUTE_MS
+                for after in (5, 60):
+                    due.setdefault((m + after) * rt.MINUTE_MS, set()).add(topic)
+            self.store(local)
+            self.schedule(ctx, due, event_time=True)
             self.after_update(ctx)
             return iter(())
 
         def on_other_timer(self, timestamp: int, ctx: Any) -> None:
-            s = self.state.value()
-            if s is not None:
-                self.dirty[ctx.get_current_key()] = (s, timestamp)
+            for topic in self.take_due(timestamp):
+                s = self.rows.get(topic)
+                if s is not None:
+                    self.dirty[topic] = (s, timestamp)
 
         def write(self, rows: dict[int, Any]) -> None:
             from features.feast_repo import TOPIC_STATS_FLOAT
@@ -371,13 +455,13 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
             self.writer.write("topic_stats", np.fromiter(rows.keys(), dtype=np.int64, count=len(rows)),
                               {n: vals[:, j] for j, n in enumerate(TOPIC_STATS_FLOAT)})
 
-    return {"parse": ParseMap, "event_time": EventTime, "post": PostFeaturesFunction,
+    return {"parse": ParseBundle, "event_time": EventTime, "post": PostFeaturesFunction,
             "user": UserFeaturesFunction, "topic": TopicFeaturesFunction}
 
 
 def _tagged(ts: int, tag: int, granularity: int = 10) -> int:
     """A processing-time timer timestamp rounded up to ``granularity`` ms with ``tag`` in its last
-    digit: one key may hold flush (0), id-expiry (1) and velocity-decay (2) timers, and Flink
+    digit: one key may hold flush (0) and velocity-decay (2) timers, and Flink
     merges timers of the same key and timestamp, so rounding also bounds their number."""
     return -(-ts // granularity) * granularity + tag
 
@@ -443,7 +527,7 @@ class PostEmbedder(_Towers):
         x = self.featurize.arrays([p[rt.K_TEXT] for p in posts], np.array([p[rt.K_AUTHOR] for p in posts]),
                            np.array([p[rt.K_TOPIC] for p in posts]), np.array([p[rt.K_CTYPE] for p in posts]))
         emb = model.post(x)
-        writer.write("post_embedding", ids, {"embedding": emb.tolist()})
+        writer.write("post_embedding", ids, {"embedding": emb})
         if self.retrieval is not None:
             writer.publish_index_delta(self.retrieval, ids, emb, np.array([p[rt.K_TS] for p in posts], dtype=np.int64))
 
@@ -458,13 +542,13 @@ class UserEmbedder(_Towers):
         model = self.get()
         if model is None:
             return
-        dense = np.stack([rt.user_dense(s) for _, s in users])
+        dense = rt.user_dense_many([s for _, s in users])
         lens = [max(len(s[rt.U_FOLLOWS]), 1) for _, s in users]
         ids = np.concatenate([author_bucket(np.array(s[rt.U_FOLLOWS] or [0], dtype=np.int64)) if s[rt.U_FOLLOWS]
                               else np.zeros(1, dtype=np.int64) for _, s in users])
         offs = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
         emb = model.user(dense, ids, offs)
-        writer.write("user_embedding", np.array([u for u, _ in users], dtype=np.int64), {"embedding": emb.tolist()})
+        writer.write("user_embedding", np.array([u for u, _ in users], dtype=np.int64), {"embedding": emb})
 
 
 def restart_configuration(cfg: Config) -> dict[str, str]:
@@ -478,27 +562,19 @@ def build(env: Any, cfg: Config, fail_once_on: str | None = None) -> Any:
     """The whole pipeline (see the module docstring for its shape)."""
     from pyflink.common import Duration, Types, WatermarkStrategy
 
-    from features import realtime as rt
     from features.feast_repo import apply
-    from jobs.sources import event_lines
+    from jobs.sources import event_records
 
     apply(cfg)  # registers views and push sources (idempotent), so the job runs on a fresh stack
     f = _functions(cfg, fail_once_on)
     wm = (WatermarkStrategy.for_bounded_out_of_orderness(Duration.of_millis(cfg.streaming.out_of_orderness_ms))
           .with_timestamp_assigner(f["event_time"]()))
-    invalid_key = -(1 << 62)
-
-    def post_key(e: tuple) -> int:
-        if e[0] < 0:
-            return invalid_key
-        return e[rt.K_POST] if e[rt.K_KIND] not in (rt.FOLLOW, rt.UNFOLLOW) else -1 - e[rt.K_USER]
-
-    enriched = (event_lines(env, cfg, "events").map(f["parse"]()).name("parse")
-                .key_by(post_key, key_type=Types.LONG()).process(f["post"]()).name("post-features")
+    shard = lambda g: g[0]  # noqa: E731 - records are (shard, events, latest event time)
+    enriched = (event_records(env, cfg, "events").flat_map(f["parse"]()).name("parse")
+                .key_by(shard, key_type=Types.LONG()).process(f["post"]()).name("post-features")
                 .assign_timestamps_and_watermarks(wm))
-    clicks = (enriched.key_by(lambda e: e[rt.K_USER], key_type=Types.LONG())
-              .process(f["user"]()).name("user-features"))
-    return clicks.key_by(lambda c: c[0], key_type=Types.LONG()).process(f["topic"]()).name("topic-features")
+    clicks = enriched.key_by(shard, key_type=Types.LONG()).process(f["user"]()).name("user-features")
+    return clicks.key_by(shard, key_type=Types.LONG()).process(f["topic"]()).name("topic-features")
 
 
 def run_embedded(cfg: Config, fail_once_on: str | None = None, detached: bool = True) -> Any:
