@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from features.events import NEGATIVE_ACTIONS, Action, InvalidEvent, parse_event
+from features.events import NEGATIVE_ACTIONS, Action, InvalidEvent, parse_event, parse_events
 from features.feast_repo import post_trending_score, topic_trend
 from features.schema import N_CTYPES, N_TOPICS
 
@@ -44,9 +44,18 @@ K_KIND, K_ID, K_TS, K_USER, K_POST, K_AUTHOR, K_ACTION, K_DWELL, K_TOPIC, K_CTYP
 def compact(line: str) -> Compact | str:
     """Validate one JSON line into the job's compact tuple, or return the rejection reason."""
     try:
-        ev: Any = parse_event(line)
+        return compact_event(parse_event(line))
     except InvalidEvent as e:
         return e.reason
+
+
+def compact_many(lines: list[str]) -> list[Compact | str]:
+    """:func:`compact` of a bundle's events, validated together (features.events.parse_events)."""
+    return [ev.reason if isinstance(ev, InvalidEvent) else compact_event(ev) for ev in parse_events(lines)]
+
+
+def compact_event(ev: Any) -> Compact:
+    """The job's compact tuple of a validated event."""
     k = KIND[ev.type]
     if k == PUBLISH:
         return (k, ev.event_id, ev.ts, ev.author_id, ev.post_id, ev.author_id, -1, 0, ev.topic,

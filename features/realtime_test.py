@@ -83,3 +83,14 @@ def test_topic_trend_against_long_run():
     c5, c1h, longrun, trend = rt.topic_row(s)
     assert (c5, c1h) == (20.0, 20.0) and longrun == pytest.approx(30 / (10 + 19 / 3600))  # 30 clicks over 10 h 19 s
     assert trend > 1.0
+
+
+def test_compact_many_equals_compact_one_by_one_with_bad_events_among_good():
+    from sim.eventgen import synthetic_events
+
+    lines = [e.to_json() for e in synthetic_events(50, seed=5)]
+    assert rt.compact_many(lines) == [rt.compact(x) for x in lines]
+    bad = lines[:10] + ['{"type": "engagement", "user_id": 1}', "not json", '{"a": 1}, {"b": 2}'] + lines[10:20]
+    got = rt.compact_many(bad)
+    assert got == [rt.compact(x) for x in bad]
+    assert all(isinstance(g, str) for g in got[10:13]) and not any(isinstance(g, str) for g in got[:10] + got[13:])

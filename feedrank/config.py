@@ -207,6 +207,7 @@ class Streaming(_Section):
     max_buffer_rows: PosInt
     dedupe_retention_s: PosFloat
     key_shards: PosInt
+    state_cache_rows: PosInt
     out_of_orderness_ms: NonNegInt
     change_stream_maxlen: PosInt
     bootstrap_world: str
