@@ -142,6 +142,9 @@ class Exposure(BaseEvent):
     snapshot_id: str | None = None
 
 
+_DWELL = Action.DWELL.value
+
+
 class Engagement(BaseEvent):
     type: Literal["engagement"] = "engagement"
     user_id: Id
@@ -154,9 +157,9 @@ class Engagement(BaseEvent):
 
     @model_validator(mode="after")
     def _dwell(self) -> "Engagement":
-        if self.action == Action.DWELL.value and self.dwell_ms is None:
-            raise ValueError("dwell_ms is required when action is 'dwell'")
-        if self.action != Action.DWELL.value and self.dwell_ms is not None:
+        if (self.action == _DWELL) != (self.dwell_ms is not None):  # a module constant: Enum lookups cost ~1 us
+            if self.dwell_ms is None:
+                raise ValueError("dwell_ms is required when action is 'dwell'")
             raise ValueError("dwell_ms is only allowed when action is 'dwell'")
         return self
 

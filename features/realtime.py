@@ -136,6 +136,19 @@ def post_row(s: list, now_ms: int | None = None) -> tuple[list[int], list[float]
     return [s[P_IMP], s[P_CLK], s[P_LIKE], s[P_COMM], s[P_SHARE], s[P_NEG], s[P_LDW], c5, c1h], [ctr, trend]
 
 
+def post_rows(rows: list[tuple[list, int | None]]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`post_row` of many ``(state, now_ms)`` at once: ints [n, 9] int64, floats [n, 2] float32."""
+    ints = np.zeros((len(rows), 9), dtype=np.int64)
+    ints[:, :7] = [s[:7] for s, _ in rows]
+    for i, (s, now) in enumerate(rows):
+        if s[P_BUCKETS]:  # most posts have no recent clicks
+            t = s[P_LAST] if now is None else now
+            ints[i, 7], ints[i, 8] = window(s[P_BUCKETS], t, 5), window(s[P_BUCKETS], t, 60)
+    clk = ints[:, P_CLK].astype(np.float64)
+    floats = np.stack([(clk + 2.0) / (ints[:, P_IMP] + 20.0), post_trending_score(ints[:, 8], clk)], axis=1)
+    return ints, floats.astype(np.float32)
+
+
 # ----------------------------------------------------------------------------- users
 
 # user state: [topic_clicks[T], topic_neg[T], ctype_clicks[3], clicks, negatives, last_ms, buckets, follows]

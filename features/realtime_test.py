@@ -41,6 +41,24 @@ def test_post_counts_windows_and_rates():
     assert ints[-2:] == [0, 1]
 
 
+def test_batched_post_rows_equal_the_per_post_ones():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for p in range(6):
+        s = rt.new_post_state()
+        for i in range(int(rng.integers(0, 40))):
+            a = str(rng.choice(["click", "like", "share", "hide", "view"]))
+            rt.post_update(s, (rt.ENGAGEMENT, f"{p}-{i}", T + i * 97_000, 1, p, 3, rt.A[a], 0, -1, -1, "", 1), 30_000)
+        rows.append((s, None if p % 2 else T + 50 * 60_000))
+    ints, floats = rt.post_rows(rows)
+    for i, (s, now) in enumerate(rows):
+        iv, fv = rt.post_row(s, now)
+        assert ints[i].tolist() == iv
+        assert floats[i].tolist() == np.asarray(fv, dtype=np.float32).tolist()
+
+
 def test_user_topic_shares_and_negatives():
     s = rt.new_user_state(follows=[9])
     e = (rt.ENGAGEMENT, "a", T, 1, 7, 3, rt.A["click"], 0, 5, 2, "", 1)

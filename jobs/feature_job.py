@@ -94,7 +94,6 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
 
     from features import realtime as rt
     from features.eventlog import split_bundle
-    from features.feast_repo import POST_STATS_INT
 
     S = cfg.streaming
     long_dwell_ms = cfg.heads.long_dwell_ms
@@ -351,12 +350,7 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
 
         def write(self, rows: dict[int, Any]) -> None:
             ids = np.fromiter(rows.keys(), dtype=np.int64, count=len(rows))
-            ints = np.empty((ids.size, len(POST_STATS_INT)), dtype=np.int64)
-            floats = np.empty((ids.size, 2), dtype=np.float32)
-            for i, (s, now) in enumerate(rows.values()):
-                iv, fv = rt.post_row(s, now)
-                ints[i] = iv
-                floats[i] = fv
+            ints, floats = rt.post_rows(list(rows.values()))
             self.writer.push_post_stats(ids, ints, floats)
 
         def flush(self) -> None:
