@@ -232,9 +232,11 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
             return ids
 
         def store(self, local: dict[int, Any]) -> None:
-            for k, v in local.items():
-                self.rows.put(k, v)
-                self.remember(k, v)
+            """Put a group's changed rows back: one call into the JVM for all of them."""
+            if local:
+                self.rows.put_all(local)
+                for k, v in local.items():
+                    self.remember(k, v)
 
         def flush(self) -> None:
             self.last_flush = time.monotonic()
@@ -299,15 +301,16 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
             local: dict[int, list] = {}
             decay: dict[int, set[int]] = {}
             forward: list[tuple] = []
+            fresh: dict[str, int] = {}  # this group's new ids, stored with one put_all
             for e in events:
                 if e[0] < 0:
                     self.counts["invalid"] += 1
                     continue
                 eid = e[rt.K_ID]
-                if seen.contains(eid) or (older is not None and older.contains(eid)):
+                if eid in fresh or seen.contains(eid) or (older is not None and older.contains(eid)):
                     self.counts["duplicates"] += 1
                     continue
-                seen.put(eid, now)
+                fresh[eid] = now
                 if self.fault and eid == self.fault and not self.fault_marker.exists():
                     self.fault_marker.parent.mkdir(parents=True, exist_ok=True)
                     self.fault_marker.touch()
@@ -336,6 +339,8 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
                     if meta is not None:
                         e = e[:rt.K_AUTHOR] + (meta[0],) + e[rt.K_AUTHOR + 1:rt.K_TOPIC] + (meta[1], meta[2]) + e[rt.K_TEXT:]
                     forward.append(e)
+            if fresh:
+                seen.put_all(fresh)
             self.store(local)
             self.schedule(ctx, decay, event_time=False)
             self.after_update(ctx)
