@@ -148,6 +148,7 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
             self.last_flush = time.monotonic()
             self.flush_timer: int | None = None
             self.events = 0
+            self.reported = 0  # events covered by the last progress report
             self.max_ts = 0
 
         def warm_up(self) -> None:
@@ -169,7 +170,8 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
         def after_update(self, ctx: Any) -> None:
             if len(self.dirty) >= S.max_buffer_rows or (self.dirty and time.monotonic() - self.last_flush >= S.flush_ms / 1000):
                 self.flush()
-            if self.dirty and self.flush_timer is None:
+            # a record may change no row (duplicates, invalid events): its counts are still reported
+            if (self.dirty or self.events != self.reported) and self.flush_timer is None:
                 due = _tagged(ctx.timer_service().current_processing_time() + S.flush_ms, 0)
                 ctx.timer_service().register_processing_time_timer(due)
                 self.flush_timer = due
@@ -239,6 +241,7 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
 
         def flush(self) -> None:
             self.last_flush = time.monotonic()
+            self.reported = self.events
             if self.dirty:
                 rows, self.dirty = self.dirty, {}
                 self.write(rows)
