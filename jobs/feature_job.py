@@ -206,6 +206,16 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
                     self.remember(k, s)
             return s
 
+        def row(self, local: dict[int, Any], k: int, new: Any) -> Any:
+            """The row of ``k`` for this record: already touched, cached, in state, or ``new(k)``."""
+            s = local.get(k)
+            if s is None:
+                s = self.get_row(k)
+                if s is None:
+                    s = new(k)
+                local[k] = s
+            return s
+
         def remember(self, k: int, s: Any) -> None:
             if len(self.cache) >= S.state_cache_rows:
                 self.cache.clear()  # cheaper than LRU bookkeeping; hot rows return on their next read
@@ -323,12 +333,7 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
                     continue
                 self.max_ts = max(self.max_ts, e[rt.K_TS])
                 pid = e[rt.K_POST]
-                s = local.get(pid)
-                if s is None:
-                    s = self.get_row(pid)
-                    if s is None:
-                        s = rt.new_post_state(self.catalog.post(pid))
-                    local[pid] = s
+                s = self.row(local, pid, lambda p: rt.new_post_state(self.catalog.post(p)))
                 if rt.post_update(s, e, long_dwell_ms):
                     self.dirty[pid] = (s, None)
                 if kind == rt.PUBLISH:
@@ -394,12 +399,7 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
             clicks: list[tuple] = []
             for e in events:
                 uid = e[rt.K_USER]
-                s = local.get(uid)
-                if s is None:
-                    s = self.get_row(uid)
-                    if s is None:
-                        s = rt.new_user_state(self.catalog.follows(uid))
-                    local[uid] = s
+                s = self.row(local, uid, lambda u: rt.new_user_state(self.catalog.follows(u)))
                 feats, emb = rt.user_update(s, e)
                 self.max_ts = max(self.max_ts, e[rt.K_TS])
                 if feats or emb:
@@ -446,9 +446,7 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
             local: dict[int, list] = {}
             due: dict[int, set[int]] = {}
             for topic, ts in clicks:
-                s = local.get(topic)
-                if s is None:
-                    s = local[topic] = self.get_row(topic) or rt.new_topic_state()
+                s = self.row(local, topic, lambda _: rt.new_topic_state())
                 rt.topic_update(s, ts)
                 self.max_ts = max(self.max_ts, ts)
                 self.dirty[topic] = (s, None)
