@@ -99,7 +99,7 @@ class FileEventLog:
     """Append-only segment log in a local directory (see module docstring)."""
 
     def __init__(self, root: str | Path, rotate_ms: int = 500, rotate_events: int = 20_000, fsync: bool = True,
-                 bundle_events: int = 256):
+                 bundle_events: int = 1024):
         self.root = Path(root)
         self.uri = "file://" + str(self.root)
         self.segments = self.root / SEGMENTS_DIR

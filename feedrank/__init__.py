@@ -46,8 +46,8 @@ def _isolate() -> None:
         sys.path[:] = embedded_sys_path(list(sys.path), sys.prefix, sys.base_prefix, sites)
         # torch is another pybind11 extension: Feast 0.67 imports it whenever it is installed
         # (feast/torch_wrapper.py), and its import in a task thread hung a feature-job operator's
-        # `open` in 2 of 6 runs (py-spy: ExtensionFileLoader.create_module under feast's
-        # _import_torch). The jobs run their models in numpy, so the embedded interpreter has none:
+        # `open` once this session (py-spy: ExtensionFileLoader.create_module under feast's
+        # _import_torch, the job's start-up never finished). The jobs run their models in numpy, so the embedded interpreter has none:
         # `import torch` raises ImportError there and Feast carries on without it.
         sys.modules.setdefault("torch", None)  # type: ignore[assignment]
 
