@@ -208,6 +208,7 @@ class Streaming(_Section):
     dedupe_retention_s: PosFloat
     key_shards: PosInt
     state_cache_rows: PosInt
+    gc_young_threshold: PosInt
     out_of_orderness_ms: NonNegInt
     change_stream_maxlen: PosInt
     bootstrap_world: str

@@ -143,6 +143,7 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
             from jobs import startup_stacks
 
             startup_stacks.begin(cfg, f"{self.view} operator")
+            gc_tuning(S.gc_young_threshold)
             self.writer = FeatureWriter(cfg)
             self.dirty: dict[int, Any] = {}
             self.last_flush = time.monotonic()
@@ -258,7 +259,8 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
             self.writer.progress(JOB, {f"{self.view}_events": self.events, f"{self.view}_max_ts": self.max_ts,
                                        f"{self.view}_pushed_rows": self.writer.pushed_rows,
                                        f"{self.view}_push_seconds": round(self.writer.push_seconds, 3),
-                                       f"{self.view}_flushed_at_ms": int(time.time() * 1000)})
+                                       f"{self.view}_flushed_at_ms": int(time.time() * 1000),
+                                       **gc_progress()})
 
         def write(self, rows: dict[int, Any]) -> None:
             """Each subclass writes its view's rows (``{key: (state, as-of time)}``)."""
@@ -473,6 +475,40 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
 
     return {"parse": ParseBundle, "event_time": EventTime, "post": PostFeaturesFunction,
             "user": UserFeaturesFunction, "topic": TopicFeaturesFunction}
+
+
+_GC: dict[str, Any] = {"seconds": 0.0, "full": 0, "started": 0.0, "installed": False}
+
+
+def gc_tuning(young_threshold: int) -> None:
+    """Collect the young generation every ``young_threshold`` net allocations (default 700) and time
+    every collection (reported as ``gc_seconds`` / ``gc_full`` in the job's progress).
+
+    Why: the operators' row caches hold ~10^6 live objects, and with Python's defaults full
+    collections ran 16 times in a 300K-event run, ~170 ms each with the interpreter lock held
+    (2.7 s of 3.6 s in GC). A larger young threshold makes every older collection rarer too.
+    The setting is the embedded interpreter's, shared by every operator in it; idempotent."""
+    import gc
+
+    gc.set_threshold(young_threshold, 10, 10)
+    if _GC["installed"]:
+        return
+
+    def timed(phase: str, info: dict) -> None:
+        if phase == "start":
+            _GC["started"] = time.perf_counter()
+            return
+        _GC["seconds"] += time.perf_counter() - _GC["started"]
+        _GC["full"] += info["generation"] == 2
+
+    gc.callbacks.append(timed)
+    _GC["installed"] = True
+
+
+def gc_progress() -> dict[str, float]:
+    """GC time so far, for the progress hash. A module function, not the dict: the operator classes
+    are pickled by value with the job, and so would be a dict they referenced."""
+    return {"gc_seconds": round(_GC["seconds"], 3), "gc_full": _GC["full"]}
 
 
 def _tagged(ts: int, tag: int, granularity: int = 10) -> int:
