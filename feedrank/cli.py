@@ -568,6 +568,7 @@ def eval_(
     cfg = _cfg()
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     if what == "experiments":
+        from infra.bench import scratch_removed_on_success
         from sim.experiments import run_experiments
 
         d = _world_dir(cfg, data)
@@ -577,7 +578,7 @@ def eval_(
         if not parts or set(parts) - set(PARTS):
             _fail(f"--only takes a comma-separated subset of {', '.join(PARTS)}")
         json_out = json_out or PROJECT_ROOT / "reports" / f"experiments-{stamp}" / "experiments.json"
-        with _progress() as prog:
+        with _progress() as prog, scratch_removed_on_success():
             res = run_experiments(cfg, d, json_out, users=users, minutes=minutes, progress=_StageProgress(prog),
                                   parts=parts, trend_minutes=trend_minutes, speed=speed)
         shown = ("utility_total", "utility_per_examined", "ctr", "ndcg@20_vs_true_utility")
@@ -725,11 +726,11 @@ def bench_all_cmd(ctx: typer.Context,
 def bench_model_delay_cmd(users: int = typer.Option(300, help="Simulated users (real time)"),
                           minutes: float = typer.Option(5.0, help="Minutes of traffic")) -> None:
     """Event -> promoted model serving: the online learner and the FeedService in real time."""
-    from infra.bench import write_result
+    from infra.bench import scratch_removed_on_success, write_result
     from infra.bench_model_delay import bench_model_delay
 
     cfg = _cfg()
-    with _progress() as prog:
+    with _progress() as prog, scratch_removed_on_success():
         try:
             res = bench_model_delay(cfg, _world_dir(cfg, None), users, minutes, progress=_StageProgress(prog))
         except RuntimeError as e:
@@ -777,9 +778,9 @@ def bench_rankers() -> None:
 @bench_app.command("features")
 def bench_features_cmd(events: int = typer.Option(300_000, help="Events written, then read by the job")) -> None:
     """Throughput of the real-time feature job (events/s), on its own embedded stack."""
-    from infra.bench import bench_features as run, write_result
+    from infra.bench import bench_features as run, scratch_removed_on_success, write_result
 
-    with _progress() as prog:
+    with _progress() as prog, scratch_removed_on_success():
         res = run(_cfg(), n=events, progress=_StageProgress(prog))
     path = write_result("features", res)
     print(json.dumps(res))
@@ -790,9 +791,9 @@ def bench_features_cmd(events: int = typer.Option(300_000, help="Events written,
 def bench_freshness_cmd(probes: int = typer.Option(200, help="Timed clicks"),
                         background: float = typer.Option(2000.0, help="Background load, events/s")) -> None:
     """Event append -> feature visible (serving cache and Feast), p50/p99, under background load."""
-    from infra.bench import bench_freshness as run, write_result
+    from infra.bench import bench_freshness as run, scratch_removed_on_success, write_result
 
-    with _progress() as prog:
+    with _progress() as prog, scratch_removed_on_success():
         res = run(_cfg(), probes=probes, background_eps=background, progress=_StageProgress(prog))
     path = write_result("freshness", res)
     print(json.dumps(res))
@@ -806,11 +807,11 @@ def bench_serve_cmd(scale: str = typer.Option("large", help="World scale (its wo
                     workers: int = typer.Option(0, help="Server processes (default serving.workers)"),
                     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the JSON result here")) -> None:
     """GetFeed latency over gRPC vs load (open loop), per-stage breakdown and server RSS."""
-    from infra.bench import write_result
+    from infra.bench import scratch_removed_on_success, write_result
     from infra.bench_serve import bench_serve
 
     levels = _rps_levels(rps)
-    with _progress() as prog:
+    with _progress() as prog, scratch_removed_on_success():
         try:
             res = bench_serve(_cfg(), scale, levels, seconds, progress=_StageProgress(prog), workers=workers)
         except RuntimeError as e:

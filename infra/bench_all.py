@@ -51,7 +51,8 @@ def run_all(cfg: Config, rps: tuple[float, ...] = (20.0, 50.0, 100.0, 150.0), se
     for name, fn in runs:
         t0 = time.perf_counter()
         try:
-            res = fn()
+            with bench.scratch_removed_on_success():
+                res = fn()
         except Exception as e:  # noqa: BLE001 - one failed bench is reported; the others still run
             results[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc(limit=5)}
             continue

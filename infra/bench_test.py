@@ -1,6 +1,8 @@
 """`feedrank bench features` turns the job's progress samples into rates that leave start-up out."""
 
-from infra.bench import feature_job_rates
+import pytest
+
+from infra.bench import feature_job_rates, isolated_config, scratch_removed_on_success
 
 
 def _samples(points: list[tuple[float, int, int]]) -> list[tuple[float, dict]]:
@@ -21,3 +23,21 @@ def test_a_slow_last_operator_lowers_the_end_to_end_rate():
     fast = _samples([(0.0, 500, 0), (5.0, 10_000, 4_000), (10.0, 100_000, 34_000)])
     slow = _samples([(0.0, 500, 0), (5.0, 10_000, 4_000), (10.0, 100_000, 20_000), (20.0, 100_000, 34_000)])
     assert feature_job_rates(slow, 100_000, 34_000)["events_per_s"] < feature_job_rates(fast, 100_000, 34_000)["events_per_s"] / 1.9
+
+
+def test_a_benchmark_s_data_dir_is_removed_when_it_succeeds_and_kept_when_it_fails(make_cfg, capsys):
+    cfg = make_cfg()
+    with scratch_removed_on_success():
+        ok = isolated_config(cfg, "ok").data_dir
+        (ok / "events").mkdir(parents=True)
+        (ok / "events" / "seg").write_text("x")
+    assert not ok.exists()
+    with pytest.raises(RuntimeError), scratch_removed_on_success():
+        bad = isolated_config(cfg, "bad").data_dir
+        bad.mkdir(parents=True)
+        raise RuntimeError("bench failed")
+    assert bad.exists()
+    assert f"benchmark data kept for diagnosis: {bad}" in capsys.readouterr().err
+    with scratch_removed_on_success():  # a later success leaves an earlier failure's data alone
+        isolated_config(cfg, "later").data_dir.mkdir(parents=True)
+    assert bad.exists()
