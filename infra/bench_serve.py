@@ -84,7 +84,19 @@ def build_world_index(cfg: Config, world_dir: Path, step: Step) -> tuple[Path, s
                                                  "temperature": idx.temperature, "recency": idx.recency}))
     step("building IVF index", 1.0)
     os.replace(tmp, out)
+    prune_index_caches(cfg, world_dir, out)
     return out, tt
+
+
+def prune_index_caches(cfg: Config, world_dir: Path, keep: Path) -> list[Path]:
+    """Remove the world's cached indexes of earlier towers (~750 MB each on 1M posts); a rolled-back
+    two_tower rebuilds its own. The world's Feast export is kept."""
+    removed = []
+    for d in sorted(keep.parent.glob(f"{world_dir.name}-*")):
+        if d not in (keep, _cache_dir(cfg, world_dir, "feast")):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
 
 
 def prepare(cfg: Config, bcfg: Config, world_dir: Path, step: Step) -> dict[str, str]:
