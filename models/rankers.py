@@ -194,16 +194,42 @@ def train_heavy(model: HeavyRanker, x: np.ndarray, y: np.ndarray, position: np.n
 
 
 class ServingHeavy(nn.Module):
-    """What serving runs: features [n, F] -> (P(head | examined) [n, 6], weighted score [n])."""
+    """What serving runs: features [n, F] -> (P(head | examined) [n, 6], weighted score [n]).
+
+    Columns the model is served without (``input_mask`` 0: ``training.heavy_masked``) are dropped
+    before the first layers, whose weights are sliced to the kept columns (``keep``): the same
+    output, but with 257 of 309 columns masked the first layers did ~5/6 of their multiply-adds
+    for nothing (500 rows, 1 thread: 4.97 -> 2.54 ms p50 measured on the same weights)."""
 
     def __init__(self, model: HeavyRanker, weights: np.ndarray):
         super().__init__()
-        self.model = model
+        keep = np.flatnonzero(model.input_mask.detach().numpy() != 0)
+        self.model = _pruned(model, keep)
+        self.register_buffer("keep", torch.from_numpy(keep.astype(np.int64)))
         self.register_buffer("weights", torch.from_numpy(np.asarray(weights, dtype=np.float32)))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        p = torch.sigmoid(self.model.relevance_logits(x))
+        p = torch.sigmoid(self.model.relevance_logits(x.index_select(1, self.keep)))
         return p, p @ self.weights
+
+
+def _pruned(model: HeavyRanker, keep: np.ndarray) -> HeavyRanker:
+    """A copy of ``model`` over the columns ``keep`` only (no position tower: serving is position-free)."""
+    cfg = {**model.config, "n_features": len(keep), "position_aware": False}
+    out = HeavyRanker(**cfg)
+    k = torch.from_numpy(keep.astype(np.int64))
+    state = {}
+    for name, t in model.state_dict().items():
+        if name.startswith("position."):
+            continue
+        if name in ("mean", "std", "lo", "hi", "input_mask"):
+            t = t[k]
+        elif name == "wide.weight" or (name.endswith(".weight") and name.split(".")[0] == "gates") \
+                or (name.startswith("experts.") and name.endswith(".0.weight")):
+            t = t[:, k]
+        state[name] = t.detach().clone()
+    out.load_state_dict(state)
+    return out.eval()
 
 
 def export_torchscript(model: HeavyRanker, weights: np.ndarray) -> bytes:
@@ -258,14 +284,18 @@ def heavy_npz(model: HeavyRanker) -> bytes:
 
 def apply_final(serving: torch.jit.ScriptModule, final_npz: bytes) -> torch.jit.ScriptModule:
     """Overwrite the final layer of a TorchScript heavy ranker with online-learned weights
-    (``final.npz`` of a checkpoint published by the online learner)."""
+    (``final.npz`` of a checkpoint published by the online learner). The wide layer is over every
+    feature column; a module exported over the kept columns takes those (older exports have all)."""
     z = np.load(io.BytesIO(final_npz))
+    wide = z["wide"]
+    if hasattr(serving, "keep"):
+        wide = wide[:, serving.keep.numpy()]
     with torch.no_grad():
         for j in range(len(HEAD_NAMES)):
             layer = getattr(serving.model.final, str(j))
             layer.weight.copy_(torch.from_numpy(z["w"][j][None, :]))
             layer.bias.copy_(torch.from_numpy(z["b"][j: j + 1]))
-        serving.model.wide.weight.copy_(torch.from_numpy(z["wide"]))
+        serving.model.wide.weight.copy_(torch.from_numpy(np.ascontiguousarray(wide)))
     return serving
 
 

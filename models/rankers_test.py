@@ -93,6 +93,14 @@ def test_masked_columns_have_no_effect_in_every_serving_form():
         assert np.allclose(ts(torch.from_numpy(x2))[0].numpy(), 1 / (1 + np.exp(-base)), atol=1e-5)
         assert np.allclose(again.relevance_logits(torch.from_numpy(x2)).numpy(), base, atol=1e-6)
     assert np.allclose(nh.score(x2), base, atol=1e-4)
+    # serving drops the masked columns before the first layers; an online wide layer still applies
+    from models.rankers import apply_final
+
+    upd = nh.with_final(nh.final_w, nh.final_b, rng.normal(size=nh.wide.shape) * 0.05)
+    ts2 = apply_final(load_torchscript(export_torchscript(m, np.ones(6, dtype=np.float32))), upd.final_npz())
+    assert ts2.keep.numel() == 20
+    with torch.no_grad():
+        assert np.allclose(ts2(torch.from_numpy(x2))[0].numpy(), 1 / (1 + np.exp(-upd.score(x2))), atol=1e-4)
     # an unmasked column does change the output (the test above can fail)
     x3 = x.copy()
     x3[:, 0] += 3.0
