@@ -8,7 +8,7 @@
 
 * Micro-batches: PyFlink's cost per record and Python operator hop (~30 us measured, plus
   the hand-off of the one interpreter lock between task threads) capped the job at
-  5.4K events/s when every event was a record (bench features; now 17-20K). A segment-log
+  5.4K events/s when every event was a record (bench features; now 16-21K). A segment-log
   record is a bundle of up to ``events.bundle_events`` events; each operator emits one record per *shard*
   (``id % streaming.key_shards``) of what it received, and keeps per-post / per-user /
   per-topic state in MapStates of that shard. Records never wait in Python for a later one,
