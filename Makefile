@@ -7,11 +7,15 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.feedrank-installed
 PYTEST_ARGS ?=
 
-.PHONY: test demo venv preflight clean help
+JVM_DIR := var/jvm
+JVM_STAMP := $(JVM_DIR)/.fetched
+
+.PHONY: test demo venv jvm preflight clean help
 
 help:
 	@echo "make test   - create .venv, install feedrank, run the test suite"
 	@echo "make demo   - create .venv, install feedrank, run the end-to-end demo"
+	@echo "make jvm    - fetch the JVM artifacts (Kafka, Flink connectors) into var/jvm (part of both)"
 
 preflight:
 	@if [ -z "$(PYTHON)" ]; then echo "feedrank needs Python 3.11: apt-get install -y python3.11 python3.11-venv (or pyenv install 3.11)"; exit 1; fi
@@ -20,6 +24,7 @@ preflight:
 	@command -v java >/dev/null 2>&1 || { echo "Flink needs Java 17: apt-get install -y openjdk-17-jre-headless"; exit 1; }
 	@v=$$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -1); \
 	  if [ "$$v" != "17" ]; then echo "Flink needs Java 17 (found Java $$v): apt-get install -y openjdk-17-jre-headless, and put it first on PATH / JAVA_HOME"; exit 1; fi
+	@command -v mvn >/dev/null 2>&1 || { echo "feedrank fetches its JVM artifacts (Kafka, Flink connectors) with Maven: apt-get install -y maven"; exit 1; }
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,10 +37,21 @@ $(STAMP): pyproject.toml | $(VPY)
 
 venv: preflight $(STAMP)
 
+# JVM artifacts (infra/jvm/pom.xml: the Kafka broker and tools, Flink's Kafka connector and Parquet
+# format) from Maven Central via ~/.m2 into var/jvm; again only when the pom changes. The stamp holds
+# the pom's digest, as infra/jvm.py checks it.
+$(JVM_STAMP): infra/jvm/pom.xml
+	@echo "fetching JVM artifacts (infra/jvm/pom.xml) into $(JVM_DIR)"
+	rm -rf $(JVM_DIR)/kafka $(JVM_DIR)/flink
+	mvn -B -q -Dstyle.color=never -f infra/jvm/pom.xml package -Djvm.out=$(CURDIR)/$(JVM_DIR)
+	@sha256sum infra/jvm/pom.xml | cut -d' ' -f1 > $(JVM_STAMP)
+
+jvm: preflight $(JVM_STAMP)
+
 # The in-process PyFlink job tests (jobs/) each run in their own pytest process: all local jobs of
 # one Python process share its gateway JVM, and once an embedded interpreter got stuck opening
 # operators (seen intermittently) every later job in that JVM stayed INITIALIZING.
-test: venv
+test: venv jvm
 	@set +e; \
 	if [ -n "$(PYTEST_ARGS)" ]; then runs=("$(PYTEST_ARGS)"); else runs=("--ignore-glob=jobs/*" $$(ls jobs/*_test.py)); fi; \
 	rc=0; for r in "$${runs[@]}"; do \
@@ -44,7 +60,7 @@ test: venv
 	  if [ $$c -ne 0 ]; then echo "FAILED: pytest $$r (exit $$c)"; rc=$$c; fi; \
 	done; exit $$rc
 
-demo: venv
+demo: venv jvm
 	$(VENV)/bin/feedrank demo
 
 clean:

@@ -15,10 +15,16 @@ from infra.procs import free_port
 
 @pytest.fixture
 def make_cfg(tmp_path: Path) -> Callable[..., Config]:
-    """Build a Config from the real defaults plus FEEDRANK_* style overrides."""
+    """Build a Config from the real defaults plus FEEDRANK_* style overrides. Every test's stack
+    gets its own random JWT and cursor keys (the same for every config it builds): the shipped
+    placeholders are refused by any server (serving.edge.check_secrets)."""
+    from serving.edge import embedded_auth
+
+    auth = embedded_auth()
 
     def make(**overrides: str) -> Config:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FEEDRANK_")}
+        env.update(auth)
         env["FEEDRANK_PATHS_DATA_DIR"] = str(tmp_path / "var")
         env["FEEDRANK_EVENTS"] = "file://" + str(tmp_path / "var" / "events")
         env["FEEDRANK_REDIS"] = f"redis://127.0.0.1:{free_port()}/0"

@@ -1,12 +1,15 @@
 """The event log: one interface, two backends chosen by URI.
 
 ``file://<dir>`` is the embedded default: each writer appends JSON lines to its own
-in-progress file under ``<dir>/.inprogress`` and, at most every ``rotate_ms`` or
-``rotate_events``, seals it — fsync, then an atomic rename into ``<dir>/segments``.
-A segment therefore appears complete or not at all, which is exactly what Flink's
-FileSource in continuous-monitoring mode needs to read every event once. Writers hold
-an ``flock`` on their in-progress file; a writer that finds an unlocked one (its owner
-died) seals it, so nothing accepted is lost across crashes.
+in-progress file under ``<dir>/.inprogress``; an append returns once its events are written
+and fsynced (group commit: concurrent appends share one write and one fsync), so an
+acknowledged event survives a crash. At most every ``rotate_ms`` or ``rotate_events`` the
+file is sealed — an atomic rename into ``<dir>/segments``. A segment therefore appears
+complete or not at all, which is exactly what Flink's FileSource in continuous-monitoring
+mode needs to read every event once. A failed write (disk full, I/O error) is truncated
+away and raises :class:`EventLogError`; the writer retries on the next append and tick.
+Writers hold an ``flock`` on their in-progress file; every writer seals unlocked ones (their
+owner died) at start and every ``orphan_seal_ms``, so nothing accepted is lost across crashes.
 
 Segment lines are *bundles*: up to ``bundle_events`` JSON events separated by the ASCII
 record separator (RS, 0x1e, as in RFC 7464 JSON text sequences), a newline after every
@@ -16,13 +19,15 @@ per Python operator hop, measured) once per bundle rather than once per event: a
 place that reads a bundle; readers and jobs return single events.
 
 ``kafka://host:port/topic`` is production: an idempotent confluent-kafka producer with
-``acks=all``, keyed by user id, one event per message. Both backends carry byte-identical
-JSON events.
+``acks=all``; a message is a bundle of one partition's events in the same format (partition =
+user id % partitions), and an append returns once the broker acknowledged it. Both backends
+carry byte-identical JSON events.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import socket
 import threading
@@ -35,6 +40,11 @@ from urllib.parse import urlparse
 
 from features.events import BaseEvent, coerce_event
 
+#: librdkafka's own log lines (connection refused while a broker restarts...) go to Python logging,
+#: not raw to stderr
+KAFKA_LOG = logging.getLogger("feedrank.kafka")
+log = logging.getLogger("feedrank.eventlog")
+
 SEGMENT_SUFFIX = ".jsonl"
 SEGMENTS_DIR = "segments"
 INPROGRESS_DIR = ".inprogress"
@@ -43,7 +53,7 @@ _RS, _NL = RS.encode(), b"\n"
 
 
 def split_bundle(line: str) -> list[str]:
-    """The events of one segment line (a bundle), or of one Kafka message (one event)."""
+    """The events of one segment line or Kafka message (a bundle; a lone event has no RS)."""
     if RS not in line:
         return [line] if line else []
     return [p for p in line.split(RS) if p]
@@ -95,11 +105,30 @@ def read_all(reader: EventReader, expect: int | None = None, idle_s: float = 2.0
 # --------------------------------------------------------------------------- file://
 
 
+class _Commit:
+    """One caller's lines in the group-commit queue, and how their commit ended."""
+
+    __slots__ = ("lines", "done", "error")
+
+    def __init__(self, lines: list[bytes]):
+        self.lines = lines
+        self.done = False
+        self.error: BaseException | None = None
+
+
 class FileEventLog:
-    """Append-only segment log in a local directory (see module docstring)."""
+    """Append-only segment log in a local directory (see module docstring).
+
+    An append returns once its events are on disk (written and fsynced; with ``fsync=False``
+    written to the OS, which survives a crash of the process but not of the machine). Appends
+    from many threads are group-committed: one caller writes and fsyncs everything queued
+    while the previous fsync ran, then answers all of them. A failed write or fsync is
+    truncated away (the file never keeps a torn line) and raises :class:`EventLogError`;
+    the next append, and the rotate thread, simply try again.
+    """
 
     def __init__(self, root: str | Path, rotate_ms: int = 500, rotate_events: int = 20_000, fsync: bool = True,
-                 bundle_events: int = 1024):
+                 bundle_events: int = 1024, orphan_seal_ms: int = 2000):
         self.root = Path(root)
         self.uri = "file://" + str(self.root)
         self.segments = self.root / SEGMENTS_DIR
@@ -107,18 +136,27 @@ class FileEventLog:
         self.segments.mkdir(parents=True, exist_ok=True)
         self.inprogress.mkdir(parents=True, exist_ok=True)
         self.rotate_s = rotate_ms / 1000.0
-        self.rotate_events = rotate_events
+        self.rotate_events = max(1, rotate_events)
         self.fsync = fsync
         self.bundle_events = max(1, bundle_events)
-        self._in_bundle = 0  # events on the current, unterminated line
+        self.orphan_seal_s = orphan_seal_ms / 1000.0
         self.writer_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self._lock = threading.Lock()
-        self._seq = 0
-        self._fh: Any = None
-        self._path: Path | None = None
-        self._count = 0
-        self._opened = 0.0
+        self._lock = threading.Lock()  # the current file: writes, syncs, seals
+        self._cv = threading.Condition(threading.Lock())  # the commit queue and its leader
+        self._queue: list[_Commit] = []
+        self._leader = False
         self._closed = False
+        self._seq = 0
+        self._fh: Any = None  # unbuffered FileIO (O_APPEND) of the current in-progress file
+        self._path: Path | None = None
+        self._opened = 0.0
+        self._size = 0  # bytes written to the current file
+        self._in_bundle = 0  # events on the current, unterminated line
+        self._count = 0  # events in the current file
+        self._good = (0, 0, 0)  # (size, in_bundle, count) as last made durable: where a failed write is cut back to
+        self._torn = False  # a failed write could not be truncated away yet
+        self.commits = self.failed_commits = 0  # group commits (one write + one fsync each), and failed ones
+        self._failing = False  # the rotate thread's last seal failed (log once per streak)
         self.recover()
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick, name="eventlog-rotate", daemon=True)
@@ -129,121 +167,301 @@ class FileEventLog:
         self.append_many([event])
 
     def append_many(self, events: Iterable[BaseEvent | dict[str, Any] | str]) -> int:
-        """Validate every event first; then write them all (a bad event rejects the batch)."""
-        lines = [_line(e)[0] for e in events]
-        with self._lock:
-            if self._closed:
-                raise EventLogError("event log is closed")
-            self._write(lines)
-        return len(lines)
+        """Validate every event first (a bad event rejects the batch); return once all are on disk."""
+        return self._submit([_line(e)[0] for e in events])
 
     def append_lines(self, lines: Iterable[bytes]) -> int:
-        """Write pre-validated canonical lines (bulk loaders that validated already)."""
-        with self._lock:
-            return self._write([ln.rstrip(_NL) for ln in lines])
+        """Write pre-validated canonical lines (bulk loaders that validated already), durably."""
+        return self._submit([ln.rstrip(_NL) for ln in lines])
 
-    def _write(self, events: list[bytes]) -> int:
-        """Events go onto the current bundle line (RS between them); a full bundle gets its newline.
-        A crash can leave an unterminated last line: :meth:`recover` keeps its complete events."""
+    def _submit(self, lines: list[bytes]) -> int:
+        """Group commit: queue the lines; the first caller without a leader commits the whole queue."""
+        me = _Commit(lines)
+        with self._cv:
+            if self._closed:
+                raise EventLogError(f"event log {self.uri} is closed")
+            if not lines:
+                return 0
+            self._queue.append(me)
+            while self._leader and not me.done:
+                self._cv.wait()
+            group: list[_Commit] = []
+            if not me.done:
+                self._leader = True
+                group, self._queue = self._queue, []
+        if group:
+            error: BaseException | None = None
+            try:
+                self._commit([ln for c in group for ln in c.lines])
+            except BaseException as e:  # every caller of the group must hear of it
+                error = e
+            finally:
+                with self._cv:
+                    for c in group:
+                        c.done, c.error = True, error
+                    self._leader = False
+                    self._cv.notify_all()
+            if error is not None and not isinstance(error, Exception):
+                raise error  # KeyboardInterrupt, SystemExit: the leader's own
+        if me.error is not None:
+            if isinstance(me.error, EventLogError):
+                raise EventLogError(str(me.error)) from None  # one exception object per caller thread
+            raise EventLogError(f"event log {self.uri}: append failed: {me.error!r}") from me.error
+        return len(lines)
+
+    def _commit(self, lines: list[bytes]) -> None:
+        with self._lock:
+            try:
+                if self._torn:
+                    self._repair()
+                i = 0
+                while i < len(lines):
+                    if self._fh is not None and self._count >= self.rotate_events:
+                        self._seal()
+                    if self._fh is None:
+                        self._open()
+                    chunk = lines[i: i + self.rotate_events - self._count]
+                    i += len(chunk)
+                    self._write_all(self._encode(chunk))
+                self._sync()
+                self.commits += 1
+            except OSError as e:
+                self.failed_commits += 1
+                self._rollback()
+                raise EventLogError(f"event log {self.uri}: cannot write ({_why(e)}); {len(lines)} events "
+                                    f"not accepted, retry") from None
+            if self._count >= self.rotate_events:  # durable already: a failed seal is retried by the rotate thread
+                self._try_seal()
+
+    def _encode(self, events: list[bytes]) -> bytes:
+        """Events go onto the current bundle line (RS between them); a full bundle gets its newline."""
+        out: list[bytes] = []
         for ev in events:
-            if self._fh is None:
-                self._open()
             if self._in_bundle:
-                self._fh.write(_RS)
-            self._fh.write(ev)
+                out.append(_RS)
+            out.append(ev)
             self._in_bundle += 1
             self._count += 1
             if self._in_bundle >= self.bundle_events:
-                self._fh.write(_NL)
+                out.append(_NL)
                 self._in_bundle = 0
-            if self._count >= self.rotate_events:
-                self._seal()
-        return len(events)
+        return b"".join(out)
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(self._fh.fileno(), view)
+            self._size += n
+            view = view[n:]
+
+    def _sync(self) -> None:
+        if self._fh is None:
+            return
+        if self.fsync:
+            os.fsync(self._fh.fileno())
+        self._good = (self._size, self._in_bundle, self._count)
+
+    def _rollback(self) -> None:
+        """Cut the current file back to its last durable state (never a torn line left behind)."""
+        if self._fh is None:
+            return
+        try:
+            self._repair()
+        except OSError as e:
+            self._torn = True  # retried before the next write and by the rotate thread
+            log.warning("event log %s: could not truncate %s after a failed write (%s): retrying",
+                        self.uri, self._path, _why(e))
+
+    def _repair(self) -> None:
+        size, in_bundle, count = self._good
+        os.ftruncate(self._fh.fileno(), size)
+        self._size, self._in_bundle, self._count = size, in_bundle, count
+        self._torn = False
 
     def flush(self) -> None:
-        """Seal the current segment now: durable and visible to readers on return."""
+        """Seal the current segment now: visible to readers on return."""
         with self._lock:
-            self._seal()
+            try:
+                if self._torn:
+                    self._repair()
+                self._seal()
+            except OSError as e:
+                self._rollback()
+                raise EventLogError(f"event log {self.uri}: cannot seal the current segment ({_why(e)}); "
+                                    "its events are durable and are sealed on a later attempt") from None
 
     def sync(self) -> None:
-        """Make what was appended durable without sealing (recovered after a crash)."""
+        """Every append is durable when it returns; kept for callers that want to say so."""
         with self._lock:
-            if self._fh is not None:
-                self._fh.flush()
+            if self._fh is not None and not self._torn:
                 os.fsync(self._fh.fileno())
 
     def close(self) -> None:
-        self._stop.set()
-        with self._lock:
-            self._seal()
+        """Let queued appends finish, stop the rotate thread, seal. A seal that fails leaves a durable
+        in-progress file, which the next writer (or ``recover``) seals."""
+        with self._cv:
             self._closed = True
+            while self._leader or self._queue:
+                self._cv.wait()
+        self._stop.set()
+        if self._ticker.is_alive() and self._ticker is not threading.current_thread():
+            self._ticker.join(timeout=30)
+        with self._lock:
+            try:
+                if self._torn:
+                    self._repair()
+                self._seal()
+            except OSError as e:
+                log.warning("event log %s: could not seal %s on close (%s); sealed by the next writer",
+                            self.uri, self._path, _why(e))
+            if self._fh is not None:
+                self._fh.close()  # releases the flock: an orphan now
+                self._fh = None
 
     def reader(self) -> "FileEventReader":
         return FileEventReader(self.root)
 
     def _open(self) -> None:
-        self._seq += 1
-        self._path = self.inprogress / f"{self.writer_id}-{self._seq:08d}{SEGMENT_SUFFIX}"
-        self._fh = open(self._path, "ab", buffering=1 << 20)
-        fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        self._count = 0
+        """A new in-progress file, created exclusively and locked. A recoverer may see it between
+        create and lock and delete it as an empty orphan: then it is not ours, try another name."""
+        while True:
+            self._seq += 1
+            path = self.inprogress / f"{self.writer_id}-{self._seq:08d}{SEGMENT_SUFFIX}"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except (BlockingIOError, FileNotFoundError):
+                pass
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+        try:
+            if self.fsync:
+                _fsync_dir(self.inprogress)  # the file's name survives a power loss, like its data
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        self._fh = os.fdopen(fd, "ab", buffering=0)
+        self._path = path
+        self._size = self._in_bundle = self._count = 0
+        self._good = (0, 0, 0)
+        self._torn = False
         self._opened = time.monotonic()
 
     def _seal(self) -> None:
+        """Terminate the last line, fsync, rename into ``segments/``. Raises OSError with the file
+        still open and consistent (the caller rolls back and retries later)."""
         if self._fh is None:
             return
-        fh, path = self._fh, self._path
-        self._fh, self._path = None, None
+        if self._count == 0:  # nothing in it (a failed first write was cut back): drop it
+            self._fh.close()
+            assert self._path is not None
+            self._path.unlink(missing_ok=True)
+            self._fh, self._path = None, None
+            return
         if self._in_bundle:
-            fh.write(_NL)
+            self._write_all(_NL)
             self._in_bundle = 0
-        fh.flush()
         if self.fsync:
-            os.fsync(fh.fileno())
-        assert path is not None
-        # Rename while still holding the lock, so recovery never races with us.
-        _publish(path, self.segments, self.fsync)
-        fh.close()
+            os.fsync(self._fh.fileno())
+        self._good = (self._size, 0, self._count)
+        assert self._path is not None
+        # Rename while still holding the flock, so recovery never races with us.
+        name = _publish(self._path, self.segments)
+        fh, self._fh, self._path = self._fh, None, None
+        try:
+            fh.close()
+        except OSError:
+            pass
+        if self.fsync:
+            try:
+                _fsync_dir(self.segments)
+            except OSError as e:  # the rename is atomic: after a power loss the file is under either name
+                log.warning("event log %s: fsync of %s after sealing %s failed: %s", self.uri, self.segments, name,
+                            _why(e))
+
+    def _try_seal(self) -> bool:
+        """Seal now (under ``_lock``); on a disk error keep the file consistent and report False."""
+        try:
+            if self._torn:
+                self._repair()
+            self._seal()
+        except OSError as e:
+            self._rollback()
+            if not self._failing:
+                log.warning("event log %s: cannot seal %s (%s): retrying", self.uri, self._path, _why(e))
+            self._failing = True
+            return False
+        if self._failing:
+            log.info("event log %s: sealing works again", self.uri)
+        self._failing = False
+        return True
 
     def _tick(self) -> None:
-        period = max(self.rotate_s / 4, 0.02)
+        """Seal by age (and retry failed seals); every ``orphan_seal_ms`` seal dead writers' files.
+        Nothing here may end the thread: a disk error is retried on the next tick."""
+        period = max(min(self.rotate_s / 4, 0.25), 0.02)
+        next_sweep = time.monotonic() + self.orphan_seal_s
         while not self._stop.wait(period):
-            with self._lock:
-                if self._fh is not None and time.monotonic() - self._opened >= self.rotate_s:
-                    self._seal()
+            try:
+                with self._lock:
+                    if self._fh is not None and (self._torn or self._count >= self.rotate_events
+                                                 or time.monotonic() - self._opened >= self.rotate_s):
+                        self._try_seal()
+                if time.monotonic() >= next_sweep:
+                    self.recover()
+                    next_sweep = time.monotonic() + self.orphan_seal_s
+            except Exception:  # noqa: BLE001 - the thread must survive anything
+                log.exception("event log %s: rotate thread error (retrying)", self.uri)
 
     def recover(self) -> int:
-        """Seal in-progress files whose writer is gone (its flock is free). Returns how many."""
+        """Seal in-progress files whose writer is gone (its flock is free). Returns how many.
+        A file that cannot be sealed now (disk full...) is left consistent and tried again later."""
         n = 0
         for p in sorted(self.inprogress.glob(f"*{SEGMENT_SUFFIX}")):
             try:
-                fh = open(p, "r+b")
-            except FileNotFoundError:
-                continue
-            try:
-                try:
-                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # a live writer owns it
-                if not p.exists():
-                    continue  # sealed by its owner between glob and lock
-                data = fh.read()
-                keep = _complete_prefix(data)  # drop a torn last event
-                if keep == 0:
-                    p.unlink(missing_ok=True)
-                    continue
-                if keep < len(data):
-                    fh.truncate(keep)
-                fh.seek(keep)
-                if not data[:keep].endswith(_NL):
-                    fh.write(_NL)  # the writer died mid-bundle: terminate its line
-                fh.flush()
-                os.fsync(fh.fileno())
-                _publish(p, self.segments, True)
-                n += 1
-            finally:
-                fh.close()
+                n += _seal_orphan(p, self.segments)
+            except OSError as e:
+                log.warning("event log %s: cannot seal orphan %s yet (%s)", self.uri, p.name, _why(e))
         return n
+
+
+def _seal_orphan(p: Path, segments: Path) -> int:
+    """Seal one dead writer's file: keep its complete events, terminate its last line. 1 if sealed."""
+    try:
+        fh = open(p, "r+b")
+    except FileNotFoundError:
+        return 0
+    with fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return 0  # a live writer owns it
+        if not p.exists():
+            return 0  # sealed by its owner between glob and lock
+        data = fh.read()
+        keep = _complete_prefix(data)  # drop a torn last event
+        if keep == 0:
+            p.unlink(missing_ok=True)
+            return 0
+        if keep < len(data):
+            fh.truncate(keep)
+        fh.seek(keep)
+        if not data[:keep].endswith(_NL):
+            fh.write(_NL)  # the writer died mid-bundle: terminate its line
+        fh.flush()
+        os.fsync(fh.fileno())
+        _publish(p, segments)
+        _fsync_dir(segments)
+        return 1
+
+
+def _why(e: OSError) -> str:
+    return f"[Errno {e.errno}] {e.strerror}" if e.errno else str(e)
 
 
 def _complete_prefix(data: bytes) -> int:
@@ -262,25 +480,30 @@ def _complete_prefix(data: bytes) -> int:
     return cut
 
 
-def _publish(path: Path, segments: Path, fsync: bool) -> None:
-    """Atomically move a finished in-progress file into the segment directory."""
+def _fsync_dir(d: Path) -> None:
+    dfd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _publish(path: Path, segments: Path) -> str:
+    """Atomically move a finished in-progress file into the segment directory; its new name."""
     name = f"{int(time.time() * 1000):013d}-{path.name}"
     os.rename(path, segments / name)
-    if fsync:
-        dfd = os.open(segments, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    return name
 
 
 class FileEventReader:
-    """Reads sealed segments in name (≈ time) order, each once; follows new ones."""
+    """Reads sealed segments in name (≈ time) order, each once; follows new ones. An event that is
+    not UTF-8 (a corrupted byte) is skipped and counted in ``skipped``; it never stops the reader."""
 
     def __init__(self, root: str | Path):
         self.segments = Path(root) / SEGMENTS_DIR
         self._done: set[str] = set()
         self._pending: list[str] = []
+        self.skipped = 0
 
     def poll(self, max_records: int = 10_000, timeout: float = 1.0) -> list[str]:
         deadline = time.monotonic() + timeout
@@ -289,12 +512,23 @@ class FileEventReader:
                 for p in sorted(self.segments.glob(f"*{SEGMENT_SUFFIX}")):
                     if p.name not in self._done:
                         self._done.add(p.name)
-                        for line in p.read_text().split("\n"):  # not splitlines(): it splits at RS too
-                            self._pending.extend(split_bundle(line))
+                        self._pending.extend(self._events(p.read_bytes()))
             if self._pending or time.monotonic() >= deadline:
                 out, self._pending = self._pending[:max_records], self._pending[max_records:]
                 return out
             time.sleep(0.05)
+
+    def _events(self, data: bytes) -> list[str]:
+        out: list[str] = []
+        for line in data.split(_NL):  # not splitlines(): it splits at RS too
+            for raw in line.split(_RS):  # JSON escapes every control character: RS only ever separates
+                if not raw:
+                    continue
+                try:
+                    out.append(raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    self.skipped += 1
+        return out
 
     def close(self) -> None:
         self._pending.clear()
@@ -304,9 +538,18 @@ class FileEventReader:
 
 
 class KafkaEventLog:
-    """Kafka backend: idempotent producer, acks=all, keyed by user id."""
+    """Kafka backend: one bundle per message, partitioned by user id, acknowledged before it returns.
 
-    def __init__(self, uri: str, partitions: int = 8, create_topic: bool = True, timeout_s: float = 15.0):
+    ``append_many`` groups its events by partition (``partition_key % partitions``, so one user's
+    events keep their order) and sends each group as bundles of up to ``bundle_events`` events
+    (the segment log's line format), each message stamped with its latest event time (what the
+    jobs' per-partition watermarks read). It returns only when the broker has acknowledged every
+    message (idempotent producer, ``acks=all``) and raises :class:`EventLogError` when any was
+    not within ``timeout_s``: an event is accepted once it is in the topic, never before.
+    """
+
+    def __init__(self, uri: str, partitions: int = 8, create_topic: bool = True, timeout_s: float = 10.0,
+                 bundle_events: int = 1024, replication_factor: int = 1, linger_ms: int = 2, retention_ms: int = -1):
         u = urlparse(uri)
         if not (u.hostname and u.port and u.path.strip("/")):
             raise EventLogError(f"kafka URI needs host, port and topic: {uri}")
@@ -316,45 +559,66 @@ class KafkaEventLog:
         self.bootstrap = f"{u.hostname}:{u.port}"
         self.topic = u.path.strip("/")
         self.timeout_s = timeout_s
+        self.bundle_events = max(1, bundle_events)
         if create_topic:
-            ensure_topic(self.bootstrap, self.topic, partitions, timeout_s)
-        self._errors: list[str] = []
+            ensure_topic(self.bootstrap, self.topic, partitions, timeout_s, replication_factor, retention_ms)
+        self.partitions = topic_partitions(self.bootstrap, self.topic, timeout_s)
         self._producer = Producer(
             {
                 "bootstrap.servers": self.bootstrap,
                 "enable.idempotence": True,
                 "acks": "all",
-                "linger.ms": 5,
+                "linger.ms": linger_ms,
+                "message.max.bytes": 8 << 20,  # a bundle of 1024 events is ~0.3-1 MB
                 "message.timeout.ms": int(timeout_s * 1000),
-            }
+            },
+            logger=KAFKA_LOG,
         )
-
-    def _on_delivery(self, err: Any, msg: Any) -> None:
-        if err is not None:
-            self._errors.append(str(err))
 
     def append(self, event: BaseEvent | dict[str, Any] | str) -> None:
         self.append_many([event])
 
     def append_many(self, events: Iterable[BaseEvent | dict[str, Any] | str]) -> int:
-        prepared = [_line(e) for e in events]
-        for ln, key in prepared:
-            while True:
-                try:
-                    self._producer.produce(self.topic, value=ln, key=str(key).encode(), on_delivery=self._on_delivery)
-                    break
-                except BufferError:  # local queue full: let deliveries drain
-                    self._producer.poll(0.1)
-            self._producer.poll(0)
-        return len(prepared)
+        """Validate all, send them as bundles, wait for the broker's acknowledgement of each."""
+        by_part: dict[int, list[BaseEvent]] = {}
+        for e in events:
+            ev = coerce_event(e)
+            by_part.setdefault(ev.partition_key % self.partitions, []).append(ev)
+        n = sum(len(v) for v in by_part.values())
+        if not n:
+            return 0
+        pending = _Deliveries()
+        deadline = time.monotonic() + self.timeout_s
+        for part, evs in by_part.items():
+            for i in range(0, len(evs), self.bundle_events):
+                chunk = evs[i: i + self.bundle_events]
+                value = _RS.join(ev.to_json().encode() for ev in chunk)
+                ts = max(ev.ts for ev in chunk)
+                pending.sent += 1
+                while True:
+                    try:
+                        self._producer.produce(self.topic, value=value, key=str(part).encode(), partition=part,
+                                               timestamp=ts, on_delivery=pending.on_delivery)
+                        break
+                    except BufferError:  # local queue full: let deliveries drain
+                        if time.monotonic() > deadline:
+                            raise EventLogError(f"Kafka producer queue full for {self.timeout_s}s "
+                                                f"({self.bootstrap})") from None
+                        self._producer.poll(0.05)
+        while not pending.done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise EventLogError(f"{pending.sent - pending.acked} of {pending.sent} messages not acknowledged "
+                                    f"by {self.bootstrap} within {self.timeout_s}s")
+            self._producer.poll(min(left, 0.05))
+        if pending.errors:
+            raise EventLogError(f"{len(pending.errors)} of {pending.sent} messages failed delivery to "
+                                f"{self.bootstrap}: {pending.errors[0]}")
+        return n
 
     def flush(self) -> None:
-        left = self._producer.flush(self.timeout_s)
-        if left:
-            raise EventLogError(f"{left} events not acknowledged by {self.bootstrap} within {self.timeout_s}s")
-        if self._errors:
-            errs, self._errors = self._errors, []
-            raise EventLogError(f"{len(errs)} events failed delivery: {errs[0]}")
+        """Every append has been acknowledged when it returned: nothing is waiting here."""
+        self._producer.flush(self.timeout_s)
 
     def close(self) -> None:
         self.flush()
@@ -363,19 +627,41 @@ class KafkaEventLog:
         return KafkaEventReader(self.bootstrap, self.topic)
 
 
-def ensure_topic(bootstrap: str, topic: str, partitions: int, timeout_s: float = 15.0) -> None:
-    """Create the topic if it does not exist."""
+class _Deliveries:
+    """Delivery reports of one append (librdkafka calls back from whichever thread polls)."""
+
+    def __init__(self) -> None:
+        self.sent = self.acked = 0
+        self.errors: list[str] = []
+        self._lock = threading.Lock()
+
+    def on_delivery(self, err: Any, msg: Any) -> None:
+        with self._lock:
+            self.acked += 1
+            if err is not None:
+                self.errors.append(str(err))
+
+    def done(self) -> bool:
+        return self.acked >= self.sent
+
+
+def ensure_topic(bootstrap: str, topic: str, partitions: int, timeout_s: float = 15.0,
+                 replication_factor: int = 1, retention_ms: int = -1) -> None:
+    """Create the topic if it does not exist. ``retention_ms`` -1 keeps every event: time retention
+    reads message timestamps, which are event times (a replayed history would be deleted)."""
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient({"bootstrap.servers": bootstrap}, logger=KAFKA_LOG)
     try:
         md = admin.list_topics(timeout=timeout_s)
     except KafkaException as e:
         raise EventLogError(f"Kafka broker at {bootstrap} unreachable: {e}") from None
     if topic in md.topics:
         return
-    fut = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])[topic]
+    new = NewTopic(topic, num_partitions=partitions, replication_factor=replication_factor,
+                   config={"max.message.bytes": str(8 << 20), "retention.ms": str(retention_ms)})
+    fut = admin.create_topics([new])[topic]
     try:
         fut.result(timeout_s)
     except KafkaException as e:
@@ -383,8 +669,53 @@ def ensure_topic(bootstrap: str, topic: str, partitions: int, timeout_s: float =
             raise EventLogError(f"could not create topic {topic}: {e}") from None
 
 
+def topic_partitions(bootstrap: str, topic: str, timeout_s: float = 15.0) -> int:
+    """How many partitions the topic has (it may have been created elsewhere with another count)."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            md = AdminClient({"bootstrap.servers": bootstrap}, logger=KAFKA_LOG).list_topics(topic, timeout=timeout_s)
+        except KafkaException as e:
+            raise EventLogError(f"Kafka broker at {bootstrap} unreachable: {e}") from None
+        t = md.topics.get(topic)
+        if t is not None and t.error is None and t.partitions:
+            return len(t.partitions)
+        if time.monotonic() > deadline:
+            raise EventLogError(f"topic {topic} has no partitions at {bootstrap}")
+        time.sleep(0.2)  # just created: metadata still propagating
+
+
+def topic_offsets(uri: str, groups: Iterable[str] = (), timeout_s: float = 10.0) -> dict[str, Any]:
+    """Messages per partition of a kafka:// log (end offsets) and each consumer group's committed
+    offsets and lag: how far the Flink jobs have read, as Kafka itself records it."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    u = urlparse(uri)
+    bootstrap, topic = f"{u.hostname}:{u.port}", u.path.strip("/")
+    n = topic_partitions(bootstrap, topic, timeout_s)
+    parts = [TopicPartition(topic, p) for p in range(n)]
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"feedrank-offsets-{uuid.uuid4().hex[:8]}"},
+                 logger=KAFKA_LOG)
+    try:
+        end = [c.get_watermark_offsets(tp, timeout=timeout_s)[1] for tp in parts]
+    finally:
+        c.close()
+    out: dict[str, Any] = {"topic": topic, "partitions": n, "messages": sum(end), "end_offsets": end, "groups": {}}
+    for g in groups:
+        gc = Consumer({"bootstrap.servers": bootstrap, "group.id": g, "enable.auto.commit": False}, logger=KAFKA_LOG)
+        try:
+            committed = [max(tp.offset, 0) for tp in gc.committed(parts, timeout=timeout_s)]
+        finally:
+            gc.close()
+        out["groups"][g] = {"committed": sum(committed), "lag": sum(e - c for e, c in zip(end, committed))}
+    return out
+
+
 class KafkaEventReader:
-    """Reads every partition from the beginning (no consumer group: tools and tests)."""
+    """Reads every partition from the beginning (no consumer group: tools and tests); returns single events."""
 
     def __init__(self, bootstrap: str, topic: str):
         from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
@@ -395,18 +726,19 @@ class KafkaEventReader:
                 "group.id": f"feedrank-reader-{uuid.uuid4().hex[:8]}",
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
-            }
+            },
+            logger=KAFKA_LOG,
         )
         md = self._c.list_topics(topic, timeout=10)
         parts = sorted(md.topics[topic].partitions)
         self._c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
 
     def poll(self, max_records: int = 10_000, timeout: float = 1.0) -> list[str]:
-        out = []
+        out: list[str] = []
         for m in self._c.consume(min(max_records, 100_000), timeout):
             if m.error():
                 continue  # partition EOF and transient errors
-            out.append(m.value().decode())
+            out.extend(split_bundle(m.value().decode()))
         return out
 
     def close(self) -> None:
@@ -419,10 +751,12 @@ class KafkaEventReader:
 def open_event_log(uri: str, **opts: Any) -> FileEventLog | KafkaEventLog:
     """Open the backend for ``file://<dir>`` or ``kafka://host:port/topic``."""
     if uri.startswith("file://"):
-        allowed = {k: opts[k] for k in ("rotate_ms", "rotate_events", "fsync", "bundle_events") if k in opts}
+        allowed = {k: opts[k] for k in ("rotate_ms", "rotate_events", "fsync", "bundle_events", "orphan_seal_ms")
+                   if k in opts}
         return FileEventLog(uri[len("file://"):], **allowed)
     if uri.startswith("kafka://"):
-        allowed = {k: opts[k] for k in ("partitions", "create_topic", "timeout_s") if k in opts}
+        allowed = {k: opts[k] for k in ("partitions", "create_topic", "timeout_s", "bundle_events",
+                                        "replication_factor", "linger_ms", "retention_ms") if k in opts}
         return KafkaEventLog(uri, **allowed)
     raise EventLogError(f"unsupported event log URI {uri!r}: use file://<dir> or kafka://host:port/topic")
 
@@ -435,5 +769,10 @@ def open_configured_event_log(cfg: Any) -> FileEventLog | KafkaEventLog:
         rotate_events=cfg.events.rotate_events,
         fsync=cfg.events.fsync,
         bundle_events=cfg.events.bundle_events,
+        orphan_seal_ms=cfg.events.orphan_seal_ms,
         partitions=cfg.events.kafka_partitions,
+        replication_factor=cfg.events.kafka_replication_factor,
+        timeout_s=cfg.events.kafka_delivery_timeout_ms / 1000,
+        linger_ms=cfg.events.kafka_linger_ms,
+        retention_ms=cfg.events.kafka_retention_ms,
     )

@@ -164,11 +164,29 @@ class Engagement(BaseEvent):
         return self
 
 
+class Feedback(BaseEvent):
+    """Negative feedback on an author or a topic (feedback on a post is an :class:`Engagement` with the
+    negative action): logged, so it reaches the user's features and survives any store."""
+
+    type: Literal["feedback"] = "feedback"
+    user_id: Id
+    action: Literal["hide", "not_interested", "see_less"]
+    target: Literal["author", "topic"]
+    author_id: Id | None = None
+    topic: Annotated[int, Field(ge=0, lt=10_000)] | None = None
+
+    @model_validator(mode="after")
+    def _has_target(self) -> "Feedback":
+        if (self.target == "author") != (self.author_id is not None) or (self.target == "topic") != (self.topic is not None):
+            raise ValueError("author feedback needs author_id (and no topic), topic feedback needs topic (and no author_id)")
+        return self
+
+
 Event = Annotated[
-    Union[PostPublished, Followed, Unfollowed, Exposure, Engagement], Field(discriminator="type")
+    Union[PostPublished, Followed, Unfollowed, Exposure, Engagement, Feedback], Field(discriminator="type")
 ]
 EVENT_TYPES: dict[str, type[BaseEvent]] = {
-    c.model_fields["type"].default: c for c in (PostPublished, Followed, Unfollowed, Exposure, Engagement)
+    c.model_fields["type"].default: c for c in (PostPublished, Followed, Unfollowed, Exposure, Engagement, Feedback)
 }
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(Event)
 

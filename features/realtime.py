@@ -33,9 +33,10 @@ A = {a: i for i, a in enumerate(ACTIONS)}
 NEGATIVE_CODES = frozenset(A[a.value] for a in NEGATIVE_ACTIONS)
 
 # event kinds of the compact tuple
-PUBLISH, FOLLOW, UNFOLLOW, EXPOSURE, ENGAGEMENT = range(5)
+PUBLISH, FOLLOW, UNFOLLOW, EXPOSURE, ENGAGEMENT, FEEDBACK = range(6)
 KIND = {"post_published": PUBLISH, "followed": FOLLOW, "unfollowed": UNFOLLOW, "exposure": EXPOSURE,
-        "engagement": ENGAGEMENT}
+        "engagement": ENGAGEMENT, "feedback": FEEDBACK}
+USER_KEYED = (FOLLOW, UNFOLLOW, FEEDBACK)  # events about a user, not a post: keyed and applied by user
 # compact event: (kind, event_id, ts, user_id, post_id, author_id, action, dwell_ms, topic, ctype, text, position)
 Compact = tuple
 K_KIND, K_ID, K_TS, K_USER, K_POST, K_AUTHOR, K_ACTION, K_DWELL, K_TOPIC, K_CTYPE, K_TEXT, K_POS = range(12)
@@ -62,6 +63,9 @@ def compact_event(ev: Any) -> Compact:
                 CTYPE_CODE[ev.content_type], ev.text, 0)
     if k in (FOLLOW, UNFOLLOW):
         return (k, ev.event_id, ev.ts, ev.user_id, -1, ev.author_id, -1, 0, -1, -1, "", 0)
+    if k == FEEDBACK:  # a negative action on the topic (or only the author): user_update counts it as one
+        return (k, ev.event_id, ev.ts, ev.user_id, -1, ev.author_id if ev.author_id is not None else -1,
+                A[ev.action], 0, ev.topic if ev.topic is not None else -1, -1, "", 0)
     if k == EXPOSURE:
         return (k, ev.event_id, ev.ts, ev.user_id, ev.post_id, ev.author_id if ev.author_id is not None else -1,
                 -1, 0, -1, -1, "", ev.position)
@@ -161,7 +165,8 @@ def new_user_state(follows: list[int] | None = None) -> list:
 
 
 def user_update(s: list, e: Compact) -> tuple[bool, bool]:
-    """Apply an enriched engagement or a follow change. Returns (features changed, embedding input changed)."""
+    """Apply an enriched engagement, author/topic feedback or a follow change. Returns (features changed,
+    embedding input changed)."""
     k = e[K_KIND]
     if k == FOLLOW:
         if e[K_AUTHOR] not in s[U_FOLLOWS]:

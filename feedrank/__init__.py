@@ -53,3 +53,26 @@ def _isolate() -> None:
 
 
 _isolate()
+
+
+def _single_process_metrics() -> None:
+    """Keep prometheus_client's metrics in process memory, as each serving worker exports its own.
+
+    ``import feast`` sets PROMETHEUS_MULTIPROC_DIR to a temp dir of its own (for its Gunicorn
+    feature server) before prometheus_client is imported, which switched every metric of ours to
+    multi-process files: values shared by every server in one process, and Gauge.remove() not
+    implemented, so `feedrank_model_version_info` kept reporting replaced model versions. An
+    inherited Feast directory is dropped and the value class is fixed now; a directory the operator
+    set stays in force."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    for var in ("PROMETHEUS_MULTIPROC_DIR", "PROMETHEUS_MULTIPROCESS_DIR"):
+        d = os.environ.get(var, "")
+        if d and Path(d).name.startswith("feast_metrics_") and Path(d).parent == Path(tempfile.gettempdir()):
+            del os.environ[var]
+    import prometheus_client.values  # noqa: F401 - reads the environment once, at import
+
+
+_single_process_metrics()

@@ -36,7 +36,8 @@ app.add_typer(events_app, name="events")
 app.add_typer(models_app, name="models")
 app.add_typer(bench_app, name="bench")
 app.add_typer(feast_app, name="feast")
-console = Console(stderr=True)
+# soft_wrap: an error is one line however narrow the terminal (or its absence: 80 columns) is
+console = Console(stderr=True, soft_wrap=True)
 
 
 def _cfg():
@@ -57,7 +58,7 @@ def _fail(msg: str, code: int = 1) -> None:
 
 @app.command()
 def up() -> None:
-    """Start Redis, prepare the event log, and start Tansu when the event log is kafka://."""
+    """Start Redis, prepare the event log, and start a local Apache Kafka broker when the event log is kafka://."""
     from infra import runtime
     from infra.procs import ServiceError
 
@@ -131,19 +132,69 @@ def flink_status() -> None:
         raise typer.Exit(1)
 
 
+def _checkpointed_job(job_py: Path) -> str | None:
+    """The checkpoint name (``JOB``) of one of our job scripts, None for any other script."""
+    import importlib
+
+    from feedrank.config import PROJECT_ROOT
+
+    if job_py.resolve().parent != PROJECT_ROOT / "jobs":
+        return None
+    try:
+        return getattr(importlib.import_module(f"jobs.{job_py.stem}"), "JOB", None)
+    except ImportError:
+        return None
+
+
 @flink_app.command("submit")
 def flink_submit(job: Path = typer.Argument(..., help="Python job file, e.g. jobs/audit.py"),
-                 args: Optional[list[str]] = typer.Argument(None)) -> None:
+                 args: Optional[list[str]] = typer.Argument(None),
+                 fresh: bool = typer.Option(False, "--fresh", help="ignore retained checkpoints: read the log from the start")) -> None:
     """`flink run -py JOB -pyexec <venv python>` against the standalone cluster (detached); returns once
-    every operator runs, restarting a job whose operators never open (see infra.flink.submit_supervised)."""
+    every operator runs, restarting a job whose operators never open (see infra.flink.submit_supervised),
+    and, for a checkpointing (streaming) job, once it completed its first checkpoint: operators RUNNING
+    alone said nothing about a job that never got a checkpoint through. Exit 1 if none completes within
+    flink.startup_timeout_s. A job of ours with a retained checkpoint on this event log resumes from
+    the newest one (`flink run -s`), as `jobs run` does, unless --fresh."""
     from infra import flink
     from infra.procs import ServiceError
 
+    cfg = _cfg()
+    name = _checkpointed_job(job)
+    running = flink.running_jobs(cfg)
+    twin = [jid for jid, n in running.items() if name and n == f"feedrank-{name}"]
+    if twin:  # two copies of a job on one log would count every event twice
+        _fail(f"the {name} job already runs on this cluster (job {twin[0]}): cancel it first "
+              f"(flink cancel {twin[0]}, or the UI on http://localhost:{cfg.flink.rest_port})")
+    restore = flink.latest_checkpoint(cfg, name) if name and not fresh else None
+    if name:
+        flink.prune_checkpoints(cfg, name, restore, set(running))
+        console.print(f"{name} job: resuming from checkpoint {restore}" if restore else
+                      f"{name} job: starting from the beginning of {cfg.events.uri} (no retained checkpoint"
+                      f"{' used: --fresh' if fresh else ''})")
     try:
-        job_id = flink.submit_supervised(_cfg(), job, list(args or []), say=console.print)
+        job_id = flink.submit_supervised(cfg, job, list(args or []), say=console.print, restore=restore)
+        checkpoints = flink.await_checkpoint(cfg, job_id, job.name)
     except ServiceError as e:
-        _fail(str(e))
-    console.print(f"[green]✓[/green] {job.name}: job {job_id} running")
+        _fail(f"{e}{' (a checkpoint of other code or configuration: try --fresh)' if restore else ''}")
+    done = "checkpointing off" if checkpoints is None else f"{checkpoints} checkpoint{'s' * (checkpoints > 1)} completed"
+    console.print(f"[green]✓[/green] {job.name}: job {job_id} running, {done}")
+
+
+@flink_app.command("env")
+def flink_env() -> None:
+    """Print `export` lines for a plain `flink run` against this cluster: eval "$(feedrank flink env)".
+
+    FLINK_HOME, FLINK_CONF_DIR / FLINK_LOG_DIR / FLINK_PID_DIR under var/flink (never site-packages),
+    PYTHONPATH and PYFLINK_CLIENT_EXECUTABLE for the venv, PATH with pyflink's bin (the `flink`
+    script) first; the same variables `flink up` and `flink submit` use (infra.flink.cluster_variables)."""
+    from infra import flink
+
+    cfg = _cfg()
+    if not (flink.cluster_dirs(cfg)["conf"] / "config.yaml").exists():
+        console.print(f"[yellow]note[/yellow]: no cluster conf in {flink.cluster_dirs(cfg)['conf']} yet: "
+                      "run `feedrank flink up` first")
+    sys.stdout.write(flink.shell_exports(cfg))
 
 
 # ----------------------------------------------------------------------------- config
@@ -252,12 +303,30 @@ def sim_clients(
     print(json.dumps(out))
 
 
+def _republish_clock(cfg, origin: dict[str, int]) -> None:
+    """Write the serving clock's origin where it is missing (HSETNX: every worker writes the same values)."""
+    import logging
+
+    from features.client import redis_client
+    from serving.state import SERVING_CLOCK
+
+    try:
+        with redis_client(cfg).pipeline(transaction=False) as p:
+            for k, v in origin.items():
+                p.hsetnx(SERVING_CLOCK, k, v)
+            p.execute()
+    except Exception as e:  # noqa: BLE001 - Redis down: serving goes on degraded, the next try writes it
+        logging.getLogger("feedrank.serving").warning("serving clock not republished (%s)", e)
+
+
 def _server_offset_ms(cfg) -> int:
     """How far the running server's simulated clock is past the world's end (it publishes its start)."""
     try:
         from features.client import redis_client
 
-        raw = redis_client(cfg).hgetall("feedrank:serving:clock")
+        from serving.state import SERVING_CLOCK
+
+        raw = redis_client(cfg).hgetall(SERVING_CLOCK)
         if raw:
             return int(time.time() * 1000) - int(raw[b"wall0_ms"]) + int(raw[b"sim0_ms"]) - int(raw[b"world_end_ms"])
     except Exception:  # noqa: BLE001 - no server info: assume it started with the world's end just now
@@ -274,6 +343,7 @@ def serve(
     describe: bool = typer.Option(False, "--describe", help="Print the pipelines component by component and exit"),
     log_format: str = typer.Option("json", help="json (one object per line, with request ids) or text"),
     worker_index: int = typer.Option(-1, hidden=True),
+    clock_origin: str = typer.Option("", hidden=True, help="wall0_ms,sim0_ms,world_end_ms from the supervisor"),
 ) -> None:
     """Start the gRPC FeedService (health checking and reflection on; Prometheus on serving.metrics_port + i).
 
@@ -292,25 +362,39 @@ def serve(
 
     configure(log_format)
     cfg = _cfg()
+    from serving.edge import Authenticator, InsecureConfig
+
+    try:  # keys checked before anything starts (a supervisor would restart refused workers forever)
+        Authenticator.from_config(cfg)
+    except InsecureConfig as e:
+        _fail(str(e), 2)
     from features.client import redis_client
 
     n = workers or cfg.serving.workers
     port = port or cfg.serving.port
-    if worker_index < 0 and world_dir is not None:  # the supervisor (or the only process) publishes the clock
+    origin: dict[str, int] = {}
+    if clock_origin:  # a worker: the supervisor's clock, so every worker (and restarted ones) agree
+        origin = dict(zip(("wall0_ms", "sim0_ms", "world_end_ms"), (int(v) for v in clock_origin.split(","))))
+    elif world_dir is not None:  # the supervisor (or the only process) fixes the clock
         from sim.world import World
 
         end = World.load(world_dir).end_ms
+        origin = {"wall0_ms": int(time.time() * 1000), "sim0_ms": end, "world_end_ms": end}
         try:
-            redis_client(cfg).hset("feedrank:serving:clock", mapping={"wall0_ms": int(time.time() * 1000),
-                                                                      "sim0_ms": end, "world_end_ms": end})
+            from serving.state import SERVING_CLOCK
+
+            redis_client(cfg).hset(SERVING_CLOCK, mapping=origin)
         except Exception as e:  # noqa: BLE001
             _fail(f"redis at {cfg.redis.uri} is not reachable ({e}): run `feedrank up` first")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     if n > 1 and worker_index < 0:
-        argv = [sys.argv[0], "serve", "--port", str(port), "--log-format", log_format, "--workers", str(n)]
+        # the same interpreter and entry point however this one was started (console script or -m)
+        argv = [sys.executable, "-m", "feedrank.cli", "serve", "--port", str(port), "--log-format", log_format,
+                "--workers", str(n)]
         if world_dir is not None:
-            argv += ["--world", str(world_dir)]
+            argv += ["--world", str(world_dir), "--clock-origin",
+                     ",".join(str(origin[k]) for k in ("wall0_ms", "sim0_ms", "world_end_ms"))]
         procs = [subprocess.Popen(argv + ["--worker-index", str(i)]) for i in range(n)]
         console.print(f"FeedService: {n} workers on {cfg.serving.host}:{port} "
                       f"(metrics :{cfg.serving.metrics_port}..{cfg.serving.metrics_port + n - 1}); Ctrl-C stops")
@@ -331,9 +415,8 @@ def serve(
                 p.kill()
         return
     clock = None
-    if world_dir is not None:
-        raw = redis_client(cfg).hgetall("feedrank:serving:clock")
-        wall0, sim0 = int(raw[b"wall0_ms"]), int(raw[b"sim0_ms"])
+    if origin:
+        wall0, sim0 = origin["wall0_ms"], origin["sim0_ms"]
         clock = lambda: sim0 + int(time.time() * 1000) - wall0  # noqa: E731 - one clock for every worker
     from serving.server import Server
 
@@ -347,8 +430,9 @@ def serve(
     console.print(f"FeedService worker {idx} on {server.address} (metrics :{server.metrics_port}); "
                   f"models {server.loader.models.versions()}")
     try:
-        while not stop.wait(1.0):
-            pass
+        while not stop.wait(5.0):
+            if origin:  # readers (the demo, `sim clients`) find the clock again after a Redis restart
+                _republish_clock(cfg, origin)
     except KeyboardInterrupt:
         pass
     server.stop()
@@ -356,10 +440,14 @@ def serve(
 
 @app.command()
 def token(user_id: int, admin: bool = typer.Option(False), ttl_s: float = typer.Option(3600.0)) -> None:
-    """Print a bearer token for USER_ID signed with serving.jwt_secret (for grpcurl and scripts)."""
-    from serving.edge import make_token
+    """Print a bearer token for USER_ID signed with serving.jwt_secret (for grpcurl and scripts); it carries
+    serving.jwt_issuer / jwt_audience when set and lives at most serving.jwt_max_lifetime_s."""
+    from serving.edge import InsecureConfig, config_token
 
-    print(make_token(_cfg().serving.jwt_secret, user_id, admin, ttl_s))
+    try:
+        print(config_token(_cfg(), user_id, admin, ttl_s))
+    except (InsecureConfig, ValueError) as e:
+        _fail(str(e), 2)
 
 
 # ----------------------------------------------------------------------------- events & jobs
@@ -367,34 +455,57 @@ def token(user_id: int, admin: bool = typer.Option(False), ttl_s: float = typer.
 
 @events_app.command("stats")
 def events_stats() -> None:
-    """Count sealed events by type in the configured event log (reads it all)."""
+    """Count sealed events by type in the configured event log (reads it all). Events that are not
+    UTF-8, not JSON (a torn line) or not a JSON object are skipped and counted, never a crash."""
     from collections import Counter
 
     from features.eventlog import open_configured_event_log, read_all
 
     log = open_configured_event_log(_cfg())
-    lines = read_all(log.reader(), idle_s=1.0)
+    reader = log.reader()
+    lines = read_all(reader, idle_s=1.0)
     log.close()
-    counts = Counter(json.loads(x).get("type", "?") for x in lines)
-    print(json.dumps({"events": len(lines), "by_type": dict(counts), "uri": log.uri}))
+    counts: Counter[str] = Counter()
+    skipped: Counter[str] = Counter()
+    if getattr(reader, "skipped", 0):
+        skipped["not_utf8"] = reader.skipped  # counted by the file:// reader
+    for x in lines:
+        try:
+            ev = json.loads(x)
+        except ValueError:
+            skipped["not_json"] += 1
+            continue
+        if not isinstance(ev, dict):
+            skipped["not_an_object"] += 1
+            continue
+        counts[str(ev.get("type", "?"))] += 1
+    print(json.dumps({"events": sum(counts.values()), "by_type": dict(counts), "skipped": sum(skipped.values()),
+                      "skipped_by_reason": dict(skipped), "uri": log.uri}))
 
 
 @jobs_app.command("run")
 def jobs_run(
     job: str = typer.Argument(..., help="audit | features | learner"),
-    expect: int = typer.Option(None, help="audit: stop after this many events (default: when idle)"),
-    idle: float = typer.Option(10.0, help="audit: stop after this many seconds without new events"),
+    expect: int = typer.Option(None, help="audit: stop after this many events (default: when idle); "
+                                          "exit 1 if fewer arrive"),
+    idle: float = typer.Option(10.0, help="audit: stop after this many seconds without new events, counted "
+                                          "from the job's first output (until then: flink.startup_timeout_s)"),
     seconds: float = typer.Option(0.0, help="features/learner: stop after this long (0 = until Ctrl-C)"),
+    fresh: bool = typer.Option(False, "--fresh", help="features/learner: ignore retained checkpoints and start from "
+                                                      "the beginning of the event log"),
 ) -> None:
     """Run a PyFlink job embedded (local MiniCluster, thread mode).
 
-    audit prints its counts as JSON; features and learner run until stopped and show their
-    progress (also in Redis: feedrank:jobs:<job>:progress)."""
+    audit prints its counts as JSON; it exits 1 (one line, no JSON) when it read no event within
+    flink.startup_timeout_s ("no events in <uri> within N s", or the job did not start) and when
+    --expect events did not all arrive: 0 events is never a result. features and learner run until
+    stopped and show their progress (also in Redis: feedrank:jobs:<job>:progress). They resume from
+    their newest retained checkpoint on this event log (kept when the job is stopped or its JVM dies)."""
     from infra.procs import ServiceError
 
     cfg = _cfg()
     if job in ("features", "learner"):
-        _run_streaming_job(cfg, job, seconds)
+        _run_streaming_job(cfg, job, seconds, resume=not fresh)
         return
     if job != "audit":
         _fail(f"unknown job {job!r} (available: audit, features, learner)")
@@ -404,13 +515,18 @@ def jobs_run(
         result = run_embedded(cfg, expect=expect, idle_s=idle, on_progress=lambda n: console.print(f"  {n} events", end="\r"))
     except ServiceError as e:
         _fail(str(e))
+    if expect is not None and result["events"] < expect:
+        why = {"idle": f"no new event in {cfg.events.uri} for {idle:g} s", "max_s": "it ran for its 600 s limit"}
+        _fail(f"audited {result['events']} of the {expect} events expected: "
+              f"{why.get(result['stopped'], 'the job ended by itself')}")
     print(json.dumps(result))
 
 
-def _run_streaming_job(cfg, job: str, seconds: float) -> None:
+def _run_streaming_job(cfg, job: str, seconds: float, resume: bool = True) -> None:
     import time as _time
 
     from features.client import read_progress
+    from infra import flink
     from infra.procs import ServiceError
 
     # jobs/feature_job.py, not jobs/features.py: `flink run -py jobs/<job>.py` puts jobs/ first
@@ -422,8 +538,12 @@ def _run_streaming_job(cfg, job: str, seconds: float) -> None:
     os.environ.setdefault("FLINK_LOG_DIR", str(log_dir))
     opened = ("post_opened", "user_opened", "topic_opened") if job == "features" else ("opened",)
     before = read_progress(cfg, job)
+    restore = flink.latest_checkpoint(cfg, job) if resume else None
+    console.print(f"{job} job: resuming from checkpoint {restore}" if restore else
+                  f"{job} job: starting from the beginning of {cfg.events.uri} (no retained checkpoint"
+                  f"{'' if resume else ' used: --fresh'})")
     try:
-        client = mod.run_embedded(cfg)
+        client = mod.run_embedded(cfg, resume=resume)
     except (ServiceError, RuntimeError) as e:
         _fail(str(e))
     console.print(f"{job} job submitted to a local MiniCluster (JVM log in {os.environ['FLINK_LOG_DIR']}); Ctrl-C stops it")
@@ -432,14 +552,22 @@ def _run_streaming_job(cfg, job: str, seconds: float) -> None:
     t0 = _time.monotonic()
     failed: str | None = None
     started = False
+    warming_since: dict[str, float] = {}  # operator -> when it began a warm-up (first element) not yet finished
     try:
         while not seconds or _time.monotonic() - t0 < seconds:
             _time.sleep(2.0)
+            p = read_progress(cfg, job)
             if not started:
-                p = read_progress(cfg, job)
                 started = all(p.get(k, 0) > before.get(k, 0) for k in opened)
                 if not started and _time.monotonic() - t0 > cfg.flink.startup_timeout_s:
                     _restart_stuck_job(job, opened, p, before)
+            for view in (k[: -len("_opened")] for k in opened):
+                if p.get(f"{view}_warming", 0) > p.get(f"{view}_warmed", 0):
+                    since = warming_since.setdefault(view, _time.monotonic())
+                    if _time.monotonic() - since > cfg.flink.startup_timeout_s:  # stuck at its first element
+                        _restart_stuck_job(job, (f"{view}_warmed",), p, {f"{view}_warmed": p.get(f"{view}_warmed", 0)})
+                else:
+                    warming_since.pop(view, None)
             try:
                 status = str(client.get_job_status().result()).rsplit(".", 1)[-1]
             except Exception as e:  # noqa: BLE001 - the MiniCluster is gone: say so rather than poll forever
@@ -482,9 +610,9 @@ def _restart_stuck_job(job: str, opened: tuple[str, ...], progress: dict, before
     dumps = read_dumps(get_config(), since=psutil.Process().create_time())
     console.print(dumps or "no Python stack dump: the operators never reached their own open")
     if attempt >= 3:
-        _fail(f"{job} job: operators did not open ({', '.join(missing)}) in 3 attempts; see the JVM log in "
+        _fail(f"{job} job: operators did not get ready ({', '.join(missing)}) in 3 attempts; see the JVM log in "
               f"{os.environ.get('FLINK_LOG_DIR')}")
-    console.print(f"[yellow]{job} job: operators did not open ({', '.join(missing)}) in time: restarting it in a "
+    console.print(f"[yellow]{job} job: operators did not get ready ({', '.join(missing)}) in time: restarting it in a "
                   f"fresh JVM (attempt {attempt + 1} of 3)[/yellow]")
     for child in psutil.Process().children(recursive=True):
         try:
@@ -775,13 +903,21 @@ def bench_rankers() -> None:
     console.print(f"written to {path}")
 
 
+EVENTS_HELP = ("Event log of the bench's own stack: kafka (a local Apache Kafka broker on a free port), "
+               "kafka://host:port/topic (port 0 = free), or file (the segment log)")
+
+
 @bench_app.command("features")
-def bench_features_cmd(events: int = typer.Option(300_000, help="Events written, then read by the job")) -> None:
+def bench_features_cmd(count: int = typer.Option(300_000, "--count", help="Events written, then read by the job"),
+                       log: str = typer.Option("kafka", "--events", help=EVENTS_HELP)) -> None:
     """Throughput of the real-time feature job (events/s), on its own embedded stack."""
     from infra.bench import bench_features as run, scratch_removed_on_success, write_result
 
     with _progress() as prog, scratch_removed_on_success():
-        res = run(_cfg(), n=events, progress=_StageProgress(prog))
+        try:
+            res = run(_cfg(), n=count, progress=_StageProgress(prog), events=log)
+        except ValueError as e:
+            _fail(str(e))
     path = write_result("features", res)
     print(json.dumps(res))
     console.print(f"written to {path}")
@@ -789,12 +925,16 @@ def bench_features_cmd(events: int = typer.Option(300_000, help="Events written,
 
 @bench_app.command("freshness")
 def bench_freshness_cmd(probes: int = typer.Option(200, help="Timed clicks"),
-                        background: float = typer.Option(2000.0, help="Background load, events/s")) -> None:
+                        background: float = typer.Option(2000.0, help="Background load, events/s"),
+                        log: str = typer.Option("kafka", "--events", help=EVENTS_HELP)) -> None:
     """Event append -> feature visible (serving cache and Feast), p50/p99, under background load."""
     from infra.bench import bench_freshness as run, scratch_removed_on_success, write_result
 
     with _progress() as prog, scratch_removed_on_success():
-        res = run(_cfg(), probes=probes, background_eps=background, progress=_StageProgress(prog))
+        try:
+            res = run(_cfg(), probes=probes, background_eps=background, progress=_StageProgress(prog), events=log)
+        except ValueError as e:
+            _fail(str(e))
     path = write_result("freshness", res)
     print(json.dumps(res))
     console.print(f"written to {path}")
@@ -822,6 +962,64 @@ def bench_serve_cmd(scale: str = typer.Option("large", help="World scale (its wo
         json_out.write_text(json.dumps(res, indent=2))
     print(json.dumps(res))
     console.print(f"written to {path}")
+
+
+@bench_app.command("signals")
+def bench_signals_cmd(scale: str = typer.Option("small", help="World scale (its world must exist, and `feedrank train` models)"),
+                      clients: str = typer.Option("1,8,16,32", help="Comma-separated concurrent clients (closed loop)"),
+                      seconds: float = typer.Option(20.0, help="Seconds per level"),
+                      signals: int = typer.Option(10, help="Signals per SubmitSignals call (events per append)"),
+                      workers: int = typer.Option(0, help="Server processes (default serving.workers)"),
+                      log: str = typer.Option("file", "--events", help=EVENTS_HELP),
+                      log_only: bool = typer.Option(False, "--log-only", help="Only the file:// event log, in this "
+                                                    "process: group commit with fsync on and off (no world or server)")) -> None:
+    """SubmitSignals throughput and p99 over gRPC (closed loop), then the file:// log's group commit alone."""
+    from infra.bench import scratch_removed_on_success, write_result
+    from infra.bench_signals import bench_event_log_only, bench_signals
+
+    try:
+        levels = tuple(int(x) for x in clients.split(",") if x.strip())
+    except ValueError:
+        levels = ()
+    if not levels or min(levels) <= 0:
+        _fail(f"--clients needs positive integers separated by commas, got {clients!r}")
+    cfg = _cfg()
+    with _progress() as prog, scratch_removed_on_success():
+        try:
+            if log_only:
+                res = bench_event_log_only(cfg, levels, seconds, signals, progress=_StageProgress(prog))
+            else:
+                res = bench_signals(cfg, scale, levels, seconds, signals, events=log, progress=_StageProgress(prog),
+                                    workers=workers)
+        except (RuntimeError, ValueError) as e:
+            _fail(str(e))
+    path = write_result("signals", res)
+    print(json.dumps(res))
+    console.print(f"written to {path}")
+
+
+@bench_app.command("soak")
+def bench_soak_cmd(scale: str = typer.Option("small", help="World scale (its world must exist: `feedrank sim generate`)"),
+                   minutes: float = typer.Option(30.0, help="Minutes of load (warm-up: the first 5, or a third if < 10)"),
+                   getfeed_rps: float = typer.Option(20.0, help="GetFeed calls/s (open loop, a population of users)"),
+                   signals_rps: float = typer.Option(10.0, help="SubmitSignals calls/s (1-5 signals about served items)"),
+                   workers: int = typer.Option(0, help="Server processes (default serving.workers)")) -> None:
+    """Memory under ordinary traffic: worker RSS sampled every 10 s; goal growth after warm-up <= 5%, 0 errors."""
+    from infra.bench import scratch_removed_on_success
+    from infra.bench_soak import bench_soak, write_soak
+
+    with _progress() as prog, scratch_removed_on_success():
+        try:
+            res = bench_soak(_cfg(), scale, minutes, getfeed_rps, signals_rps, workers, progress=_StageProgress(prog))
+        except RuntimeError as e:
+            _fail(str(e))
+    path, png = write_soak(res)
+    print(json.dumps(res))
+    g = res["rss_growth_after_warmup"]["total"]
+    console.print(f"RSS growth after warm-up {g:+.1%} (goal <= {res['goal']['rss_growth_max']:.0%}), "
+                  f"errors {res['errors']['total']}, signals accepted {res['signals']['accepted']} of "
+                  f"{res['signals']['sent']}: {'[green]passed' if res['passed']['all'] else '[red]FAILED'}[/]")
+    console.print(f"written to {path} and {png}")
 
 
 @app.command()

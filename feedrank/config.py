@@ -53,6 +53,8 @@ class Redis(_Section):
     uri: str
     binary: str
     maxmemory: str
+    maxmemory_policy: Literal["noeviction", "volatile-lru", "allkeys-lru", "volatile-ttl"]
+    appendonly: bool
     startup_timeout_s: PosFloat
 
     @field_validator("uri")
@@ -68,8 +70,14 @@ class Events(_Section):
     rotate_ms: PosInt
     rotate_events: PosInt
     fsync: bool
+    orphan_seal_ms: PosInt
     bundle_events: PosInt
     kafka_partitions: PosInt
+    kafka_replication_factor: PosInt
+    kafka_delivery_timeout_ms: PosInt
+    kafka_linger_ms: NonNegInt
+    kafka_source_idle_ms: NonNegInt
+    kafka_retention_ms: Annotated[int, Field(ge=-1)]
     flink_connector_jar: str
 
     @field_validator("uri")
@@ -87,6 +95,18 @@ class Events(_Section):
                 raise ValueError("kafka:// needs host, port and topic: kafka://127.0.0.1:9092/engagements")
             return v
         raise ValueError("must be file://<dir> or kafka://host:port/topic")
+
+
+class Jvm(_Section):
+    dir: str
+    maven: str
+
+
+class Kafka(_Section):
+    controller_port: Annotated[int, Field(ge=0, lt=65536)]
+    heap: str
+    retention_hours: Annotated[int, Field(ge=-1)]
+    startup_timeout_s: PosFloat
 
 
 class Flink(_Section):
@@ -191,8 +211,12 @@ class Serving(_Section):
     workers: PosInt
     max_concurrent_rpcs: PosInt
     metrics_port: Port
-    jwt_secret: Annotated[str, Field(min_length=8)]
+    jwt_secret: Annotated[str, Field(min_length=8)]  # the shipped placeholder is refused at start (serving.edge)
     jwt_public_key: str
+    jwt_issuer: str
+    jwt_audience: str
+    jwt_max_lifetime_s: PosInt
+    cursor_secret: Annotated[str, Field(min_length=8)]
     rate_limit_rps: PosFloat
     rate_limit_burst: PosInt
     result_cache_ttl_s: NonNegInt
@@ -200,6 +224,16 @@ class Serving(_Section):
     snapshot_ttl_s: PosInt
     request_deadline_ms: PosInt
     experiments_file: str
+    exposure_log_attempts: PosInt
+    exposure_log_backoff_s: Annotated[float, Field(ge=0)]
+    id_headroom: PosInt
+    max_feedback_entries: PosInt
+    ranking_cache_mb: PosInt
+    signal_window_s: PosInt
+    signal_rate_limit_rps: PosFloat
+    signal_rate_limit_burst: PosInt
+    max_text_chars: PosInt
+    max_request_id_chars: PosInt
 
 
 class Streaming(_Section):
@@ -313,6 +347,8 @@ class Config(_Section):
     paths: Paths
     redis: Redis
     events: Events
+    jvm: Jvm
+    kafka: Kafka
     flink: Flink
     model_store: ModelStore
     candidates: Candidates

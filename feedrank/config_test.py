@@ -15,7 +15,7 @@ def test_defaults_load_and_document_every_key():
     assert cfg.funnel.light_k == 500 and cfg.funnel.heavy_k == 50 and cfg.funnel.page_size == 20
     assert cfg.heads.negative < 0
     assert cfg.rerank.max_consecutive_author == 3 and cfg.rerank.min_out_of_network == pytest.approx(0.2)
-    assert cfg.events.uri.startswith("file://")
+    assert cfg.events.uri.startswith("kafka://")  # Kafka is the default transport
     assert cfg.sim.scales["small"].users == 5000
 
 

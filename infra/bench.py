@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -170,7 +171,25 @@ def scratch_removed_on_success() -> Iterator[None]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def isolated_config(cfg: Config, name: str, **overrides: str) -> Config:
+def bench_events_uri(root: Path, events: str) -> str:
+    """The isolated event log of a benchmark: ``file`` (a segment log under its data dir), ``kafka``
+    (its own local broker on a free port, topic ``engagements``), or ``kafka://host:port/topic``
+    (port 0: a free one; a loopback address gets its own broker, started by ``runtime.up``)."""
+    from urllib.parse import urlparse
+
+    from infra.procs import free_port
+
+    if events == "file":
+        return "file://" + str(root / "events")
+    if events == "kafka":
+        events = "kafka://127.0.0.1:0/engagements"
+    if events.startswith("kafka://"):
+        u = urlparse(events)
+        return f"kafka://{u.hostname or '127.0.0.1'}:{u.port or free_port()}/{u.path.strip('/') or 'engagements'}"
+    raise ValueError(f"--events takes file, kafka or kafka://host:port/topic, got {events!r}")
+
+
+def isolated_config(cfg: Config, name: str, events: str = "file", **overrides: str) -> Config:
     """The configuration with its own data dir, Redis port and event log: a benchmark never
     touches a developer's running stack."""
     from feedrank.config import load_config
@@ -178,8 +197,11 @@ def isolated_config(cfg: Config, name: str, **overrides: str) -> Config:
 
     root = cfg.data_dir / "bench" / f"{name}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
     _SCRATCH.append(root)
+    from serving.edge import embedded_auth
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEEDRANK_") or k == "FEEDRANK_CONFIG"}
-    env.update({"FEEDRANK_PATHS_DATA_DIR": str(root), "FEEDRANK_EVENTS": "file://" + str(root / "events"),
+    env.update(embedded_auth())  # the bench stack's own random JWT / cursor keys (placeholders are refused)
+    env.update({"FEEDRANK_PATHS_DATA_DIR": str(root), "FEEDRANK_EVENTS": bench_events_uri(root, events),
                 "FEEDRANK_REDIS": f"redis://127.0.0.1:{free_port()}/0", "FEEDRANK_FLINK_REST_PORT": str(free_port()),
                 "FEEDRANK_MODEL_STORE": cfg.resolve_uri(cfg.model_store.uri)}, **overrides)
     return load_config(env)
@@ -221,14 +243,16 @@ def feature_job_rates(samples: list[tuple[float, dict]], n: int, forwarded: int)
             "seconds": round(t_done - t_first, 1)}
 
 
-def bench_features(cfg: Config, n: int = 300_000, seed: int = 7, progress=None) -> dict:
+def bench_features(cfg: Config, n: int = 300_000, seed: int = 7, progress=None, events: str = "file") -> dict:
     """Throughput of the real-time feature job on its own stack.
 
     ``n`` synthetic events (every type; uniform over 10K users and 100K posts, so nearly
     every event dirties a different key: the worst case for batching) are written to the
-    segment log first; the job then reads them as fast as it can. Throughput is measured
-    from the first flushed batch to the moment the last operator has the last event, so
-    Flink's start-up is excluded (and reported separately).
+    event log first (``events``: see :func:`bench_events_uri`; on Kafka in appends of
+    ``bundle_events`` x partitions events, so a message carries a full bundle, as a segment
+    line does); the job then reads them as fast as it can. Throughput is measured from the
+    first flushed batch to the moment the last operator has the last event, so Flink's
+    start-up is excluded (and reported separately).
     """
     from features.eventlog import open_configured_event_log
     from features.realtime import A, ENGAGEMENT, FOLLOW, KIND, UNFOLLOW
@@ -237,18 +261,19 @@ def bench_features(cfg: Config, n: int = 300_000, seed: int = 7, progress=None) 
     from sim.eventgen import synthetic_events
 
     step = progress or (lambda s, f: None)
-    bcfg = isolated_config(cfg, "features")
+    bcfg = isolated_config(cfg, "features", events)
     runtime.up(bcfg)
     job = None
     try:
         log = open_configured_event_log(bcfg)
+        per_append = bcfg.events.bundle_events * getattr(log, "partitions", 5)
         forwarded = 0
         batch = []
         for i, ev in enumerate(synthetic_events(n, seed)):
             k = KIND[ev.type]
             forwarded += k in (FOLLOW, UNFOLLOW) or (k == ENGAGEMENT and A[ev.action] != A["view"])
             batch.append(ev)
-            if len(batch) == 5000:
+            if len(batch) == per_append:
                 log.append_many(batch)
                 batch = []
                 step("writing events", (i + 1) / n)
@@ -272,7 +297,7 @@ def bench_features(cfg: Config, n: int = 300_000, seed: int = 7, progress=None) 
             "gc_seconds": final.get("gc_seconds"), "gc_full_collections": final.get("gc_full"),
             "gc_young_threshold": bcfg.streaming.gc_young_threshold,
             "flush_ms": bcfg.streaming.flush_ms, "python_execution_mode": bcfg.flink.python_execution_mode,
-            "parallelism": bcfg.flink.parallelism,
+            "parallelism": bcfg.flink.parallelism, **event_log_info(bcfg, log),
         }
     finally:
         if job is not None:
@@ -280,7 +305,16 @@ def bench_features(cfg: Config, n: int = 300_000, seed: int = 7, progress=None) 
         runtime.down(bcfg)
 
 
-def bench_freshness(cfg: Config, probes: int = 200, background_eps: float = 2000.0, progress=None) -> dict:
+def event_log_info(cfg: Config, log: Any) -> dict:
+    """What a result must say of the event log it ran on."""
+    info: dict[str, Any] = {"event_log": cfg.events.uri.split("://")[0], "bundle_events": cfg.events.bundle_events}
+    if hasattr(log, "partitions"):
+        info.update(kafka_partitions=log.partitions, kafka_broker="Apache Kafka (KRaft, local single node)")
+    return info
+
+
+def bench_freshness(cfg: Config, probes: int = 200, background_eps: float = 2000.0, progress=None,
+                    events: str = "file") -> dict:
     """Event append -> feature visible to serving, p50/p99, while the job also carries a background load.
 
     Each probe appends one click on a post nobody has touched (the event log seals a
@@ -297,7 +331,7 @@ def bench_freshness(cfg: Config, probes: int = 200, background_eps: float = 2000
     from sim.eventgen import synthetic_events
 
     step = progress or (lambda s, f: None)
-    bcfg = isolated_config(cfg, "freshness")
+    bcfg = isolated_config(cfg, "freshness", events)
     runtime.up(bcfg)
     job = None
     stop = threading.Event()
@@ -365,7 +399,7 @@ def bench_freshness(cfg: Config, probes: int = 200, background_eps: float = 2000
         return {"probes": probes, "serving_cache": pct(cache_lat), "feast_online_read": pct(feast_lat),
                 "background_events_per_s": round(sent[0] / (elapsed + warmup_s), 1), "warmup_s": round(warmup_s, 1),
                 "rotate_ms": bcfg.events.rotate_ms, "file_monitor_interval_ms": bcfg.flink.file_monitor_interval_ms,
-                "flush_ms": bcfg.streaming.flush_ms, "event_log": bcfg.events.uri.split("://")[0]}
+                "flush_ms": bcfg.streaming.flush_ms, **event_log_info(bcfg, log)}
     finally:
         stop.set()
         if job is not None:

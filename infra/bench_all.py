@@ -42,8 +42,8 @@ def run_all(cfg: Config, rps: tuple[float, ...] = (20.0, 50.0, 100.0, 150.0), se
           for s, d in worlds.items()],
         ("retrieval", lambda: bench.bench_retrieval(cfg, largest, progress=step)),
         ("rankers", lambda: bench.bench_rankers(cfg)),
-        ("features", lambda: bench.bench_features(cfg, progress=step)),
-        ("freshness", lambda: bench.bench_freshness(cfg, progress=step)),
+        ("features", lambda: bench.bench_features(cfg, progress=step, events="kafka")),
+        ("freshness", lambda: bench.bench_freshness(cfg, progress=step, events="kafka")),
         ("model-delay", lambda: bench_model_delay(cfg, small, progress=step)),
     ]
     results: dict[str, Any] = {}

@@ -85,7 +85,7 @@ def bench_model_delay(cfg: Config, world_dir: Path, users: int = 300, minutes: f
         world.trends.append(TrendShift(int(cfg.sim.trend_shifts[0].topic) if cfg.sim.trend_shifts else 3,
                                        sim0 + 30_000, 1.5))
         server = Server(bcfg, bootstrap_dir=world_dir, clock=clock.now_ms, port=0, metrics_port=0)
-        api = GrpcFeedApi(server.address, cfg.serving.jwt_secret, timeout_s=30)
+        api = GrpcFeedApi(server.address, bcfg.serving.jwt_secret, timeout_s=30)
         real_get = api.get_feed
 
         def get_feed(user_id: int, feed_type: str = "home", cursor: str = "", limit: int = 20, now_ms=None):

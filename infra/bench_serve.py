@@ -24,7 +24,10 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -269,25 +272,46 @@ def run_load(address: str, secret: str, users: np.ndarray, rps: float, seconds: 
             "latency_ms_all_requests": quantiles(lat[done])}
 
 
-def bench_serve(cfg: Config, scale: str = "large", rps_levels: tuple[float, ...] = (20.0,), seconds: float = 30.0,
-                progress: Step | None = None, world_dir: Path | None = None, workers: int = 0) -> dict[str, Any]:
+@dataclass
+class ServingStack:
+    """An isolated stack with ``feedrank serve --world`` running on it (see :func:`serving_stack`)."""
+
+    bcfg: Config
+    address: str
+    proc: subprocess.Popen
+    metrics_ports: list[int]  # one Prometheus endpoint per worker (metrics_port + worker index)
+    world: Any  # sim.world.World
+    world_dir: Path
+    versions: dict[str, str]
+    startup_s: float
+    workers: int
+
+
+@contextmanager
+def serving_stack(cfg: Config, scale: str, workers: int = 0, step: Step | None = None, world_dir: Path | None = None,
+                  name: str = "serve", events: str = "file") -> Iterator[ServingStack]:
+    """The world's isolated stack (own Redis, model store, event log; :func:`prepare`, user features
+    in the online store) with ``feedrank serve --world`` as its own process, every worker healthy
+    and serving metrics. On exit the server is terminated and the stack taken down."""
     import grpc
-    import psutil
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from infra import runtime
     from infra.bench import isolated_config
     from infra.procs import free_port
+    from serving.edge import auth_env
     from sim.world import World
 
-    step = progress or (lambda s, f: None)
+    step = step or (lambda s, f: None)
     world_dir = world_dir or cfg.data_dir / "sim" / f"{scale}-{cfg.sim.seed}"
     if not (world_dir / "ground_truth.npz").exists():
         raise RuntimeError(f"no world at {world_dir}: run `feedrank sim generate --scale {scale}` first")
     n_workers = workers or cfg.serving.workers
     port, mport = free_port(), _free_ports(n_workers)
-    bcfg = isolated_config(cfg, f"serve-{scale}", FEEDRANK_SERVING_PORT=str(port),
+    bcfg = isolated_config(cfg, f"{name}-{scale}", events=events, FEEDRANK_SERVING_PORT=str(port),
                            FEEDRANK_SERVING_METRICS_PORT=str(mport))
-    bcfg = isolated_config(cfg, f"serve-{scale}", FEEDRANK_SERVING_PORT=str(port), FEEDRANK_SERVING_METRICS_PORT=str(mport),
+    bcfg = isolated_config(cfg, f"{name}-{scale}", events=events, FEEDRANK_SERVING_PORT=str(port),
+                           FEEDRANK_SERVING_METRICS_PORT=str(mport),
                            FEEDRANK_SERVING_WORKERS=str(n_workers),
                            FEEDRANK_MODEL_STORE="file://" + str(bcfg.data_dir / "models"),
                            FEEDRANK_PATHS_DATA_DIR=str(bcfg.data_dir), FEEDRANK_REDIS=bcfg.redis.uri,
@@ -301,16 +325,15 @@ def bench_serve(cfg: Config, scale: str = "large", rps_levels: tuple[float, ...]
         env.update({"FEEDRANK_PATHS_DATA_DIR": str(bcfg.data_dir), "FEEDRANK_REDIS": bcfg.redis.uri,
                     "FEEDRANK_EVENTS": bcfg.events.uri, "FEEDRANK_MODEL_STORE": bcfg.model_store.uri,
                     "FEEDRANK_SERVING_PORT": str(port), "FEEDRANK_SERVING_METRICS_PORT": str(mport),
-                    "FEEDRANK_SERVING_WORKERS": str(n_workers)})
+                    "FEEDRANK_SERVING_WORKERS": str(n_workers), **auth_env(bcfg)})
         log = open(bcfg.data_dir / "serve.log", "w")
         step("starting the server", 0.0)
         t_start = time.perf_counter()
         proc = subprocess.Popen([str(Path(sys.executable).parent / "feedrank"), "serve", "--world", str(world_dir)],
                                 env=env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()  # the child has its own descriptor
         address = f"{bcfg.serving.host}:{port}"
         ch = grpc.insecure_channel(address)
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
         mports = [mport + i for i in range(n_workers)]
         while True:  # every worker must be up: each serves its own metrics endpoint once SERVING
             if proc.poll() is not None:
@@ -326,14 +349,31 @@ def bench_serve(cfg: Config, scale: str = "large", rps_levels: tuple[float, ...]
                 raise RuntimeError("server did not become healthy in 15 minutes")
         startup_s = time.perf_counter() - t_start
         ch.close()
-        world = World.load(world_dir)
+        step("starting the server", 1.0)
+        yield ServingStack(bcfg, address, proc, mports, World.load(world_dir), world_dir, versions, startup_s, n_workers)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        runtime.down(bcfg)
+
+
+def bench_serve(cfg: Config, scale: str = "large", rps_levels: tuple[float, ...] = (20.0,), seconds: float = 30.0,
+                progress: Step | None = None, world_dir: Path | None = None, workers: int = 0) -> dict[str, Any]:
+    import psutil
+
+    step = progress or (lambda s, f: None)
+    with serving_stack(cfg, scale, workers, step, world_dir) as st:
+        bcfg, address, world, mports, n_workers = st.bcfg, st.address, st.world, st.metrics_ports, st.workers
         has_follows = np.flatnonzero(np.bincount(world.follow_src, minlength=world.n_users) > 0)
         users = np.random.default_rng(1).choice(has_follows, min(100_000, has_follows.size), replace=False)
-        ps = psutil.Process(proc.pid)
+        ps = psutil.Process(st.proc.pid)
 
         def rss_mb() -> float:
             return sum(p.memory_info().rss for p in [ps, *ps.children(recursive=True)]) / 2**20
-
 
         levels = []
         run_load(address, bcfg.serving.jwt_secret, users[:2000], 10.0, 5.0, seed=99)  # warm-up, not reported
@@ -349,17 +389,9 @@ def bench_serve(cfg: Config, scale: str = "large", rps_levels: tuple[float, ...]
             res["server_rss_mb"] = round(rss_mb(), 1)
             levels.append(res)
             step(f"load {rps:g} RPS", 1.0)
-        return {"scale": scale, "world": str(world_dir), "posts": int(world.n_posts), "users": int(world.n_users),
-                "follows": int(world.follow_src.size), "models": versions, "server_startup_s": round(startup_s, 1),
+        return {"scale": scale, "world": str(st.world_dir), "posts": int(world.n_posts), "users": int(world.n_users),
+                "follows": int(world.follow_src.size), "models": st.versions, "server_startup_s": round(st.startup_s, 1),
                 "server": {"worker_processes": n_workers, "torch_threads": 1, "faiss_threads": 1, "grpc_threads": 8},
                 "retrieval": {"index": bcfg.retrieval.index, "nlist": bcfg.retrieval.nlist, "nprobe": bcfg.retrieval.nprobe,
                               "ann_k": bcfg.candidates.ann_k},
                 "goal_p99_ms": 25.0, "levels": levels}
-    finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        runtime.down(bcfg)

@@ -1,6 +1,6 @@
 """`feedrank demo` (= `make demo`): the whole system, end to end, on the embedded stack.
 
-    1 stack          Redis + the local event log
+    1 stack          Redis + the event log: a local Apache Kafka broker (default) or the file:// segment log
     2 world          the simulated social world (small by default; --scale medium)
     3 models         two-tower + FAISS index, light and heavy rankers (trained unless current ones exist)
     4 features       Feast repo applied; the world's offline features exported and loaded online
@@ -33,6 +33,7 @@ import numpy as np
 from rich.console import Console
 
 from feedrank.config import PROJECT_ROOT, Config
+from serving.edge import auth_env, with_embedded_auth
 
 #: Settings the demo runs the learner with: a few minutes of traffic from a few hundred users
 #: must give the holdout enough examples for decisions (production: feedrank.toml defaults).
@@ -86,7 +87,7 @@ def _env(cfg: Config, **extra: str) -> dict[str, str]:
     env.update({"FEEDRANK_PATHS_DATA_DIR": str(cfg.data_dir), "FEEDRANK_REDIS": cfg.redis.uri,
                 "FEEDRANK_EVENTS": cfg.events.uri, "FEEDRANK_MODEL_STORE": cfg.resolve_uri(cfg.model_store.uri),
                 "FEEDRANK_SERVING_PORT": str(cfg.serving.port), "FEEDRANK_SERVING_METRICS_PORT": str(cfg.serving.metrics_port),
-                "FEEDRANK_SERVING_WORKERS": "1", "FEEDRANK_STREAMING_BOOTSTRAP_WORLD": "", **extra})
+                "FEEDRANK_SERVING_WORKERS": "1", "FEEDRANK_STREAMING_BOOTSTRAP_WORLD": "", **auth_env(cfg), **extra})
     return env
 
 
@@ -100,10 +101,14 @@ def run_demo(cfg: Config, scale: str, users: int, minutes: float, keep_up: bool,
     report_dir.mkdir(parents=True, exist_ok=True)
     log_dir = cfg.data_dir / "log" / f"demo-{stamp}"
     log_dir.mkdir(parents=True, exist_ok=True)
-    # this run's own event log: the report covers this run, and the jobs need not replay earlier demos
-    cfg = cfg.model_copy(update={"events": cfg.events.model_copy(update={"uri": cfg.resolve_uri(cfg.events.uri).rstrip("/")
-                                                                               + f"/demo-{stamp}"})}) \
-        if cfg.events.uri.startswith("file://") else cfg
+    # this run's own event log (a directory, or a topic): the report covers this run, and the jobs
+    # need not replay earlier demos
+    uri = cfg.resolve_uri(cfg.events.uri).rstrip("/")
+    uri = f"{uri}/demo-{stamp}" if uri.startswith("file://") else f"{uri}-demo-{stamp}"
+    cfg = cfg.model_copy(update={"events": cfg.events.model_copy(update={"uri": uri})})
+    # an embedded stack: its own random JWT and cursor keys, known to its server (through _env) and its
+    # simulated clients only; `feedrank serve` refuses the placeholders shipped in feedrank.toml
+    cfg = with_embedded_auth(cfg)
     was_up = {s["name"] for s in runtime.status(cfg) if s["healthy"] and s.get("pid")}
     procs = Procs(log_dir)
     exe = str(Path(sys.executable).parent / "feedrank")
@@ -263,11 +268,12 @@ def _clients(cfg: Config, wdir: Path, users: int, minutes: float, address: str, 
     """Simulated clients in real time against the server, a trend shift at the midpoint, freshness probes."""
     from features.client import PostStatsCache, redis_client
     from serving.client import GrpcFeedApi
+    from serving.state import SERVING_CLOCK
     from sim.clients import Population, WallClock
     from sim.world import TrendShift, World
 
     world = World.load(wdir)
-    raw = redis_client(cfg).hgetall("feedrank:serving:clock")
+    raw = redis_client(cfg).hgetall(SERVING_CLOCK)
     offset = int(time.time() * 1000) - int(raw[b"wall0_ms"]) + int(raw[b"sim0_ms"]) - world.end_ms if raw else 0
     clock = WallClock(world.end_ms + offset)
     t0_ms = clock.now_ms()
@@ -322,12 +328,15 @@ def _clients(cfg: Config, wdir: Path, users: int, minutes: float, address: str, 
         from features.events import Engagement
 
         rng = np.random.default_rng(5)
+        # a service's (admin) token: the reader was never served the post, and only served posts count for users
+        probe_api = GrpcFeedApi(address, cfg.serving.jwt_secret, admin=True)
         while not stop.wait(10.0):
             pid = int(rng.integers(max(world.n_posts // 10, 1)))
             reader = int(rng.integers(world.n_users))
             try:
                 before = cache.get(pid).get("clicks", 0)
-                api.submit_signals(reader, [Engagement(user_id=reader, post_id=pid, action="click", ts=clock.now_ms())])
+                probe_api.submit_signals(reader, [Engagement(user_id=reader, post_id=pid, action="click",
+                                                             ts=clock.now_ms())])
                 t0 = time.monotonic()
                 while time.monotonic() - t0 < 10 and cache.get(pid).get("clicks", 0) <= before:
                     time.sleep(0.02)
@@ -454,13 +463,28 @@ def _collect(cfg: Config, run: dict[str, Any], meta: dict, seconds: float) -> di
         "rerank_constraints": rerank_constraints(exposures, cfg.funnel.page_size, rr.max_consecutive_author,
                                                  rr.min_out_of_network, rr.ad_every),
         "exposures_logged": len(exposures),
+        "event_log": _event_log_figures(cfg),
     }
+
+
+def _event_log_figures(cfg: Config) -> dict[str, Any]:
+    """The transport, and on Kafka what the broker itself records: messages in the topic and how far
+    each Flink job's consumer group has committed (on its checkpoints)."""
+    from features.eventlog import topic_offsets
+    from jobs.sources import kafka_group
+
+    uri = cfg.events.uri
+    out: dict[str, Any] = {"transport": uri.split("://")[0], "uri": uri}
+    if uri.startswith("kafka://"):
+        out.update(topic_offsets(uri, [kafka_group("features"), kafka_group("learner")]))
+    return out
 
 
 def _summary(r: dict[str, Any]) -> str:
     c, ol, fr = r["clients"], r["online_learning"]["counts"], r["freshness_ms"]
     g = r["get_feed_client"]
-    return (f"{c['sessions']} sessions, {c['impressions']} impressions, CTR {c['ctr']:.3f}, discovery share "
+    return (f"event log {r['event_log']['transport']}; "
+            f"{c['sessions']} sessions, {c['impressions']} impressions, CTR {c['ctr']:.3f}, discovery share "
             f"{c['discovery_share']:.0%}; GetFeed p50 {g['p50_ms']} ms p99 {g['p99_ms']} ms; freshness p50 {fr['p50']} ms "
             f"p99 {fr['p99']} ms; learner decisions {ol or 'none'}")
 
@@ -529,11 +553,15 @@ def write_report(out: Path, r: dict[str, Any]) -> Path:
         files.append("stage_latency.png")
     (out / "demo.json").write_text(json.dumps(r, indent=2, default=str))
     c, g, fr, rc = r["clients"], r["get_feed_client"], r["freshness_ms"], r["rerank_constraints"]
-    ol = r["online_learning"]
+    ol, ev = r["online_learning"], r["event_log"]
     md = [
         "# feedrank demo", "",
         f"World: {r['world']['scale']} ({r['world']['users']} users, {r['world']['posts']} posts). Wall time "
         f"{r['wall_seconds']:.0f} s, of which simulated clients {r['client_seconds']:.0f} s (real time).", "",
+        f"Event log: **{ev['transport']}** ({ev['uri']})" + (
+            f": {ev['messages']} messages in {ev['partitions']} partitions; committed by the Flink jobs' consumer "
+            + ", ".join(f"groups {k}: {v['committed']} (lag {v['lag']})" for k, v in ev["groups"].items())
+            if ev["transport"] == "kafka" else "") + ".", "",
         "| figure | value |", "|---|---|",
         f"| sessions / impressions | {c['sessions']} / {c['impressions']} |",
         f"| CTR | {c['ctr']:.4f} |",

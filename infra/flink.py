@@ -98,6 +98,55 @@ def job_config(argv: list[str]) -> Config:
     return get_config()
 
 
+def checkpoint_root(cfg: Config, job: str) -> Path:
+    """Where ``job``'s checkpoints go: one directory per job and event log (a digest of its URI), so a
+    job resumes only from checkpoints of the log it reads; Flink adds ``<job id>/chk-<n>`` below."""
+    import hashlib
+
+    digest = hashlib.sha256(cfg.resolve_uri(cfg.events.uri).encode()).hexdigest()[:10]
+    return cfg.data_dir / "flink" / "checkpoints" / f"{job}-{digest}"
+
+
+def latest_checkpoint(cfg: Config, job: str) -> Path | None:
+    """The newest complete retained checkpoint of ``job`` on this event log (``chk-<n>`` with its
+    ``_metadata``, which Flink writes last), or None."""
+    done = [m.parent for m in checkpoint_root(cfg, job).glob("*/chk-*/_metadata")]
+    return max(done, key=lambda p: (p.stat().st_mtime, int(p.name.split("-")[1])), default=None)
+
+
+def prune_checkpoints(cfg: Config, job: str, keep: Path | None, running: set[str] = frozenset()) -> int:
+    """Remove the checkpoint directories of earlier runs of ``job`` except the one holding ``keep``
+    and those of the ``running`` job ids (a run keeps ``execution.checkpointing.num-retained`` of
+    its own); returns how many."""
+    import shutil as _shutil
+
+    n = 0
+    for run in checkpoint_root(cfg, job).glob("*"):
+        if run.is_dir() and run.name not in running and (keep is None or run != keep.parent):
+            _shutil.rmtree(run, ignore_errors=True)
+            n += 1
+    return n
+
+
+def job_configuration(cfg: Config, job: str, resume: bool = True, prune: bool = True) -> tuple[dict[str, str], Path | None]:
+    """Checkpoint settings of a streaming job, and the checkpoint it resumes from (None: a fresh start).
+
+    Checkpoints are retained when the job is cancelled or its JVM dies, so submitting the job again
+    continues from the newest of them (``execution.state-recovery.path``): sources from their
+    recorded positions, operators from their state; nothing is counted twice. ``prune`` removes
+    the other runs' checkpoints (not inside a job that `flink run -s` may be restoring)."""
+    root = checkpoint_root(cfg, job)
+    restore = latest_checkpoint(cfg, job) if resume else None
+    if prune:
+        prune_checkpoints(cfg, job, restore)
+    conf = {"execution.checkpointing.dir": root.as_uri(),
+            "execution.checkpointing.externalized-checkpoint-retention": "RETAIN_ON_CANCELLATION",
+            "execution.checkpointing.num-retained": "2"}
+    if restore is not None:
+        conf["execution.state-recovery.path"] = restore.as_uri()
+    return conf, restore
+
+
 def stream_env(cfg: Config, extra: dict[str, str] | None = None) -> Any:
     """A StreamExecutionEnvironment (local MiniCluster unless run by `flink run`)."""
     require_java()
@@ -121,18 +170,36 @@ def cluster_dirs(cfg: Config) -> dict[str, Path]:
     return {"conf": root / "conf", "log": root / "log", "pid": root / "run", "tmp": root / "tmp"}
 
 
-def cluster_environ(cfg: Config) -> dict[str, str]:
+def cluster_variables(cfg: Config) -> dict[str, str]:
+    """What every script and client of our cluster needs in its environment: the one source for
+    ``cluster_environ`` (our own calls) and ``feedrank flink env`` (a user's shell, for a plain
+    ``flink run``). Without them the client logs into site-packages (pyflink/log), reads pyflink's
+    own conf, runs the job's ``main`` with the first ``python`` on PATH (``No module named
+    'feedrank'``) and there is no ``flink`` on PATH at all."""
     d = cluster_dirs(cfg)
-    env = dict(os.environ)
-    env.update(
-        FLINK_CONF_DIR=str(d["conf"]),
-        FLINK_LOG_DIR=str(d["log"]),
-        FLINK_PID_DIR=str(d["pid"]),
-        FLINK_HOME=str(flink_home()),
-        PYTHONPATH=python_path(),
-        PYFLINK_CLIENT_EXECUTABLE=sys.executable,
-    )
-    return env
+    bin_dir = str(flink_home() / "bin")
+    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != bin_dir]
+    return {
+        "FLINK_HOME": str(flink_home()),
+        "FLINK_CONF_DIR": str(d["conf"]),
+        "FLINK_LOG_DIR": str(d["log"]),
+        "FLINK_PID_DIR": str(d["pid"]),
+        "PYTHONPATH": python_path(),
+        "PYFLINK_CLIENT_EXECUTABLE": sys.executable,
+        "PATH": os.pathsep.join([bin_dir, *path]),
+    }
+
+
+def cluster_environ(cfg: Config) -> dict[str, str]:
+    """This process's environment plus ``cluster_variables``: for the scripts we run ourselves."""
+    return {**os.environ, **cluster_variables(cfg)}
+
+
+def shell_exports(cfg: Config) -> str:
+    """``cluster_variables`` as POSIX ``export`` lines, for ``eval "$(feedrank flink env)"``."""
+    import shlex
+
+    return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in cluster_variables(cfg).items())
 
 
 def _yaml_value(v: str) -> str:
@@ -240,22 +307,27 @@ def cluster_down(cfg: Config) -> str:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and any(psutil.pid_exists(p) for p in pids):
         time.sleep(0.2)
+    left = []
     for p in pids:
-        if psutil.pid_exists(p):
-            try:
-                psutil.Process(p).kill()
-            except psutil.NoSuchProcess:
-                pass
+        try:
+            proc = psutil.Process(p)
+            proc.kill()
+            left.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(left, timeout=10)  # SIGKILL is asynchronous: return once they are gone
     for pf in cluster_dirs(cfg)["pid"].glob("*.pid"):
         pf.unlink(missing_ok=True)
     return "stopped"
 
 
-def submit(cfg: Config, job_py: Path, args: list[str], detached: bool = True) -> subprocess.CompletedProcess:
-    """`flink run -py job.py -pyexec <venv python>` against our standalone cluster.
+def submit(cfg: Config, job_py: Path, args: list[str], detached: bool = True,
+           restore: Path | None = None) -> subprocess.CompletedProcess:
+    """`flink run -py job.py -pyexec <venv python> [-s CHECKPOINT]` against our standalone cluster.
 
     The job gets ``--feedrank-config FILE``: the exact effective configuration of the
     caller (file + env overrides), so the cluster-side job reads what the caller meant.
+    ``restore``: a retained checkpoint the job starts from (sources at its offsets, operators with its state).
     """
     conf_file = cluster_dirs(cfg)["conf"] / f"feedrank-{job_py.stem}.json"
     conf_file.parent.mkdir(parents=True, exist_ok=True)
@@ -265,6 +337,7 @@ def submit(cfg: Config, job_py: Path, args: list[str], detached: bool = True) ->
         "bash", str(flink_home() / "bin" / "flink"), "run",
         "-m", f"localhost:{cfg.flink.rest_port}",
         *(["--detached"] if detached else []),
+        *(["--fromSavepoint", restore.as_uri()] if restore is not None else []),
         "-py", str(job_py),
         "-pyexec", sys.executable,
         "-pyclientexec", sys.executable,
@@ -282,6 +355,12 @@ def rest(cfg: Config, path: str, method: str = "GET", timeout: float = 5.0) -> d
             return json.loads(body) if body else {}
     except (OSError, ValueError):
         return None
+
+
+def running_jobs(cfg: Config) -> dict[str, str]:
+    """Job id -> name of the cluster's jobs that have not reached a terminal state."""
+    jobs = (rest(cfg, "/jobs/overview") or {}).get("jobs", [])
+    return {j["jid"]: j["name"] for j in jobs if j["state"] not in ("FINISHED", "FAILED", "CANCELED")}
 
 
 def job_state(cfg: Config, job_id: str) -> tuple[str, dict[str, str]]:
@@ -312,11 +391,69 @@ def live_taskmanagers(cfg: Config) -> list[int]:
     return alive
 
 
+def _listening_ports(pid: int) -> set[int]:
+    import psutil
+
+    try:
+        return {c.laddr.port for c in psutil.Process(pid).net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return set()
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _embeds_python(pid: int) -> bool:
+    """Whether the JVM has loaded libpython: it ran a thread-mode Python job at some time."""
+    try:
+        return "libpython" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def recycle_taskmanagers(cfg: Config, timeout_s: float = 60.0) -> list[int]:
+    """Stop the idle taskmanagers that ran a Python job before; returns their pids.
+
+    pemja loads libpython once per JVM and cannot load it again for a later job's classloader
+    (NoSuchFieldException: loadedLibraryNames on Java 17), so a taskmanager whose job was
+    cancelled cannot take the next Python job: resubmitting (to resume from a checkpoint) would
+    land on it and fail. Idle means all its slots free (REST); "ran Python" means libpython is
+    mapped into the process; the pid is matched to the REST entry by the data port it listens on.
+    """
+    import psutil
+
+    tms = (rest(cfg, "/taskmanagers") or {}).get("taskmanagers", [])
+    idle_ports = {int(t["dataPort"]) for t in tms if t.get("freeSlots") == t.get("slotsNumber")}
+    stale = {p: _listening_ports(p) & idle_ports for p in live_taskmanagers(cfg) if _embeds_python(p)}
+    stale = {p: ports for p, ports in stale.items() if ports}
+    for p in stale:
+        try:
+            psutil.Process(p).terminate()
+        except psutil.NoSuchProcess:
+            pass
+    ports = set().union(*stale.values()) if stale else set()
+    deadline = time.monotonic() + timeout_s
+    while stale and time.monotonic() < deadline:
+        alive = [p for p in stale if _alive(p)]
+        registered = {int(t["dataPort"]) for t in (rest(cfg, "/taskmanagers") or {}).get("taskmanagers", [])}
+        if not alive and not registered & ports:
+            break
+        time.sleep(0.5)
+    return sorted(stale)
+
+
 def ensure_taskmanagers(cfg: Config, timeout_s: float | None = None) -> int:
     """Start taskmanagers until ``flink.taskmanagers`` are registered (one may have been stopped
-    by Flink's cancellation watchdog); returns how many were started."""
+    by Flink's cancellation watchdog, or recycled after its Python job ended); returns how many were started."""
     if rest_overview(cfg) is None:
         raise ServiceError("the Flink cluster is not running: `feedrank flink up`")
+    recycle_taskmanagers(cfg)
     missing = cfg.flink.taskmanagers - len(live_taskmanagers(cfg))
     for _ in range(missing):
         r = subprocess.run(["bash", str(flink_home() / "bin" / "taskmanager.sh"), "start"], env=cluster_environ(cfg),
@@ -333,7 +470,7 @@ def ensure_taskmanagers(cfg: Config, timeout_s: float | None = None) -> int:
 
 
 def submit_supervised(cfg: Config, job_py: Path, args: list[str], attempts: int = 3,
-                      say: Any = print) -> str:
+                      say: Any = print, restore: Path | None = None) -> str:
     """Submit a streaming job and return its id once every operator has opened.
 
     Measured: now and then a PyFlink thread-mode operator never left INITIALIZING (its Python
@@ -349,7 +486,7 @@ def submit_supervised(cfg: Config, job_py: Path, args: list[str], attempts: int 
     for attempt in range(1, attempts + 1):
         ensure_taskmanagers(cfg)
         submitted_at = time.time()
-        r = submit(cfg, job_py, args)
+        r = submit(cfg, job_py, args, restore=restore)
         m = re.search(r"JobID ([0-9a-f]{32})", r.stdout)
         if r.returncode != 0 or not m:
             raise ServiceError(f"flink run {job_py.name} failed: {(r.stdout + r.stderr)[-2000:]}")
@@ -379,3 +516,29 @@ def submit_supervised(cfg: Config, job_py: Path, args: list[str], attempts: int 
         said_stopped = sorted(before - set(live_taskmanagers(cfg)))
         say(f"{job_py.name} job {job_id}: {job_state(cfg, job_id)[0]}; taskmanagers stopped by Flink: {said_stopped or 'none'}")
     raise ServiceError(f"{job_py.name}: operators did not open in {attempts} attempts; logs in {cluster_dirs(cfg)['log']}")
+
+
+def await_checkpoint(cfg: Config, job_id: str, name: str, timeout_s: float | None = None) -> int | None:
+    """Wait until the running job completed its first checkpoint; returns the completed count, or None
+    for a job without periodic checkpoints (nothing to wait for).
+
+    Every operator RUNNING is not yet a working streaming job: one whose barriers never get through
+    (a stuck operator, a source that cannot read) has no state to resume from. A job that completes
+    none within ``timeout_s`` (``flink.startup_timeout_s``), or stops meanwhile, raises ServiceError."""
+    settings = rest(cfg, f"/jobs/{job_id}/checkpoints/config")
+    # Flink answers 404 for a job without checkpointing, or gives it an interval of Long.MAX_VALUE
+    if not settings or not 0 < int(settings.get("interval", 0)) < 2**63 - 1:
+        return None
+    timeout_s = cfg.flink.startup_timeout_s if timeout_s is None else timeout_s
+    deadline = time.monotonic() + timeout_s
+    state = "UNKNOWN"
+    while time.monotonic() < deadline:
+        completed = int(((rest(cfg, f"/jobs/{job_id}/checkpoints") or {}).get("counts") or {}).get("completed", 0))
+        if completed > 0:
+            return completed
+        state = job_state(cfg, job_id)[0]
+        if state in ("FAILED", "CANCELED", "FINISHED"):
+            raise ServiceError(f"{name} job {job_id} is {state} before its first checkpoint: {job_failure(cfg, job_id)}")
+        time.sleep(1.0)
+    raise ServiceError(f"{name} job {job_id}: {state.lower()}, but no checkpoint completed in {timeout_s:.0f} s: "
+                       f"see {cluster_dirs(cfg)['log']}")

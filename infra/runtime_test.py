@@ -1,4 +1,4 @@
-"""`feedrank up | status | down` with real Redis and Tansu processes."""
+"""`feedrank up | status | down` with real Redis and Apache Kafka processes."""
 
 from __future__ import annotations
 
@@ -41,18 +41,44 @@ def test_up_status_down_with_file_event_log(cfg):
 
 
 @pytest.mark.kafka
-def test_up_starts_tansu_for_kafka_event_log(make_cfg):
+def test_up_starts_a_kraft_kafka_broker_for_kafka_event_log(make_cfg):
+    from confluent_kafka.admin import AdminClient
+
     port = free_port()
-    cfg = make_cfg(FEEDRANK_EVENTS=f"kafka://127.0.0.1:{port}/engagements")
+    cfg = make_cfg(FEEDRANK_EVENTS=f"kafka://127.0.0.1:{port}/engagements", FEEDRANK_EVENTS_KAFKA_PARTITIONS="3")
     try:
         out = dict(runtime.up(cfg))
-        assert out["tansu"] == "started" and "topic engagements ready" in out["event-log"]
+        assert out["kafka"] == "started" and "topic engagements ready" in out["event-log"]
+        assert (cfg.data_dir / "kafka" / "data" / "meta.properties").exists()  # KRaft storage formatted
         st = {s["name"]: s for s in runtime.status(cfg)}
-        assert st["tansu"]["healthy"] and st["redis"]["healthy"] and st["event-log"]["healthy"]
-        pids = [st["tansu"]["pid"], st["redis"]["pid"]]
+        assert st["kafka"]["healthy"] and st["redis"]["healthy"] and st["event-log"]["healthy"]
+        md = AdminClient({"bootstrap.servers": f"127.0.0.1:{port}"}).list_topics(timeout=10)
+        assert len(md.topics["engagements"].partitions) == 3
+        assert dict(runtime.up(cfg))["kafka"] == "already running"
+        pids = [st["kafka"]["pid"], st["redis"]["pid"]]
+        cluster_id = (cfg.data_dir / "kafka" / "data" / "meta.properties").read_text()
     finally:
         runtime.down(cfg)
     assert not any(_alive(p) for p in pids)
+    try:  # a restart keeps the formatted storage and the topic
+        assert dict(runtime.up(cfg))["kafka"] == "started"
+        assert (cfg.data_dir / "kafka" / "data" / "meta.properties").read_text() == cluster_id
+        md = AdminClient({"bootstrap.servers": f"127.0.0.1:{port}"}).list_topics(timeout=10)
+        assert "engagements" in md.topics
+    finally:
+        runtime.down(cfg)
+
+
+@pytest.mark.kafka
+def test_kafka_port_taken_is_a_clear_error(make_cfg):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        cfg = make_cfg(FEEDRANK_EVENTS=f"kafka://127.0.0.1:{port}/engagements")
+        with pytest.raises(ServiceError, match=f"kafka: port 127.0.0.1:{port} is already in use"):
+            runtime.up(cfg)
+    runtime.down(cfg)
 
 
 def test_port_taken_is_a_clear_error_not_a_hang(make_cfg):

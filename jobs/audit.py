@@ -9,6 +9,7 @@ every event read once, malformed ones counted with their reason. Run embedded wi
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -129,7 +130,7 @@ def build(env: Any, cfg: Config, stall_open_once: str | None = None) -> Any:
 
     first_seen, tally = _functions(cfg, stall_open_once)
     checked = (
-        event_lines(env, cfg, "events")
+        event_lines(env, cfg, "events", "audit")
         .map(validate_line, output_type=Types.TUPLE([Types.STRING(), Types.STRING(), Types.STRING()]))
         .key_by(lambda r: r[0] or r[2], key_type=Types.STRING())
         .process(first_seen(), output_type=Types.TUPLE([Types.STRING(), Types.BOOLEAN(), Types.STRING()]))
@@ -138,29 +139,75 @@ def build(env: Any, cfg: Config, stall_open_once: str | None = None) -> Any:
 
 
 def run_embedded(cfg: Config, expect: int | None = None, idle_s: float = 10.0, max_s: float = 600.0,
-                 on_progress: Any = None) -> dict:
+                 on_progress: Any = None, startup_s: float | None = None) -> dict:
     """Run on a local MiniCluster until ``expect`` events were audited, or ``idle_s`` without progress.
 
-    Returns the job's own counts: events, by type, invalid reasons, duplicates, throughput.
+    ``idle_s`` (at least a checkpoint interval + 1 s) counts from the job's latest output, never from its
+    submission: a MiniCluster and its Python operators took more than 10 s to start on a busy machine, and an audit of a 70K-event log
+    reported 0 events. Until the first output the limit is ``startup_s`` (``flink.startup_timeout_s``);
+    a job with no output by then raises ServiceError saying whether its operators ran and read nothing
+    (an empty log) or did not start, as the MiniCluster's REST API shows them (the job itself is
+    RUNNING within a second, long before its operators are): 0 events is never returned as a result.
+
+    Returns the job's own counts: events, by type, invalid reasons, duplicates, throughput, and why
+    it stopped (``expect``, ``idle``, ``max_s``, or ``ended``: the job ended by itself).
     """
     import threading
 
-    from infra.flink import stream_env
+    from pyflink.datastream.data_stream import CloseableIterator
 
-    env = stream_env(cfg)
+    from infra.flink import job_failure, job_state, stream_env
+    from infra.procs import ServiceError, free_port
+    from jobs.startup_stacks import read_dumps
+
+    startup_s = cfg.flink.startup_timeout_s if startup_s is None else startup_s
+    # the collect sink of a checkpointing job hands results over as checkpoints complete, so outputs can
+    # be a checkpoint interval apart while events flow (a fresh-clone run: --idle 2 stopped at 5,000 of 12,345)
+    idle_s = max(idle_s, cfg.flink.checkpoint_interval_ms / 1000 + 1.0)
+    # the MiniCluster's REST API on a port of our own: the operators' states, read like the cluster's
+    local = cfg.model_copy(update={"flink": cfg.flink.model_copy(update={"rest_port": free_port()})})
+    env = stream_env(cfg, {"rest.address": "localhost", "rest.bind-address": "localhost",
+                           "rest.bind-port": str(local.flink.rest_port)})
     stream = build(env, cfg)
+    # collectAsync + execute_async: what execute_and_collect does, and the job's id for the REST API
+    j_iter = stream._j_data_stream.collectAsync()
+    since = time.time()
     t0 = time.monotonic()
+    job_id = str(env.execute_async("feedrank-audit").get_job_id())
     summary: dict = {"events": 0, "duplicates": 0, "by_type": {}, "invalid_reasons": {}}
     first: float | None = None
-    last = time.monotonic()
-    closed_by_watchdog = threading.Event()
-    with stream.execute_and_collect("feedrank-audit") as it:
+    last = t0
+    stopped: list[str] = []  # set by the watchdog: why it closed the iterator
+    not_started = ""  # set by the watchdog: why the job produced nothing
+
+    def start_failure() -> str:
+        """'' while the job may still start; else why it produced nothing (read before close() cancels it)."""
+        state, vertices = job_state(local, job_id)
+        if state in ("FAILED", "FAILING", "RESTARTING") or "FAILED" in vertices.values():
+            return f"the audit job is {state}: {job_failure(local, job_id)}"
+        if time.monotonic() - t0 <= startup_s:
+            return ""
+        if state == "RUNNING" and vertices and all(v == "RUNNING" for v in vertices.values()):
+            return f"no events in {cfg.events.uri} within {startup_s:.0f} s: the audit job ran and read nothing"
+        stuck = ", ".join(f"{k} {v}" for k, v in vertices.items() if v != "RUNNING") or f"job {state}"
+        dumps = f"Python stacks in {cfg.data_dir / 'flink'}/python-stacks-*.txt" if read_dumps(cfg, since=since) else \
+            f"JVM log in {os.environ.get('FLINK_LOG_DIR')}"
+        return f"the audit job did not start within {startup_s:.0f} s ({stuck}); {dumps}"
+
+    with CloseableIterator(j_iter, stream.get_type()) as it:
         done = threading.Event()
 
         def watchdog() -> None:  # the collect iterator blocks; close it when the stream goes idle
+            nonlocal not_started
             while not done.wait(0.5):
-                if time.monotonic() - last > idle_s or time.monotonic() - t0 > max_s:
-                    closed_by_watchdog.set()
+                now = time.monotonic()
+                if first is None and (not_started := start_failure()):
+                    stopped.append("startup")
+                elif first is not None and now - last > idle_s:
+                    stopped.append("idle")
+                elif now - t0 > max_s:
+                    stopped.append("max_s")
+                if stopped:
                     it.close()
                     return
 
@@ -175,21 +222,27 @@ def run_embedded(cfg: Config, expect: int | None = None, idle_s: float = 10.0, m
                     if on_progress:
                         on_progress(s["events"])
                 if expect is not None and s["events"] >= expect:
+                    stopped.append("expect")
                     break
-        except Exception:  # noqa: BLE001
-            if not closed_by_watchdog.is_set():
-                raise
+        except Exception as e:  # noqa: BLE001 - Py4J wraps the job's failure; one line of it is the message
+            if not stopped:
+                lines = [ln for ln in str(e).splitlines() if ln.strip() and not ln.lstrip().startswith("at ")]
+                raise ServiceError(f"audit job failed: {' | '.join(lines[-3:]) or type(e).__name__}") from e
         finally:
             done.set()
+    if first is None:
+        raise ServiceError(not_started or f"the audit job ended without output ({', '.join(stopped) or 'by itself'})")
+    summary["stopped"] = stopped[0] if stopped else "ended"  # ended: the job stopped by itself (cancelled)
     summary["unique_ids"] = summary["events"] - summary["duplicates"] - summary["by_type"].get("invalid", 0)
-    summary["seconds_to_first"] = round((first or t0) - t0, 2)
+    summary["seconds_to_first"] = round(first - t0, 2)
     summary["seconds"] = round(last - t0, 2)
     summary["events_per_s_incl_startup"] = round(summary["events"] / (last - t0), 1) if last > t0 else None
     return summary
 
 
 def main(argv: list[str]) -> None:
-    """Entry point for `flink run -py jobs/audit.py`: prints one line per event."""
+    """Entry point for `flink run -py jobs/audit.py`: prints its running summaries (JSON lines) to the
+    taskmanager's stdout (``*taskexecutor*.out``, or REST ``/taskmanagers/<id>/stdout``)."""
     from infra.flink import job_config, stream_env
 
     cfg = job_config(argv)

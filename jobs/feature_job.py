@@ -20,8 +20,8 @@
   ``streaming.dedupe_retention_s`` each; the older is cleared when a third begins, so an id
   is remembered for one to two retentions without a timer per id.
 * Event time: 5-minute / 1-hour windows are per-minute buckets of event time. Watermarks
-  (bounded out-of-orderness, a record's time = its latest event) are assigned after the
-  post operator. The post operator re-pushes decayed velocities from processing-time timers,
+  (bounded out-of-orderness, a record's time = its latest event) come from the Kafka source,
+  per partition (message timestamps), or for the file log are assigned after the post operator. The post operator re-pushes decayed velocities from processing-time timers,
   evaluated at the event time it has reached; the user and topic operators from event-time timers.
 * Writes: each operator keeps the latest row per changed key and pushes them to Feast
   in one batch every ``streaming.flush_ms`` (or ``max_buffer_rows``); post stats also go
@@ -37,8 +37,10 @@ Run embedded: ``feedrank jobs run features``; on the cluster:
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,6 +49,10 @@ from feedrank.config import Config
 
 log = logging.getLogger("feedrank.jobs.features")
 JOB = "features"
+#: test hook: a marker path; the first warm-up that finds it missing creates it and hangs (as a stuck
+#: read at the first element did), so `feedrank jobs run` must restart the job (not FEEDRANK_*: the
+#: configuration rejects unknown FEEDRANK_ variables)
+STALL_WARM_UP_ONCE = "_FEEDRANK_STALL_WARM_UP_ONCE"
 
 
 class Catalog:
@@ -109,7 +115,7 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
     def post_shard(e: tuple) -> int:
         if e[0] < 0:
             return 0
-        return e[rt.K_POST] if e[rt.K_KIND] not in (rt.FOLLOW, rt.UNFOLLOW) else e[rt.K_USER]
+        return e[rt.K_POST] if e[rt.K_KIND] not in rt.USER_KEYED else e[rt.K_USER]
 
     class ParseBundle(FlatMapFunction):
         """A log record (a bundle of RS-separated JSON events) -> compact tuples grouped by post shard.
@@ -155,9 +161,22 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
         def warm_up(self) -> None:
             """The bootstrap catalog and the towers load on the first element, not in ``open``: the job's
             operators open concurrently, and a short ``open`` keeps start-up quick and its stack dump
-            (jobs/startup_stacks.py) about start-up alone."""
+            (jobs/startup_stacks.py) about start-up alone. ``<view>_warming`` / ``<view>_warmed`` count its
+            starts and ends, so `feedrank jobs run` restarts a job stuck in it (as one stuck in ``open``)."""
+            from features.client import PROGRESS_KEY
+            from jobs import startup_stacks
+
+            key = PROGRESS_KEY.format(job=JOB)
+            self.writer.redis.hincrby(key, f"{self.view}_warming", 1)
+            startup_stacks.begin(cfg, f"{self.view} warm-up")
+            stall = os.environ.get(STALL_WARM_UP_ONCE)
+            if stall and not Path(stall).exists():  # the test hook of the watchdog: hang here the first time
+                Path(stall).write_text("stalled once")
+                time.sleep(3600)
             self.catalog = Catalog(cfg)
             self.embedder.get()
+            startup_stacks.end(f"{self.view} warm-up")
+            self.writer.redis.hincrby(key, f"{self.view}_warmed", 1)
 
         def mark_opened(self) -> None:
             """``<view>_opened`` counts completed opens: restarts are visible, and `feedrank jobs run` restarts
@@ -330,7 +349,7 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
                     self.fault_marker.touch()
                     raise RuntimeError(f"injected failure at event {self.fault} (test of restart from checkpoint)")
                 kind = e[rt.K_KIND]
-                if kind in (rt.FOLLOW, rt.UNFOLLOW):
+                if kind in rt.USER_KEYED:
                     forward.append(e)
                     continue
                 self.max_ts = max(self.max_ts, e[rt.K_TS])
@@ -606,8 +625,7 @@ class UserEmbedder(_Towers):
 def restart_configuration(cfg: Config) -> dict[str, str]:
     return {"restart-strategy.type": "fixed-delay",
             "restart-strategy.fixed-delay.attempts": str(cfg.streaming.restart_attempts),
-            "restart-strategy.fixed-delay.delay": "1 s",
-            "execution.checkpointing.externalized-checkpoint-retention": "RETAIN_ON_CANCELLATION"}
+            "restart-strategy.fixed-delay.delay": "1 s"}
 
 
 def build(env: Any, cfg: Config, fail_once_on: str | None = None) -> Any:
@@ -615,25 +633,30 @@ def build(env: Any, cfg: Config, fail_once_on: str | None = None) -> Any:
     from pyflink.common import Duration, Types, WatermarkStrategy
 
     from features.feast_repo import apply
-    from jobs.sources import event_records
+    from jobs.sources import event_records, source_watermarks
 
     apply(cfg)  # registers views and push sources (idempotent), so the job runs on a fresh stack
     f = _functions(cfg, fail_once_on)
     wm = (WatermarkStrategy.for_bounded_out_of_orderness(Duration.of_millis(cfg.streaming.out_of_orderness_ms))
           .with_timestamp_assigner(f["event_time"]()))
     shard = lambda g: g[0]  # noqa: E731 - records are (shard, events, latest event time)
-    enriched = (event_records(env, cfg, "events").flat_map(f["parse"]()).name("parse")
-                .key_by(shard, key_type=Types.LONG()).process(f["post"]()).name("post-features")
-                .assign_timestamps_and_watermarks(wm))
-    clicks = enriched.key_by(shard, key_type=Types.LONG()).process(f["user"]()).name("user-features")
-    return clicks.key_by(shard, key_type=Types.LONG()).process(f["topic"]()).name("topic-features")
+    enriched = (event_records(env, cfg, "events", JOB).flat_map(f["parse"]()).name("parse").uid("parse")
+                .key_by(shard, key_type=Types.LONG()).process(f["post"]()).name("post-features").uid("post-features"))
+    if not source_watermarks(cfg):  # Kafka: per-partition watermarks from the source
+        enriched = enriched.assign_timestamps_and_watermarks(wm)
+    clicks = enriched.key_by(shard, key_type=Types.LONG()).process(f["user"]()).name("user-features").uid("user-features")
+    return clicks.key_by(shard, key_type=Types.LONG()).process(f["topic"]()).name("topic-features").uid("topic-features")
 
 
-def run_embedded(cfg: Config, fail_once_on: str | None = None, detached: bool = True) -> Any:
-    """Submit to a local MiniCluster; returns the JobClient (cancel it to stop)."""
-    from infra.flink import stream_env
+def run_embedded(cfg: Config, fail_once_on: str | None = None, detached: bool = True, resume: bool = True) -> Any:
+    """Submit to a local MiniCluster; returns the JobClient (cancel it to stop). ``resume``: continue
+    from the newest retained checkpoint of this job on this event log, if there is one."""
+    from infra.flink import job_configuration, stream_env
 
-    env = stream_env(cfg, restart_configuration(cfg))
+    ckpt, restored = job_configuration(cfg, JOB, resume)
+    if restored is not None:
+        log.info("resuming from checkpoint %s", restored)
+    env = stream_env(cfg, {**restart_configuration(cfg), **ckpt})
     build(env, cfg, fail_once_on).print()
     if detached:
         return env.execute_async("feedrank-features")
@@ -643,12 +666,13 @@ def run_embedded(cfg: Config, fail_once_on: str | None = None, detached: bool = 
 
 def main(argv: list[str]) -> None:
     """Entry point for `flink run -py jobs/feature_job.py [-- --feedrank-config FILE]`."""
-    from infra.flink import job_config, stream_env
+    from infra.flink import job_config, job_configuration, stream_env
 
     logging.basicConfig(level=logging.INFO)
     cfg = job_config(argv)
     fail = argv[argv.index("--fail-once-on") + 1] if "--fail-once-on" in argv else None
-    env = stream_env(cfg, restart_configuration(cfg))
+    # `flink run -s <checkpoint>` restores; the checkpoint directory is this job's on this event log
+    env = stream_env(cfg, {**restart_configuration(cfg), **job_configuration(cfg, JOB, resume=False, prune=False)[0]})
     build(env, cfg, fail).print()
     env.execute("feedrank-features")
 

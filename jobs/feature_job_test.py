@@ -10,7 +10,7 @@ import pytest
 
 from features.client import FeatureClient, read_progress
 from features.eventlog import open_configured_event_log
-from features.events import Engagement, Exposure, Followed, PostPublished
+from features.events import Engagement, Exposure, Feedback, Followed, PostPublished
 from infra import runtime
 
 pytestmark = [pytest.mark.slow, pytest.mark.flink]
@@ -38,7 +38,7 @@ def _wait(what, check, timeout: float = 90.0):
 
 
 def _checkpoints(cfg) -> list[Path]:
-    return sorted((cfg.data_dir / "flink" / "checkpoints").glob("*/chk-*/_metadata"), key=lambda p: p.stat().st_mtime)
+    return sorted((cfg.data_dir / "flink" / "checkpoints").glob("*/*/chk-*/_metadata"), key=lambda p: p.stat().st_mtime)
 
 
 def test_features_job_exact_values_dedupe_and_restart(make_cfg):
@@ -57,6 +57,7 @@ def test_features_job_exact_values_dedupe_and_restart(make_cfg):
             _eng("h3", 3, 7, "hide", T + 3_000), _eng("d2", 2, 7, "dwell", T + 4_000, dwell=40_000),
             _eng("d3", 3, 7, "dwell", T + 4_100, dwell=1_000), _eng("v3", 3, 7, "view", T + 4_200),
             Followed(event_id="f1", ts=T + 5_000, user_id=1, author_id=11),
+            Feedback(event_id="fb3", ts=T + 5_100, user_id=3, action="see_less", target="topic", topic=5),
         ])
         log.append_lines([click1.to_json().encode(), b"{not json"])  # a producer retry and a corrupt line
         log.flush()
@@ -77,8 +78,10 @@ def test_features_job_exact_values_dedupe_and_restart(make_cfg):
         u1 = _wait("user 1", lambda: (lambda u: u if u["clicks"] == 1 else None)(client.user(1)))
         assert u1["topic_clicks"][3] == pytest.approx(1.0) and sum(u1["topic_clicks"]) == pytest.approx(1.0)
         assert u1["ctype_clicks"] == pytest.approx([0.0, 0.0, 1.0])  # video
-        u3 = _wait("user 3", lambda: (lambda u: u if u["negatives"] == 1 else None)(client.user(3)))
-        assert u3["topic_negative"][3] == pytest.approx(1.0) and u3["clicks"] == 0
+        # the hide of post 7 (topic 3) and the topic-level "see less" of topic 5 (a Feedback event)
+        u3 = _wait("user 3", lambda: (lambda u: u if u["negatives"] == 2 else None)(client.user(3)))
+        assert u3["topic_negative"][3] == pytest.approx(0.5) and u3["topic_negative"][5] == pytest.approx(0.5)
+        assert u3["clicks"] == 0
         topic = _wait("topic 3", lambda: (lambda t: t if t["clicks_5m"][0] == 2 else None)(
             client.store.get_online_features(["topic_stats:clicks_5m", "topic_stats:clicks_1h"],
                                              entity_rows=[{"topic_id": 3}]).to_dict()))

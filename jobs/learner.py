@@ -279,16 +279,17 @@ BUNDLE = {"python.fn-execution.bundle.size": "500", "python.fn-execution.bundle.
 def build(env: Any, cfg: Config) -> Any:
     from pyflink.common import Duration, Types, WatermarkStrategy
 
-    from jobs.sources import event_lines
+    from jobs.sources import event_lines, source_watermarks
 
     f = _functions(cfg)
     wm = (WatermarkStrategy.for_bounded_out_of_orderness(Duration.of_millis(cfg.streaming.out_of_orderness_ms))
           .with_timestamp_assigner(f["event_time"]()))
-    events = (event_lines(env, cfg, "events").map(parse).name("parse")
-              .filter(lambda e: e is not None).assign_timestamps_and_watermarks(wm))
+    events = event_lines(env, cfg, "events", JOB).map(parse).name("parse").filter(lambda e: e is not None)
+    if not source_watermarks(cfg):  # Kafka: per-partition watermarks from the source
+        events = events.assign_timestamps_and_watermarks(wm)
     examples = (events.key_by(lambda e: f"{e[3]}:{e[4]}", key_type=Types.STRING())
-                .process(f["attribution"]()).name("attribution"))
-    return examples.key_by(lambda e: 0, key_type=Types.INT()).process(f["learner"]()).name("learner")
+                .process(f["attribution"]()).name("attribution").uid("attribution"))
+    return examples.key_by(lambda e: 0, key_type=Types.INT()).process(f["learner"]()).name("learner").uid("learner")
 
 
 def read_decisions(cfg: Config, n: int = 1000) -> list[dict]:
@@ -298,24 +299,29 @@ def read_decisions(cfg: Config, n: int = 1000) -> list[dict]:
     return [json.loads(x) for x in reversed(redis_client(cfg).lrange(DECISIONS, 0, n - 1))]
 
 
-def run_embedded(cfg: Config) -> Any:
-    """Submit to a local MiniCluster; returns the JobClient (cancel it to stop)."""
-    from infra.flink import stream_env
+def run_embedded(cfg: Config, resume: bool = True) -> Any:
+    """Submit to a local MiniCluster; returns the JobClient (cancel it to stop). ``resume``: continue
+    from the newest retained checkpoint of this job on this event log, if there is one."""
+    from infra.flink import job_configuration, stream_env
     from jobs.feature_job import restart_configuration
 
-    env = stream_env(cfg, {**restart_configuration(cfg), **BUNDLE})
+    ckpt, restored = job_configuration(cfg, "learner", resume)
+    if restored is not None:
+        log.info("resuming from checkpoint %s", restored)
+    env = stream_env(cfg, {**restart_configuration(cfg), **BUNDLE, **ckpt})
     build(env, cfg).print()
     return env.execute_async("feedrank-learner")
 
 
 def main(argv: list[str]) -> None:
     """Entry point for `flink run -py jobs/learner.py [-- --feedrank-config FILE]`."""
-    from infra.flink import job_config, stream_env
+    from infra.flink import job_config, job_configuration, stream_env
     from jobs.feature_job import restart_configuration
 
     logging.basicConfig(level=logging.INFO)
     cfg = job_config(argv)
-    env = stream_env(cfg, {**restart_configuration(cfg), **BUNDLE})
+    ckpt = job_configuration(cfg, "learner", resume=False, prune=False)[0]  # `flink run -s` restores
+    env = stream_env(cfg, {**restart_configuration(cfg), **BUNDLE, **ckpt})
     build(env, cfg).print()
     env.execute("feedrank-learner")
 

@@ -73,9 +73,10 @@ def _run(cfg, events, until_ms: int, timeout: float = 300.0) -> None:
             assert time.monotonic() - t0 < timeout, f"learner progress: {read_progress(cfg, 'learner')}"
             time.sleep(1.0)
             beat += 1
-            log.append_many([Exposure(event_id=f"heartbeat-{beat}", ts=last_ts + beat * 30_000, request_id="hb",
-                                      user_id=10**9, post_id=10**9 + beat, position=1, feed_type="home",
-                                      source="in_network")])
+            # one sentinel user per Kafka partition (user id % partitions): every partition's watermark moves
+            log.append_many([Exposure(event_id=f"heartbeat-{beat}-{k}", ts=last_ts + beat * 30_000, request_id="hb",
+                                      user_id=10**9 + k, post_id=10**9 + beat, position=1, feed_type="home",
+                                      source="in_network") for k in range(cfg.events.kafka_partitions)])
             log.flush()
     finally:
         job.cancel().result()
@@ -101,10 +102,16 @@ def _fresh_auc(npz: bytes | str, sc: Scenario, minute: float, seed: int) -> floa
     return auc(NumpyHeavy.from_npz(npz).score(x)[:, CLICK], clicked)
 
 
-def test_learner_adapts_to_a_trend_shift_within_10_minutes(make_cfg, base_model):
+@pytest.mark.parametrize("transport", ["file", pytest.param("kafka", marks=pytest.mark.kafka)])
+def test_learner_adapts_to_a_trend_shift_within_10_minutes(make_cfg, base_model, transport):
     """The stream ends 10 simulated minutes after the shift, so whatever the learner promoted
-    was learned from at most 10 minutes of post-shift traffic."""
-    cfg = make_cfg(**LEARNER)
+    was learned from at most 10 minutes of post-shift traffic. On Kafka the job reads the topic
+    through Flink's KafkaSource, event time from its per-partition watermarks."""
+    from infra.procs import free_port
+
+    events = ({} if transport == "file" else
+              {"FEEDRANK_EVENTS": f"kafka://127.0.0.1:{free_port()}/served"})
+    cfg = make_cfg(**LEARNER, **events)
     store = ModelStore.from_config(cfg)
     v0 = _publish(store, *base_model)
     sc = Scenario(minutes=13.0, shift_at_min=3.0, exposures_per_s=200.0, seed=11)

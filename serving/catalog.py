@@ -12,6 +12,8 @@ milliseconds. The replica that accepted a write applies it at once as well.
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
 from collections import defaultdict
 from pathlib import Path
@@ -22,8 +24,16 @@ import numpy as np
 from features.client import StreamFollower
 
 
+log = logging.getLogger("feedrank.serving")
+
+#: a post change more than this past the largest known id is refused: arrays are indexed by post id
+MAX_ID_STEP = 1_000_000
 POST_CHANGES = "feedrank:changes:posts"
 FOLLOW_CHANGES = "feedrank:changes:follows"
+# every change since the bootstrap export, by key (the streams keep only the last change_stream_maxlen):
+# a replica that starts later loads these first, so it knows every post and edge however long ago it changed
+POSTS_SINCE_EXPORT = "feedrank:posts:since-export"      # post id -> its change (JSON)
+FOLLOWS_SINCE_EXPORT = "feedrank:follows:since-export"  # "user:author" -> 1 (follows) / 0 (does not)
 CTYPES = ("text", "image", "video")
 EMB_DIM = 128
 
@@ -33,6 +43,8 @@ class PostCatalog:
 
     def __init__(self, capacity: int = 1 << 16, dim: int = EMB_DIM):
         self.n = 0  # one past the largest post id known
+        self.count = 0  # posts known (ids may have gaps)
+        self.max_author = -1
         self.author = np.full(capacity, -1, dtype=np.int64)
         self.topic = np.zeros(capacity, dtype=np.int64)
         self.ctype = np.zeros(capacity, dtype=np.int64)
@@ -66,6 +78,8 @@ class PostCatalog:
             return
         with self.lock:
             self._grow(int(ids.max()) + 1)
+            self.count += int(np.unique(ids[self.author[ids] < 0]).size)
+            self.max_author = max(self.max_author, int(np.max(author)))
             self.author[ids], self.topic[ids], self.ctype[ids] = author, topic, ctype
             self.original[ids], self.flagged[ids], self.published_ms[ids] = original, flagged, published_ms
             self.n = max(self.n, int(ids.max()) + 1)
@@ -85,6 +99,8 @@ class PostCatalog:
             self.author[post_id], self.topic[post_id], self.ctype[post_id] = author, topic, ctype
             self.original[post_id], self.flagged[post_id], self.published_ms[post_id] = original, flagged, published_ms
             self.n = max(self.n, post_id + 1)
+            self.count += 1
+            self.max_author = max(self.max_author, author)
             self.by_author[author].append(post_id)
             return True
 
@@ -188,9 +204,15 @@ class FollowGraph:
             out[okd] += d[authors[okd]]
         return out
 
+    @property
+    def n_nodes(self) -> int:
+        """One past the largest user id of the snapshot."""
+        return max(self.src_off.size, self.in_off.size) - 1
+
     def _count(self, author: int, change: int) -> None:
-        if author >= self.in_delta.size:
-            self.in_delta = np.concatenate([self.in_delta, np.zeros(max(author + 1 - self.in_delta.size, 1024), dtype=np.int64)])
+        if author >= self.in_delta.size:  # geometric growth: appends stay amortised O(1)
+            grow = max(author + 1, 2 * self.in_delta.size, 1024) - self.in_delta.size
+            self.in_delta = np.concatenate([self.in_delta, np.zeros(grow, dtype=np.int64)])
         self.in_delta[author] += change
 
     def follows(self, user: int, author: int) -> bool:
@@ -252,6 +274,8 @@ class ChangeFollower(StreamFollower):
         self.redis, self.catalog, self.graph = redis, catalog, graph
         self.last = {POST_CHANGES: start, FOLLOW_CHANGES: start}
         self.applied = 0
+        self.skipped = 0  # malformed changes (e.g. written by a version that did not validate ids)
+        self.loaded = False  # the changes since the export (POSTS_SINCE_EXPORT, FOLLOWS_SINCE_EXPORT)
         self.healthy = True
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -263,18 +287,43 @@ class ChangeFollower(StreamFollower):
                 info = self.redis.xinfo_stream(stream) if self.redis.exists(stream) else None
                 self.last[stream] = info["last-generated-id"].decode() if info else "0-0"
 
+    def load_since_export(self) -> int:
+        """Apply every post and follow change recorded since the export (idempotent); returns how many."""
+        n = 0
+        for pid, raw in self.redis.hscan_iter(POSTS_SINCE_EXPORT, count=10_000):
+            c = json.loads(raw)
+            self.catalog.add(int(pid), int(c["author_id"]), int(c["topic"]), int(c["ctype"]), bool(c["original"]),
+                             bool(c["flagged"]), int(c["published_ms"]))
+            n += 1
+        for edge, op in self.redis.hscan_iter(FOLLOWS_SINCE_EXPORT, count=10_000):
+            user, _, author = edge.partition(b":")
+            self.graph.apply(int(user), int(author), op == b"1")
+            n += 1
+        self.loaded = True
+        return n
+
     def poll(self, block_ms: int | None = None) -> int:
+        if not self.loaded:
+            self.applied += self.load_since_export()
         got = self.redis.xread(dict(self.last), count=1000, block=block_ms)
         n = 0
         for stream, entries in got or []:
             stream = stream.decode() if isinstance(stream, bytes) else stream
             for entry_id, f in entries:
                 self.last[stream] = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-                if stream == POST_CHANGES:
-                    self.catalog.add(int(f[b"post_id"]), int(f[b"author_id"]), int(f[b"topic"]), int(f[b"ctype"]),
-                                     f[b"original"] == b"1", f[b"flagged"] == b"1", int(f[b"published_ms"]))
-                else:
-                    self.graph.apply(int(f[b"user_id"]), int(f[b"author_id"]), f[b"op"] == b"follow")
+                try:
+                    if stream == POST_CHANGES:
+                        pid = int(f[b"post_id"])
+                        if not 0 <= pid <= self.catalog.n + MAX_ID_STEP:
+                            raise ValueError(f"post id {pid} far beyond the known ones")
+                        self.catalog.add(pid, int(f[b"author_id"]), int(f[b"topic"]), int(f[b"ctype"]),
+                                         f[b"original"] == b"1", f[b"flagged"] == b"1", int(f[b"published_ms"]))
+                    else:
+                        self.graph.apply(int(f[b"user_id"]), int(f[b"author_id"]), f[b"op"] == b"follow")
+                except (KeyError, ValueError, OverflowError, MemoryError) as e:  # one bad entry: skip it, go on
+                    self.skipped += 1
+                    log.warning("%s: skipped change %s of %s (%s)", self.name, self.last[stream], stream, e)
+                    continue
                 n += 1
         self.applied += n
         return n
@@ -288,3 +337,15 @@ def post_change(post_id: int, author: int, topic: int, ctype: int, original: boo
 
 def follow_change(user: int, author: int, follow: bool) -> dict[str, Any]:
     return {"user_id": user, "author_id": author, "op": "follow" if follow else "unfollow"}
+
+
+def record_post(pipe: Any, change: dict[str, Any], maxlen: int) -> None:
+    """Queue a post change on ``pipe``: the stream every replica follows, and the record since the export."""
+    pipe.xadd(POST_CHANGES, change, maxlen=maxlen, approximate=True)
+    pipe.hset(POSTS_SINCE_EXPORT, str(change["post_id"]), json.dumps(change))
+
+
+def record_follow(pipe: Any, change: dict[str, Any], maxlen: int) -> None:
+    """Queue a follow change on ``pipe``: the stream, and the edge's state since the export."""
+    pipe.xadd(FOLLOW_CHANGES, change, maxlen=maxlen, approximate=True)
+    pipe.hset(FOLLOWS_SINCE_EXPORT, f"{change['user_id']}:{change['author_id']}", int(change["op"] == "follow"))

@@ -25,10 +25,10 @@ CTYPES = {"text": pb.TEXT, "image": pb.IMAGE, "video": pb.VIDEO}
 
 
 class GrpcFeedApi:
-    def __init__(self, address: str, jwt_secret: str, timeout_s: float = 5.0):
+    def __init__(self, address: str, jwt_secret: str, timeout_s: float = 5.0, admin: bool = False):
         self.channel = grpc.insecure_channel(address)
         self.stub = rpc.FeedServiceStub(self.channel)
-        self.secret, self.timeout = jwt_secret, timeout_s
+        self.secret, self.timeout, self.admin = jwt_secret, timeout_s, admin
         self._tokens: dict[int, tuple[float, list[tuple[str, str]]]] = {}
         self.degraded = 0
         self.latencies_ms: list[float] = []
@@ -39,7 +39,7 @@ class GrpcFeedApi:
     def _md(self, user: int) -> list[tuple[str, str]]:
         exp, md = self._tokens.get(user, (0.0, []))
         if exp < time.time() + 60:
-            md = [("authorization", "Bearer " + make_token(self.secret, user, ttl_s=3600))]
+            md = [("authorization", "Bearer " + make_token(self.secret, user, admin=self.admin, ttl_s=3600))]
             self._tokens[user] = (time.time() + 3600, md)
         return md
 

@@ -52,7 +52,9 @@ def served_world(tmp_path_factory: pytest.TempPathFactory) -> ServedWorld:
     from sim.world import World
 
     root = tmp_path_factory.mktemp("served")
-    env = dict(TINY)
+    from serving.edge import embedded_auth
+
+    env = dict(TINY, **embedded_auth())  # this world's servers' own random keys (placeholders are refused)
     env.update(FEEDRANK_PATHS_DATA_DIR=str(root / "var"), FEEDRANK_EVENTS="file://" + str(root / "var" / "events"),
                FEEDRANK_MODEL_STORE="file://" + str(root / "var" / "models"), FEEDRANK_FLINK_REST_PORT=str(free_port()))
     base = {k: v for k, v in os.environ.items() if not k.startswith("FEEDRANK_")}
@@ -95,6 +97,6 @@ def serving(served_world: ServedWorld) -> Iterator[Any]:
 
 
 def token(cfg: Config, user: int, admin: bool = False, ttl_s: float = 600.0) -> list[tuple[str, str]]:
-    from serving.edge import make_token
+    from serving.edge import config_token
 
-    return [("authorization", "Bearer " + make_token(cfg.serving.jwt_secret, user, admin, ttl_s))]
+    return [("authorization", "Bearer " + config_token(cfg, user, admin, ttl_s))]

@@ -1,9 +1,27 @@
 """The edge: JWT authentication, per-user rate limiting, opaque tamper-evident cursors.
 
-Tokens: ``Authorization: Bearer <jwt>``; HS256 with ``serving.jwt_secret`` or RS256 with
-the public key at ``serving.jwt_public_key``. ``sub`` is the user id; a user may only
-read and act as itself; ``admin: true`` is required for DebugRanking and lets a service
-act for any user. ``exp`` is required.
+Tokens: ``Authorization: Bearer <jwt>``. Exactly one algorithm is accepted: RS256 with the
+public key at ``serving.jwt_public_key`` when one is configured (HS256 tokens are then
+refused, whatever they are signed with), else HS256 with ``serving.jwt_secret``. Claims are
+checked strictly:
+
+- ``sub``: the user id as a canonical decimal string (``^(0|[1-9][0-9]*)$``, at most 2**63-1):
+  ``"4_2"``, ``"042"``, ``" 42"``, ``"-1"`` or a JSON number are refused, never coerced;
+- ``exp`` and ``iat`` are required JSON numbers; ``iat`` may be at most ``CLOCK_SKEW_S``
+  ahead of this server's clock and ``exp - iat`` at most ``serving.jwt_max_lifetime_s``
+  (so no token is valid for longer than that, e.g. no expiry in year 9999);
+- ``admin``: absent or a JSON boolean; only ``true`` grants admin (DebugRanking, acting for
+  any user). Any other value (``"false"``, ``1``, ``null``) makes the token malformed:
+  refused (UNAUTHENTICATED), not read as "not admin", so an issuer bug is loud;
+- ``iss`` / ``aud``: required and compared exactly when ``serving.jwt_issuer`` /
+  ``serving.jwt_audience`` are set ("" = not checked).
+
+Keys: ``serving.jwt_secret`` and ``serving.cursor_secret`` ship as public placeholders in
+``feedrank.toml``; :func:`check_secrets` (run by ``feedrank serve`` before anything starts,
+and by the constructors below, so by every FeedService) refuses them, refuses keys shorter
+than ``MIN_SECRET_BYTES`` and a cursor key equal to the JWT key. Stacks that a process
+builds and owns (the tests, ``feedrank demo``, the benchmarks) use :func:`embedded_auth`:
+fresh random keys that only that stack knows.
 """
 
 from __future__ import annotations
@@ -12,6 +30,9 @@ import base64
 import hashlib
 import hmac
 import json
+import math
+import re
+import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -20,6 +41,16 @@ from typing import Any
 
 import jwt
 
+#: The key values shipped in feedrank.toml. They are public, so nothing serves with them.
+PLACEHOLDER_JWT_SECRET = "feedrank-dev-secret-change-me-in-production"
+PLACEHOLDER_CURSOR_SECRET = "feedrank-dev-cursor-secret-change-me-in-production"
+PLACEHOLDER_SECRETS = frozenset({PLACEHOLDER_JWT_SECRET, PLACEHOLDER_CURSOR_SECRET})
+MIN_SECRET_BYTES = 32   # HS256 / HMAC-SHA256 keys: at least the hash's size (RFC 7518 3.2)
+MAX_USER_ID = 2**63 - 1  # user ids are int64 on the wire
+CLOCK_SKEW_S = 60        # a token's iat may be this far ahead of our clock (the issuer's clock runs ahead)
+_CANONICAL_ID = re.compile(r"0|[1-9][0-9]{0,18}")
+_MAKE_KEY = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+
 
 class AuthError(Exception):
     """Missing, malformed, forged or expired credentials (UNAUTHENTICATED)."""
@@ -27,6 +58,68 @@ class AuthError(Exception):
 
 class Forbidden(Exception):
     """Valid credentials that do not allow this call (PERMISSION_DENIED)."""
+
+
+class InsecureConfig(RuntimeError):
+    """A key that must not be served with (a shipped placeholder, too short, reused)."""
+
+
+def _secret_problem(key: str, value: str, alternative: str = "") -> str | None:
+    env = "FEEDRANK_" + key.replace(".", "_").upper()
+    how = f"set {env} (or {key} in the FEEDRANK_CONFIG file){alternative}"
+    if value in PLACEHOLDER_SECRETS:
+        return f"{key} is the public placeholder shipped in feedrank.toml: {how}"
+    if len(value.encode()) < MIN_SECRET_BYTES:
+        return f"{key} is shorter than {MIN_SECRET_BYTES} bytes: {how}"
+    return None
+
+
+def _refuse(problems: list[str], doing: str = "refusing to serve") -> None:
+    if problems:
+        raise InsecureConfig(f"{doing}: " + "; ".join(problems) +
+                             f"; use random values of at least {MIN_SECRET_BYTES} bytes, e.g. `{_MAKE_KEY}`")
+
+
+def check_secrets(cfg: Any) -> None:
+    """Raise :class:`InsecureConfig` (one line naming every bad key and how to set it) unless
+    ``cfg`` has real keys: the JWT secret (not needed when an RS256 public key is configured)
+    and the cursor key, which must differ from the JWT secret."""
+    s = cfg.serving
+    found = [None if s.jwt_public_key else _secret_problem("serving.jwt_secret", s.jwt_secret,
+                                                           ", or configure serving.jwt_public_key (RS256)"),
+             _secret_problem("serving.cursor_secret", s.cursor_secret,
+                             ", the same value on every replica of a deployment")]
+    problems = [p for p in found if p]
+    if not problems and s.cursor_secret == s.jwt_secret:
+        problems.append("serving.cursor_secret must differ from serving.jwt_secret")
+    _refuse(problems)
+
+
+def embedded_auth() -> dict[str, str]:
+    """``FEEDRANK_*`` overrides for a stack this process builds and owns (tests, the demo,
+    benchmarks): fresh random HS256 and cursor keys, no RS256 key, no iss/aud. Its servers and
+    its simulated clients get them (in-process, or through the environment of its children);
+    nobody else knows them."""
+    return {"FEEDRANK_SERVING_JWT_SECRET": secrets.token_urlsafe(32),
+            "FEEDRANK_SERVING_CURSOR_SECRET": secrets.token_urlsafe(32),
+            "FEEDRANK_SERVING_JWT_PUBLIC_KEY": "", "FEEDRANK_SERVING_JWT_ISSUER": "",
+            "FEEDRANK_SERVING_JWT_AUDIENCE": ""}
+
+
+def with_embedded_auth(cfg: Any) -> Any:
+    """``cfg`` with :func:`embedded_auth`'s keys (for a Config already loaded)."""
+    env = embedded_auth()
+    update = {k[len("FEEDRANK_SERVING_"):].lower(): v for k, v in env.items()}
+    return cfg.model_copy(update={"serving": cfg.serving.model_copy(update=update)})
+
+
+def auth_env(cfg: Any) -> dict[str, str]:
+    """The ``FEEDRANK_*`` variables that give a child process ``cfg``'s authentication settings."""
+    s = cfg.serving
+    return {"FEEDRANK_SERVING_JWT_SECRET": s.jwt_secret, "FEEDRANK_SERVING_CURSOR_SECRET": s.cursor_secret,
+            "FEEDRANK_SERVING_JWT_PUBLIC_KEY": s.jwt_public_key, "FEEDRANK_SERVING_JWT_ISSUER": s.jwt_issuer,
+            "FEEDRANK_SERVING_JWT_AUDIENCE": s.jwt_audience,
+            "FEEDRANK_SERVING_JWT_MAX_LIFETIME_S": str(s.jwt_max_lifetime_s)}
 
 
 @dataclass(frozen=True)
@@ -38,16 +131,47 @@ class Principal:
         return self.admin or self.user_id == user_id
 
 
+def _numeric_date(claims: dict[str, Any], name: str) -> float:
+    v = claims.get(name)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise AuthError(f"invalid token: {name} must be a NumericDate (seconds since the epoch)")
+    return float(v)
+
+
 class Authenticator:
-    def __init__(self, secret: str, public_key_path: str = ""):
-        self.secret = secret
-        self.public_key = Path(public_key_path).read_text() if public_key_path else None
+    def __init__(self, secret: str, public_key_path: str = "", *, issuer: str = "", audience: str = "",
+                 max_lifetime_s: float = 86400.0):
+        self.issuer, self.audience, self.max_lifetime_s = issuer, audience, float(max_lifetime_s)
+        try:
+            self.public_key = Path(public_key_path).read_text() if public_key_path else None
+        except (OSError, UnicodeDecodeError) as e:
+            raise InsecureConfig(f"serving.jwt_public_key: cannot read {public_key_path} ({e})") from None
         if self.public_key:
             try:
-                import cryptography  # noqa: F401 - PyJWT needs it for RS256
+                from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+                from cryptography.hazmat.primitives.serialization import load_pem_public_key
             except ImportError:
                 raise RuntimeError("serving.jwt_public_key is set but RS256 needs the 'cryptography' package: "
                                    "pip install cryptography") from None
+            try:
+                key = load_pem_public_key(self.public_key.encode())
+            except ValueError:
+                raise InsecureConfig(f"serving.jwt_public_key: {public_key_path} is not a PEM public key") from None
+            if not isinstance(key, RSAPublicKey):
+                raise InsecureConfig(f"serving.jwt_public_key: {public_key_path} is not an RSA public key")
+            self.key: Any = key
+            self.algorithm = "RS256"  # and only RS256: the HS256 secret is not a credential any more
+        else:
+            _refuse([p for p in [_secret_problem("serving.jwt_secret", secret,
+                                                 ", or configure serving.jwt_public_key (RS256)")] if p])
+            self.key, self.algorithm = secret, "HS256"
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "Authenticator":
+        s = cfg.serving
+        check_secrets(cfg)
+        return cls(s.jwt_secret, str(cfg.path(s.jwt_public_key)) if s.jwt_public_key else "", issuer=s.jwt_issuer,
+                   audience=s.jwt_audience, max_lifetime_s=s.jwt_max_lifetime_s)
 
     def principal(self, metadata: Any) -> Principal:
         auth = next((v for k, v in (metadata or ()) if k == "authorization"), None)
@@ -58,26 +182,66 @@ class Authenticator:
             raise AuthError("authorization must be 'Bearer <jwt>'")
         try:
             alg = jwt.get_unverified_header(token).get("alg")
-            if alg == "RS256" and self.public_key:
-                claims = jwt.decode(token, self.public_key, algorithms=["RS256"], options={"require": ["exp", "sub"]})
-            else:
-                claims = jwt.decode(token, self.secret, algorithms=["HS256"], options={"require": ["exp", "sub"]})
+        except jwt.PyJWTError as e:
+            raise AuthError(f"invalid token: {e}") from None
+        if alg != self.algorithm:
+            raise AuthError(f"invalid token: algorithm {str(alg)[:20]!r} is not accepted (only {self.algorithm})")
+        required = ["exp", "iat", "sub"] + (["iss"] if self.issuer else []) + (["aud"] if self.audience else [])
+        try:
+            claims = jwt.decode(token, self.key, algorithms=[self.algorithm], issuer=self.issuer or None,
+                                audience=self.audience or None,
+                                options={"require": required, "verify_aud": bool(self.audience),
+                                         "verify_iat": False})
         except jwt.ExpiredSignatureError:
             raise AuthError("token expired") from None
         except jwt.PyJWTError as e:
             raise AuthError(f"invalid token: {e}") from None
-        try:
-            uid = int(claims["sub"])
-        except (TypeError, ValueError):
-            raise AuthError("token subject must be a user id") from None
-        return Principal(uid, bool(claims.get("admin", False)))
+        if not isinstance(claims, dict):
+            raise AuthError("invalid token: claims must be a JSON object")
+        exp, iat = _numeric_date(claims, "exp"), _numeric_date(claims, "iat")
+        now = time.time()
+        if exp <= now:
+            raise AuthError("token expired")
+        if iat > now + CLOCK_SKEW_S:
+            raise AuthError("invalid token: issued in the future (iat)")
+        if exp - iat > self.max_lifetime_s:
+            raise AuthError(f"invalid token: lifetime exp - iat = {exp - iat:.0f} s is over the maximum "
+                            f"{self.max_lifetime_s:.0f} s (serving.jwt_max_lifetime_s)")
+        sub = claims["sub"]
+        if not isinstance(sub, str) or not _CANONICAL_ID.fullmatch(sub) or int(sub) > MAX_USER_ID:
+            raise AuthError("invalid token: sub must be a user id in canonical decimal form (e.g. \"42\")")
+        admin = claims.get("admin", False)
+        if not isinstance(admin, bool):
+            raise AuthError("invalid token: the admin claim must be a JSON boolean")
+        return Principal(int(sub), admin)
 
 
-def make_token(secret: str, user_id: int, admin: bool = False, ttl_s: float = 3600.0) -> str:
-    """An HS256 token for ``user_id`` (tests, the simulated clients, `feedrank token`)."""
+def make_token(secret: str, user_id: int, admin: bool = False, ttl_s: float = 3600.0, *, issuer: str = "",
+               audience: str = "") -> str:
+    """An HS256 token for ``user_id`` (tests, the simulated clients, `feedrank token`); ``iss`` /
+    ``aud`` are set when given (see :func:`config_token` for the configured ones)."""
     now = int(time.time())
-    return jwt.encode({"sub": str(user_id), "admin": admin, "iat": now, "exp": now + int(ttl_s)}, secret,
-                      algorithm="HS256")
+    claims: dict[str, Any] = {"sub": str(int(user_id)), "admin": bool(admin), "iat": now, "exp": now + int(ttl_s)}
+    if issuer:
+        claims["iss"] = issuer
+    if audience:
+        claims["aud"] = audience
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
+def config_token(cfg: Any, user_id: int, admin: bool = False, ttl_s: float = 3600.0) -> str:
+    """An HS256 token a server with ``cfg`` accepts: its secret, issuer and audience. Raises
+    :class:`InsecureConfig` for a placeholder secret, ValueError when the server would refuse it."""
+    s = cfg.serving
+    if s.jwt_public_key:
+        raise ValueError("serving.jwt_public_key is set: the server accepts only RS256 tokens from your issuer "
+                         "(this mints HS256)")
+    _refuse([p for p in [_secret_problem("serving.jwt_secret", s.jwt_secret)] if p], "refusing to sign a token")
+    if not 0 < ttl_s <= s.jwt_max_lifetime_s:
+        raise ValueError(f"ttl must be > 0 and <= serving.jwt_max_lifetime_s ({s.jwt_max_lifetime_s} s), got {ttl_s:g}")
+    if not 0 <= user_id <= MAX_USER_ID:
+        raise ValueError(f"user id must be in 0..{MAX_USER_ID}, got {user_id}")
+    return make_token(s.jwt_secret, user_id, admin, ttl_s, issuer=s.jwt_issuer, audience=s.jwt_audience)
 
 
 class RateLimiter:
@@ -106,10 +270,18 @@ class CursorError(ValueError):
 
 
 class CursorCodec:
-    """``base64(json).hmac``: opaque to clients, any change to it is detected."""
+    """``base64(json).hmac``: opaque to clients, any change to it is detected. The key is
+    ``serving.cursor_secret`` (the same on every replica, so a page's cursor works on any of
+    them), not the JWT secret: a leaked cursor key cannot mint tokens, nor the reverse."""
 
     def __init__(self, secret: str):
+        _refuse([p for p in [_secret_problem("serving.cursor_secret", secret)] if p])
         self.key = hashlib.sha256(("cursor:" + secret).encode()).digest()
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "CursorCodec":
+        check_secrets(cfg)
+        return cls(cfg.serving.cursor_secret)
 
     def _mac(self, body: bytes) -> str:
         return base64.urlsafe_b64encode(hmac.new(self.key, body, hashlib.sha256).digest()[:16]).decode().rstrip("=")
@@ -119,10 +291,15 @@ class CursorCodec:
         return body.decode().rstrip("=") + "." + self._mac(body.rstrip(b"="))
 
     def decode(self, cursor: str) -> dict[str, Any]:
+        if not isinstance(cursor, str) or not cursor.isascii():
+            raise CursorError("invalid cursor (not issued by this service, or altered)")
         body, _, mac = cursor.partition(".")
         if not body or not mac or not hmac.compare_digest(mac, self._mac(body.encode())):
             raise CursorError("invalid cursor (not issued by this service, or altered)")
         try:
-            return json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+            data = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
         except ValueError:
             raise CursorError("invalid cursor") from None
+        if not isinstance(data, dict):
+            raise CursorError("invalid cursor")
+        return data

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 STAGE_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.035, 0.05,
@@ -25,6 +27,22 @@ class Metrics:
         self.exposures = Counter("feedrank_exposures_logged_total", "Exposure events written", registry=r)
         self.side_effect_errors = Counter("feedrank_side_effect_errors_total", "Failed side effects", ["effect"],
                                           registry=r)
+        # kafka:// (or a full disk on file://): appends the event log did not acknowledge. A write RPC counts
+        # one per UNAVAILABLE answer; GetFeed counts one per page whose exposures failed every retry.
+        self.ranking_cache_bytes = Gauge("feedrank_ranking_cache_bytes", "Bytes held by the ranking cache (cursor "
+                                         "pages, refreshes); bounded by serving.ranking_cache_mb", registry=r)
+        self.ranking_cache_evictions = Gauge("feedrank_ranking_cache_evictions", "Rankings evicted from the ranking "
+                                             "cache since start (least recently used first)", registry=r)
+        self.signals = Counter("feedrank_signals_total", "SubmitSignals signals by outcome (accepted, not_served, "
+                               "repeated, unvalidated: accepted while Redis was unavailable)", ["outcome"], registry=r)
+        self.event_log_errors = Counter("feedrank_event_log_errors_total",
+                                        "Event log appends that failed (not acknowledged)", ["rpc"], registry=r)
+        self.side_effect_retries = Counter("feedrank_side_effect_retries_total",
+                                           "Side effect attempts retried after an event log error", ["effect"],
+                                           registry=r)
+        self.exposures_unlogged = Counter("feedrank_exposures_unlogged_total",
+                                          "Exposure events not written after every retry (or not queued)",
+                                          registry=r)
         self._versions: dict[str, str] = {}
 
     def set_models(self, versions: dict[str, str]) -> None:
@@ -33,7 +51,9 @@ class Metrics:
             if old == v:
                 continue
             if old is not None:
-                self.model.remove(model, old)
+                with warnings.catch_warnings():  # a warning keyed on Feast's env var: values are in-process
+                    warnings.filterwarnings("ignore", "Removal of labels", UserWarning)  # (feedrank/__init__.py)
+                    self.model.remove(model, old)
             self.model.labels(model, v).set(1)
             self._versions[model] = v
 

@@ -5,8 +5,10 @@ needs admin) -> rate-limit (per-user token bucket) -> validate (INVALID_ARGUMENT
 the field and the reason) -> do the work within the deadline. GetFeed rankings are kept
 per request id for cursor pages, and per (user, feed) for refreshes within
 ``serving.result_cache_ttl_s``, which serve the cached ranking with the top positions
-re-scored. Exposure logging runs on a side-effect worker off the request path; the seen
-set is written before the response so a refresh never repeats an item.
+re-scored. Exposure logging runs on a side-effect worker off the request path (bounded
+retries, then a metric and an ERROR line); the seen set is written before the response so a
+refresh never repeats an item. A write appends its event first and answers OK only once the
+log accepted it (on kafka://: the broker acknowledged it), else UNAVAILABLE with the state unchanged.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import queue
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -26,8 +27,9 @@ import grpc
 import numpy as np
 
 from feedrank.config import Config
-from features.events import (Action, ContentType, Engagement, Followed, InvalidEvent, PostPublished, Unfollowed,
-                             coerce_event)
+from features.eventlog import EventLogError
+from features.events import (Action, ContentType, Engagement, Feedback, Followed, InvalidEvent, PostPublished,
+                             Unfollowed, coerce_event)
 from features.schema import HEAD_NAMES, HEAVY_NAMES, N_TOPICS
 from serving import funnel
 from serving.components import AD, Candidates, Query, UserContext
@@ -38,6 +40,7 @@ from serving.hydrators import HeavyFeatureHydrator, LightFeatureHydrator
 from serving.metrics import Metrics
 from serving.pipelines import PIPELINES
 from serving.protos import pb, rpc
+from serving.rankings import Ranking, RankingCache
 from serving.scorers import FeedbackFatigueScorer, HeavyRankerScorer, OriginalBoostScorer, PolicyDemotionScorer
 from serving.selectors import RerankSelector
 from serving.side_effects import ExposureLogSideEffect, SeenSideEffect
@@ -74,32 +77,40 @@ class Abort(Exception):
         self.code, self.message = code, message
 
 
-@dataclass
-class Ranking:
-    request_id: str
-    user_id: int
-    feed_type: str
-    cands: Candidates
-    created_ms: int
-    model_version: str
-    experiments: dict[str, str]
-    limit: int
-    degraded: list[str] = field(default_factory=list)
-    pos_offset: int = 0
-
-
 class SideEffectWorker:
-    """Runs exposure logging after responses are sent; ``drain`` on shutdown loses nothing queued."""
+    """Runs exposure logging after responses are sent; ``drain`` on shutdown loses nothing queued.
+
+    The response has gone out already, so a page whose exposures the event log does not acknowledge
+    (kafka:// broker down) is retried a bounded number of times (:class:`ExposureLogSideEffect`), then
+    counted (``feedrank_exposures_unlogged_total``, ``feedrank_event_log_errors_total{rpc="GetFeed"}``)
+    and logged at ERROR with its request id; the worker goes on with the next page. ``submit`` never
+    blocks a response: with the queue full, the page is counted and logged the same way."""
 
     def __init__(self, state: ServingState, metrics: Metrics):
         self.state, self.metrics = state, metrics
         self.q: queue.Queue = queue.Queue(maxsize=100_000)
-        self.effect = ExposureLogSideEffect()
+        sv = state.cfg.serving
+        self.effect = ExposureLogSideEffect(sv.exposure_log_attempts, sv.exposure_log_backoff_s, on_retry=self._retrying)
         self.thread = threading.Thread(target=self._loop, name="side-effects", daemon=True)
         self.thread.start()
 
     def submit(self, query: Query, page: Candidates) -> None:
-        self.q.put((query, page))
+        try:
+            self.q.put_nowait((query, page))
+        except queue.Full:
+            self._lost(query, page, f"side-effect queue full ({self.q.maxsize} pages behind)")
+
+    def _retrying(self, query: Query, attempt: int, error: Exception) -> None:
+        self.metrics.side_effect_retries.labels(self.effect.name).inc()
+        log.warning("exposure logging of request %s failed (attempt %d of %d), retrying: %s", query.request_id,
+                    attempt, self.effect.attempts, error,
+                    extra={"fields": {"request_id": query.request_id, "attempt": attempt}})
+
+    def _lost(self, query: Query, page: Candidates, reason: str, exc_info: bool = False) -> None:
+        self.metrics.side_effect_errors.labels(self.effect.name).inc()
+        self.metrics.exposures_unlogged.inc(len(page))
+        log.error("%d exposures of request %s not logged: %s", len(page), query.request_id, reason, exc_info=exc_info,
+                  extra={"fields": {"request_id": query.request_id, "user_id": query.user_id, "exposures": len(page)}})
 
     def _loop(self) -> None:
         while True:
@@ -111,9 +122,11 @@ class SideEffectWorker:
             try:
                 self.effect.run(query, self.state, page)
                 self.metrics.exposures.inc(len(page))
-            except Exception:  # noqa: BLE001
-                self.metrics.side_effect_errors.labels(self.effect.name).inc()
-                log.exception("exposure logging failed for %s", query.request_id)
+            except EventLogError as e:
+                self.metrics.event_log_errors.labels("GetFeed").inc()
+                self._lost(query, page, f"event log unavailable after {self.effect.attempts} attempts: {e}")
+            except Exception as e:  # noqa: BLE001 - never kills the worker
+                self._lost(query, page, f"{type(e).__name__}: {e}", exc_info=True)
             finally:
                 self.q.task_done()
 
@@ -142,12 +155,11 @@ class FeedService(rpc.FeedServiceServicer):
                  pipelines: dict[str, Any] | None = None):
         self.cfg, self.state, self.loader, self.experiments, self.metrics = cfg, state, loader, experiments, metrics
         self.pipelines = pipelines or PIPELINES
-        self.auth = Authenticator(cfg.serving.jwt_secret, cfg.serving.jwt_public_key)
+        self.auth = Authenticator.from_config(cfg)  # refuses placeholder / short / shared keys
         self.limiter = RateLimiter(cfg.serving.rate_limit_rps, cfg.serving.rate_limit_burst)
-        self.cursors = CursorCodec(cfg.serving.jwt_secret)
-        self.rankings: OrderedDict[str, Ranking] = OrderedDict()   # by request id (cursor pages)
-        self.latest: OrderedDict[tuple[int, str], Ranking] = OrderedDict()  # by (user, feed) (refreshes)
-        self.lock = threading.Lock()
+        self.signal_limiter = RateLimiter(cfg.serving.signal_rate_limit_rps, cfg.serving.signal_rate_limit_burst)
+        self.cursors = CursorCodec.from_config(cfg)  # serving.cursor_secret, not the JWT key
+        self.rankings = RankingCache(cfg.serving.ranking_cache_mb * 2**20)  # cursor pages and refreshes
         self.effects = SideEffectWorker(state, metrics)
         self.seen_effect = SeenSideEffect()
 
@@ -184,6 +196,11 @@ class FeedService(rpc.FeedServiceServicer):
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
         except RedisUnavailable as e:
             code, message = grpc.StatusCode.UNAVAILABLE, f"state store unavailable, nothing was written; retry: {e}"
+        except EventLogError as e:  # kafka://: the broker did not acknowledge within the delivery timeout
+            self.metrics.event_log_errors.labels(name).inc()
+            log.warning("%s: event log unavailable: %s", name, e,
+                        extra={"fields": {"request_id": request_id, "rpc": name, "user_id": user_id}})
+            code, message = grpc.StatusCode.UNAVAILABLE, f"event log unavailable: {e}; nothing was accepted, retry"
         except Exception:  # noqa: BLE001 - never a crash: INTERNAL with the request id to find the log line
             log.exception("%s failed", name, extra={"fields": {"request_id": request_id, "rpc": name}})
             code, message = grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})"
@@ -201,6 +218,20 @@ class FeedService(rpc.FeedServiceServicer):
                                   from_cache=response.from_cache, model_version=response.model_version)
                 access.info(name, extra={"fields": fields})
         context.abort(code, message)
+
+    def _require_redis(self) -> None:
+        """Before a write's event is logged: Redis known down (circuit open) means UNAVAILABLE with nothing written."""
+        if not self.state.redis.available:
+            raise RedisUnavailable("redis circuit open")
+
+    @staticmethod
+    def _apply_logged(apply: Callable[[], Any]) -> Any:
+        """Apply a write to the Redis state after its event was accepted by the log."""
+        try:
+            return apply()
+        except RedisUnavailable as e:
+            raise Abort(grpc.StatusCode.UNAVAILABLE,
+                        f"state store unavailable: the event was logged but not applied; retry: {e}") from None
 
     @staticmethod
     def _check_id(value: int, what: str) -> int:
@@ -220,15 +251,9 @@ class FeedService(rpc.FeedServiceServicer):
                      deadline=time.monotonic() + budget)
 
     def _remember(self, r: Ranking) -> None:
-        with self.lock:
-            self.rankings[r.request_id] = r
-            self.rankings.move_to_end(r.request_id)
-            while len(self.rankings) > 20_000:
-                self.rankings.popitem(last=False)
-            self.latest[(r.user_id, r.feed_type)] = r
-            self.latest.move_to_end((r.user_id, r.feed_type))
-            while len(self.latest) > 50_000:
-                self.latest.popitem(last=False)
+        self.rankings.put(r)
+        self.metrics.ranking_cache_bytes.set(self.rankings.bytes)
+        self.metrics.ranking_cache_evictions.set(self.rankings.evicted)
 
     # ------------------------------------------------------------------ GetFeed
     def GetFeed(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -244,11 +269,12 @@ class FeedService(rpc.FeedServiceServicer):
         limit = req.limit or self.cfg.funnel.page_size
         from_cache = False
         if req.cursor:
+            if not req.cursor.isascii() or len(req.cursor) > 1024:
+                raise Invalid("cursor: not a cursor this service issued")
             cur = self.cursors.decode(req.cursor)
             if cur.get("u") != user or cur.get("f") != feed:
                 raise Invalid("cursor: issued for another user or feed type")
-            with self.lock:
-                ranking = self.rankings.get(cur["r"])
+            ranking = self.rankings.get(cur["r"])
             offset = int(cur["o"])
             if ranking is None:  # expired or ranked on another replica: rank again; the seen filter skips served items
                 query = self._query(user, feed, limit, context)
@@ -257,8 +283,7 @@ class FeedService(rpc.FeedServiceServicer):
             query = self._query(user, feed, limit, context, ranking.request_id)
         else:
             query = self._query(user, feed, limit, context)
-            with self.lock:
-                cached = self.latest.get((user, feed))
+            cached = self.rankings.latest(user, feed)
             ttl_ms = self.cfg.serving.result_cache_ttl_s * 1000
             ranking = None
             if cached is not None and ttl_ms and query.now_ms - cached.created_ms <= ttl_ms and feed != "following":
@@ -275,6 +300,8 @@ class FeedService(rpc.FeedServiceServicer):
                 ranking = self._rank(query)
             offset = 0
         page = ranking.cands.take(np.arange(offset, min(offset + limit, len(ranking.cands))))
+        if len(page) and "x" not in page and "heads" in page:  # a cached ranking keeps no features: the
+            self._rehydrate(query, page)                       # exposure snapshot holds them as served
         if len(page) and ranking.pos_offset:
             page["position"] = page["position"] + ranking.pos_offset
         query.model_version, query.experiments = ranking.model_version, ranking.experiments
@@ -315,6 +342,13 @@ class FeedService(rpc.FeedServiceServicer):
         self._remember(r)
         return r
 
+    def _rehydrate(self, query: Query, page: Candidates) -> None:
+        """The heavy features of a cached page's rows, read now (scores stay those it was ranked with)."""
+        if query.user is None:
+            query.user = self.state.user_context(query.user_id, query.degrade, need_cache=False)
+        for stage in (LightFeatureHydrator(), HeavyFeatureHydrator()):
+            stage.hydrate(query, self.state, page)
+
     def _refresh(self, query: Query, cached: Ranking) -> Ranking:
         """Serve the cached ranking minus what was seen or hidden since, with the top positions re-scored."""
         t0 = time.perf_counter()
@@ -324,7 +358,7 @@ class FeedService(rpc.FeedServiceServicer):
             if len(cands):
                 cands = cands.take(np.flatnonzero(f.keep(query, self.state, cands)))
         top = min(len(cands), RESCORE_TOP * query.limit)
-        if top and "x" in cands:
+        if top and "heads" in cands:  # ranked by the heavy ranker (not chronological)
             head = cands.take(np.arange(top))
             for stage in (LightFeatureHydrator(), HeavyFeatureHydrator()):
                 stage.hydrate(query, self.state, head)
@@ -338,9 +372,7 @@ class FeedService(rpc.FeedServiceServicer):
         self.metrics.stage_latency.labels("refresh").observe(query.timings_ms["refresh"] / 1000.0)
         r = Ranking(query.request_id, query.user_id, query.feed_type, cands, cached.created_ms,
                     query.model_version or cached.model_version, query.experiments, query.limit, list(query.degraded))
-        with self.lock:
-            self.rankings[r.request_id] = r
-            self.latest[(r.user_id, r.feed_type)] = r
+        self._remember(r)
         return r
 
     def _items(self, page: Candidates) -> list[Any]:
@@ -373,7 +405,7 @@ class FeedService(rpc.FeedServiceServicer):
             raise Invalid(f"signals: at most {MAX_SIGNALS} per call, got {len(req.signals)}")
         now = self.state.clock()
         cat = self.state.catalog
-        events, clicked_authors = [], []
+        events: list[Engagement] = []
         for i, s in enumerate(req.signals):
             if s.action not in SIGNAL_ACTIONS:
                 raise Invalid(f"signals[{i}].action: unknown value {s.action}")
@@ -384,6 +416,8 @@ class FeedService(rpc.FeedServiceServicer):
                 raise Invalid(f"signals[{i}].dwell_ms: required (> 0) for DWELL")
             if action != Action.DWELL and s.dwell_ms:
                 raise Invalid(f"signals[{i}].dwell_ms: only allowed for DWELL")
+            if len(s.request_id) > self.cfg.serving.max_request_id_chars:
+                raise Invalid(f"signals[{i}].request_id: at most {self.cfg.serving.max_request_id_chars} characters")
             author = int(cat.author[s.post_id])
             try:
                 events.append(Engagement(user_id=user, post_id=int(s.post_id), action=action,
@@ -392,14 +426,34 @@ class FeedService(rpc.FeedServiceServicer):
                                          ts=_ts(s.ts_ms, now, f"signals[{i}].ts_ms")))
             except ValueError as e:
                 raise Invalid(f"signals[{i}]: {e}") from None
-            if action == Action.CLICK:
-                clicked_authors.append(author)
-        self.state.events.append_many(events)  # the log is the record: accepted once written here
+        if not self.signal_limiter.allow(user, cost=max(len(events), 1)):
+            raise Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"signal rate limit exceeded ({self.cfg.serving.signal_rate_limit_rps:g} signals/s, burst "
+                        f"{self.cfg.serving.signal_rate_limit_burst}); retry later")
+        dropped: dict[str, int] = {}
+        try:  # only what was served counts (a service's admin token may report other surfaces), and each
+            # action once per post: injected clicks change no CTR
+            why = (self.state.check_signals(user, [(e.action, e.post_id) for e in events], now,
+                                            require_served=not principal.admin) if events else [])
+        except RedisUnavailable:
+            why = [None] * len(events)
+            self.metrics.signals.labels("unvalidated").inc(len(events))
+            log.warning("signals of user %s accepted unvalidated (redis unavailable)", user)
+        else:
+            for reason in why:
+                if reason is not None:
+                    dropped[reason] = dropped.get(reason, 0) + 1
+            for reason, n in dropped.items():
+                self.metrics.signals.labels(reason).inc(n)
+        kept = [e for e, reason in zip(events, why) if reason is None]
+        self.state.events.append_many(kept)  # the log is the record: accepted once written here
+        self.metrics.signals.labels("accepted").inc(len(kept))
+        clicked_authors = [int(e.author_id) for e in kept if e.action == Action.CLICK]
         try:
             self.state.record_affinity(user, clicked_authors)
         except RedisUnavailable:
             log.warning("affinity not updated for user %s (redis unavailable)", user)
-        return pb.SubmitSignalsResponse(accepted=len(events))
+        return pb.SubmitSignalsResponse(accepted=len(kept), dropped=dropped)
 
     def SubmitFeedback(self, request: Any, context: grpc.ServicerContext) -> Any:
         return self._handle("SubmitFeedback", request, context, self._submit_feedback, request.user_id)
@@ -421,18 +475,28 @@ class FeedService(rpc.FeedServiceServicer):
             author, topic = int(cat.author[post]), int(cat.topic[post])
         if target == "author":
             author = self._check_id(req.author_id, "author_id") if req.author_id or post is None else author
+            if author >= self.state.user_id_bound() + self.cfg.serving.id_headroom:
+                raise Invalid(f"author_id: unknown user {author}")
         if target == "topic":
             if not 0 <= req.topic < N_TOPICS:
                 raise Invalid(f"topic: must be in [0, {N_TOPICS}), got {req.topic}")
             topic = int(req.topic)
         now = self.state.clock()
         ts = _ts(req.ts_ms, now, "ts_ms")
-        self.state.record_feedback(user, kind, target, post, author, topic, ts)
-        if post is not None:
-            self.state.events.append(Engagement(user_id=user, post_id=post, action=kind, author_id=author, ts=ts))
-        with self.lock:  # a hidden post must not come back from a cached ranking either
-            for key in [(user, f) for f in FEED_ENUM]:
-                self.latest.pop(key, None)
+        if post is not None:  # the log is the record: appended (acknowledged on kafka://) before the state changes,
+            # so an UNAVAILABLE answer leaves no hidden post or fatigue behind; a Redis failure after it says so
+            event = Engagement(user_id=user, post_id=post, action=kind, author_id=author, ts=ts)
+            self._require_redis()
+            self.state.events.append(event)
+            self._apply_logged(lambda: self.state.record_feedback(user, kind, target, post, author, topic, ts))
+        else:  # author / topic feedback: logged as well, so it reaches the user's features and outlives Redis
+            event = Feedback(user_id=user, action=kind, target=target, ts=ts,
+                             author_id=author if target == "author" else None,
+                             topic=topic if target == "topic" else None)
+            self._require_redis()
+            self.state.events.append(event)
+            self._apply_logged(lambda: self.state.record_feedback(user, kind, target, post, author, topic, ts))
+        self.rankings.forget_latest(user, list(FEED_ENUM))  # a hidden post must not come back from a refresh
         return pb.SubmitFeedbackResponse()
 
     def PublishPost(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -444,9 +508,16 @@ class FeedService(rpc.FeedServiceServicer):
             raise Invalid(f"topic: must be in [0, {N_TOPICS}), got {req.topic}")
         if req.content_type not in CTYPES:
             raise Invalid("content_type: TEXT, IMAGE or VIDEO required")
+        if len(req.text) > self.cfg.serving.max_text_chars:
+            raise Invalid(f"text: at most {self.cfg.serving.max_text_chars} characters, got {len(req.text)}")
         cat = self.state.catalog
-        if req.is_repost and not cat.known(np.array([req.original_post_id]))[0]:
-            raise Invalid(f"original_post_id: unknown post {req.original_post_id}")
+        if req.is_repost and (req.original_post_id == 0 or not cat.known(np.array([req.original_post_id]))[0]):
+            raise Invalid(f"original_post_id: a repost needs a known post, got {req.original_post_id}")
+        if not req.is_repost and req.original_post_id:
+            raise Invalid("original_post_id: only allowed for a repost")
+        if req.post_id >= cat.count + self.cfg.serving.id_headroom:
+            raise Invalid(f"post_id: {req.post_id} is beyond the ids this service issues (< {cat.count} known posts "
+                          f"+ {self.cfg.serving.id_headroom}); leave it 0 and the server assigns one")
         if req.post_id and cat.known(np.array([req.post_id]))[0]:
             raise Abort(grpc.StatusCode.ALREADY_EXISTS, f"post {req.post_id} already exists")
         now = self.state.clock()
@@ -456,9 +527,12 @@ class FeedService(rpc.FeedServiceServicer):
             post_id=post_id, author_id=author, topic=int(req.topic), content_type=ctype, is_original=not req.is_repost,
             original_post_id=int(req.original_post_id) if req.is_repost else None, policy_flagged=req.policy_flagged,
             text=req.text, ts=_ts(req.ts_ms, now, "ts_ms")))
-        fanned, lazy = self.state.publish(post_id, author, int(req.topic), CTYPE_INDEX[ctype], not req.is_repost,
-                                          req.policy_flagged, event.ts)
-        self.state.events.append(event)  # the feature job embeds it (post tower) and extends the index
+        # the log is the record (the feature job embeds the post and extends the index): appended, acknowledged
+        # on kafka://, before any replica learns of the post, so an UNAVAILABLE answer announces nothing
+        self._require_redis()
+        self.state.events.append(event)
+        fanned, lazy = self._apply_logged(lambda: self.state.publish(
+            post_id, author, int(req.topic), CTYPE_INDEX[ctype], not req.is_repost, req.policy_flagged, event.ts))
         return pb.PublishPostResponse(post_id=post_id, fanned_out=fanned, lazy_fanout=lazy)
 
     def Follow(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -471,14 +545,18 @@ class FeedService(rpc.FeedServiceServicer):
         user, author = self._check_id(req.user_id, "user_id"), self._check_id(req.author_id, "author_id")
         if user == author:
             raise Invalid("author_id: a user cannot follow themself")
+        if author >= self.state.user_id_bound() + self.cfg.serving.id_headroom:
+            raise Invalid(f"author_id: unknown user {author}")
         ts = _ts(req.ts_ms, self.state.clock(), "ts_ms")
-        changed = self.state.follow(user, author, follow)
+        if self.state.graph.follows(user, author) == follow:
+            return pb.FollowResponse(changed=False)  # nothing changes: nothing logged
+        # the event first (acknowledged on kafka://), then the graph and the change stream: an UNAVAILABLE answer
+        # leaves the follow state as it was. Two racing calls may both log it; applying a follow twice is a no-op.
+        self._require_redis()
+        self.state.events.append((Followed if follow else Unfollowed)(user_id=user, author_id=author, ts=ts))
+        changed = self._apply_logged(lambda: self.state.follow(user, author, follow))
         if changed:
-            cls = Followed if follow else Unfollowed
-            self.state.events.append(cls(user_id=user, author_id=author, ts=ts))
-            with self.lock:
-                for key in [(user, f) for f in FEED_ENUM]:
-                    self.latest.pop(key, None)
+            self.rankings.forget_latest(user, list(FEED_ENUM))
         return pb.FollowResponse(changed=changed)
 
     # ------------------------------------------------------------------ DebugRanking
@@ -489,7 +567,9 @@ class FeedService(rpc.FeedServiceServicer):
         user, post = self._check_id(req.user_id, "user_id"), self._check_id(req.post_id, "post_id")
         if not self.state.catalog.known(np.array([post]))[0]:
             raise Invalid(f"post_id: unknown post {post}")
-        feed = FEEDS.get(req.feed_type, "home")
+        if req.feed_type not in FEEDS:
+            raise Invalid(f"feed_type: unknown value {req.feed_type} (HOME, EXPLORE or FOLLOWING)")
+        feed = FEEDS[req.feed_type]
         query = self._query(user, feed, self.cfg.funnel.page_size, context)
         query.debug_post = post
         query.user = self.state.user_context(user, query.degrade, need_cache=True)
@@ -498,7 +578,8 @@ class FeedService(rpc.FeedServiceServicer):
         served = i is not None and i < query.limit
         # the full feature vector and head scores of this post for this user, whatever the funnel decided
         one = Candidates(np.array([post]), np.array([ranked.source[i] if i is not None else 2]),
-                         ann=np.zeros(1, dtype=np.float32))
+                         ann=np.zeros(1, dtype=np.float32),
+                         bid=np.array([self.state.ads.get(post, 0.0)], dtype=np.float32))  # an ad scores bid x pCTR
         LightFeatureHydrator().hydrate(query, self.state, one)
         HeavyFeatureHydrator().hydrate(query, self.state, one)
         HeavyRankerScorer().score(query, self.state, one)
@@ -512,6 +593,52 @@ class FeedService(rpc.FeedServiceServicer):
 
 
 # ---------------------------------------------------------------------------- server
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    """What a request's bytes that are not its message parse to (instead of gRPC's logged traceback and INTERNAL)."""
+
+    message: str
+    error: str
+
+
+def add_feed_service(service: FeedService, server: grpc.Server, metrics: Metrics) -> None:
+    """Register the FeedService like the generated ``add_FeedServiceServicer_to_server``, with a
+    deserializer that never raises: bytes that are not the request message are answered
+    INVALID_ARGUMENT before any other work, counted in ``feedrank_rpcs_total``, and logged
+    without a traceback."""
+    from google.protobuf.message import DecodeError
+
+    desc = pb.DESCRIPTOR.services_by_name["FeedService"]
+
+    def parser(cls: Any) -> Callable[[bytes], Any]:
+        def parse(data: bytes) -> Any:
+            try:
+                return cls.FromString(data)
+            except (DecodeError, RuntimeError, ValueError) as e:
+                return _Undecodable(cls.DESCRIPTOR.name, str(e)[:200])
+        return parse
+
+    def behaviour(name: str) -> Callable[[Any, grpc.ServicerContext], Any]:
+        method = getattr(service, name)
+
+        def call(request: Any, context: grpc.ServicerContext) -> Any:
+            if isinstance(request, _Undecodable):
+                metrics.rpcs.labels(name, grpc.StatusCode.INVALID_ARGUMENT.name).inc()
+                access.info(name, extra={"fields": {"rpc": name, "code": "INVALID_ARGUMENT", "error": request.error}})
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid {request.message} message")
+            return method(request, context)
+        return call
+
+    handlers = {
+        m.name: grpc.unary_unary_rpc_method_handler(
+            behaviour(m.name), request_deserializer=parser(getattr(pb, m.input_type.name)),
+            response_serializer=getattr(pb, m.output_type.name).SerializeToString)
+        for m in desc.methods
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(desc.full_name, handlers),))
+    server.add_registered_method_handlers(desc.full_name, handlers)
 
 
 def seed_ads(state: ServingState, n: int, seed: int = 7) -> int:
@@ -571,7 +698,7 @@ class Server:
         self.server = grpc.server(ThreadPoolExecutor(max_workers=workers),
                                   options=[("grpc.so_reuseport", 1 if reuse_port else 0)],
                                   maximum_concurrent_rpcs=cfg.serving.max_concurrent_rpcs)
-        rpc.add_FeedServiceServicer_to_server(self.service, self.server)
+        add_feed_service(self.service, self.server, self.metrics)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

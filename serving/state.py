@@ -21,8 +21,8 @@ import numpy as np
 
 from feedrank.config import Config
 from features.schema import N_TOPICS
-from serving.catalog import (FOLLOW_CHANGES, POST_CHANGES, ChangeFollower, FollowGraph, PostCatalog, follow_change,
-                             load_bootstrap, post_change)
+from serving.catalog import (ChangeFollower, FollowGraph, PostCatalog, follow_change, load_bootstrap, post_change,
+                             record_follow, record_post)
 from serving.components import UserContext
 
 log = logging.getLogger("feedrank.serving")
@@ -34,6 +34,7 @@ USER_TTL_S = 30 * 86_400
 EMPTY_CACHE = -1  # sentinel member of a rebuilt-but-empty candidate cache (not a miss)
 POST_ID_SEQ = "feedrank:post_id_seq"
 ADS_KEY = "feedrank:ads:inventory"
+SERVING_CLOCK = "feedrank:serving:clock"  # the simulated clock's origin (wall0_ms, sim0_ms, world_end_ms)
 
 # Fan-out-on-write: add to a follower's cache only if it exists (a missing cache is rebuilt
 # from the authors' timelines on the next read, which includes this post), then cap it.
@@ -46,6 +47,31 @@ end
 return 0
 """
 
+ACTED_CAP = 10_000  # (action, post) pairs remembered per user for the signal check
+
+# The signal check, atomic per user: a signal counts when its post was served to the user within the window
+# (the seen set) and that action on that post has not counted yet (the acted set); returns per signal
+# 0 = counts, 1 = not served, 2 = repeated. ARGV: now, window start, cap, ttl (s), require served (1/0), then
+# "action:post" pairs.
+SIGNAL_CHECK_LUA = """
+local out = {}
+for i = 6, #ARGV do
+  local post = string.match(ARGV[i], ':(%d+)$')
+  local served = ARGV[5] == '0' or redis.call('ZSCORE', KEYS[1], post)
+  if (not served) or (served ~= true and tonumber(served) < tonumber(ARGV[2])) then
+    out[#out + 1] = 1
+  elseif redis.call('ZADD', KEYS[2], 'NX', ARGV[1], ARGV[i]) == 0 then
+    out[#out + 1] = 2
+  else
+    out[#out + 1] = 0
+  end
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[2])
+redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[3]) + 1))
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return out
+"""
+
 
 def cc_key(u: int) -> str:
     return f"feedrank:cc:{u}"
@@ -53,6 +79,10 @@ def cc_key(u: int) -> str:
 
 def seen_key(u: int) -> str:
     return f"feedrank:seen:{u}"
+
+
+def acted_key(u: int) -> str:
+    return f"feedrank:acted:{u}"
 
 
 def neg_key(u: int) -> str:
@@ -83,15 +113,31 @@ class RedisGuard:
         return time.monotonic() >= self.down_until
 
     def run(self, fn: Callable[[Any], Any]) -> Any:
+        import redis
+
         if not self.available:
             raise RedisUnavailable("redis circuit open")
         try:
             out = fn(self.client)
-        except Exception as e:  # noqa: BLE001 - any Redis error opens the breaker
+        except redis.exceptions.ResponseError as e:
+            if "OOM" not in str(e):
+                raise
+            # at maxmemory Redis refuses writes but still answers reads: this write fails, the circuit stays closed
+            self.failures += 1
+            raise RedisUnavailable(f"redis is at maxmemory, write refused: {e}") from e
+        except Exception as e:  # noqa: BLE001 - any other Redis error opens the breaker
             self.failures += 1
             self.down_until = time.monotonic() + REDIS_RETRY_S
             raise RedisUnavailable(str(e)) from e
         return out
+
+
+def _entry_ts(value: bytes) -> int:
+    """When a feedback entry ("<kind or weight>:<ms>") was written; 0 for one without a time."""
+    try:
+        return int(value.rpartition(b":")[2])
+    except ValueError:
+        return 0
 
 
 def _ids(values: list[bytes]) -> np.ndarray:
@@ -135,6 +181,7 @@ class ServingState:
         self.models: Any = None  # serving.models.Models, set by the loader
         self.loader: Any = None  # serving.models.ModelLoader
         self.fanout = self.redis.client.register_script(FANOUT_LUA)
+        self.signal_check = self.redis.client.register_script(SIGNAL_CHECK_LUA)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -341,14 +388,21 @@ class ServingState:
         """Announce a new post to every replica (raises RedisUnavailable before anything changed), add it
         here, and fan it out; a failed fan-out is repaired by the cache rebuild on the next miss."""
         change = post_change(post_id, author, topic, ctype, original, flagged, published_ms)
-        self.redis.run(lambda r: r.xadd(POST_CHANGES, change, maxlen=self.cfg.streaming.change_stream_maxlen,
-                                        approximate=True))
+        self._record(record_post, change)
         self.catalog.add(post_id, author, topic, ctype, original, flagged, published_ms)
         try:
             return self.fan_out(post_id, author, published_ms)
         except RedisUnavailable as e:
             log.warning("fan-out of post %s failed (%s); followers' caches rebuild on their next miss", post_id, e)
             return 0, self.celebrity(author)
+
+    def _record(self, record: Callable[[Any, dict[str, Any], int], None], change: dict[str, Any]) -> None:
+        def write(r: Any) -> None:
+            with r.pipeline(transaction=True) as p:  # the stream entry and the record, both or neither
+                record(p, change, self.cfg.streaming.change_stream_maxlen)
+                p.execute()
+
+        self.redis.run(write)
 
     def next_post_id(self) -> int:
         floor = self.catalog.n
@@ -357,14 +411,35 @@ class ServingState:
             nid = int(self.redis.run(lambda c: c.incrby(POST_ID_SEQ, floor - nid)))
         return nid
 
+    def user_id_bound(self) -> int:
+        """One past the largest user id this replica knows (follow graph, post authors)."""
+        return max(self.graph.n_nodes, self.catalog.max_author + 1)
+
     def follow(self, user: int, author: int, follow: bool) -> bool:
-        changed = self.graph.apply(user, author, follow)
-        if changed:
-            self.redis.run(lambda r: r.xadd(FOLLOW_CHANGES, follow_change(user, author, follow),
-                                            maxlen=self.cfg.streaming.change_stream_maxlen, approximate=True))
-            if follow:  # the new author's recent posts belong in the cache now: rebuild on next read
-                self.redis.run(lambda r: r.delete(cc_key(user)))
-        return changed
+        """Announce the change to every replica first, then apply it here: a Redis failure
+        (RedisUnavailable) leaves this replica's graph as it was, so a retry changes it."""
+        if self.graph.follows(user, author) == follow:
+            return False
+        self._record(record_follow, follow_change(user, author, follow))
+        self.graph.apply(user, author, follow)  # this replica's change follower may have applied it already
+        # follow: the new author's recent posts belong in the cache; unfollow: the old author's do not
+        try:
+            self.redis.run(lambda r: r.delete(cc_key(user)))
+        except RedisUnavailable as e:
+            log.warning("candidate cache of user %s not invalidated after a follow change (%s)", user, e)
+        return True
+
+    def check_signals(self, user: int, signals: list[tuple[str, int]], now_ms: int,
+                      require_served: bool = True) -> list[str | None]:
+        """Per (action, post) signal: None when it counts, else why not ("not_served": no exposure of
+        the post to this user within serving.signal_window_s, checked unless ``require_served`` is
+        False; "repeated": that action on that post counted already). Raises RedisUnavailable when
+        the check cannot run."""
+        window_ms = self.cfg.serving.signal_window_s * 1000
+        args = [now_ms, now_ms - window_ms, ACTED_CAP, self.cfg.serving.signal_window_s, int(require_served),
+                *(f"{a}:{p}" for a, p in signals)]
+        codes = self.redis.run(lambda r: self.signal_check(keys=[seen_key(user), acted_key(user)], args=args, client=r))
+        return [(None, "not_served", "repeated")[int(c)] for c in codes]
 
     def record_seen(self, user: int, post_ids: list[int], now_ms: int) -> None:
         def write(r: Any) -> None:
@@ -395,7 +470,7 @@ class ServingState:
         fields: dict[str, str] = {}
         fatigue: list[tuple[str, float]] = []
         if target == "post" and post is not None:
-            fields[f"p:{post}"] = kind
+            fields[f"p:{post}"] = f"{kind}:{now_ms}"
             if kind != "hide":
                 if author is not None:
                     fatigue.append((f"fa:{author}", strength * 0.5))
@@ -403,7 +478,7 @@ class ServingState:
                     fatigue.append((f"ft:{topic}", strength * 0.5))
         elif target == "author" and author is not None:
             if kind == "hide":
-                fields[f"a:{author}"] = kind
+                fields[f"a:{author}"] = f"{kind}:{now_ms}"
             else:
                 fatigue.append((f"fa:{author}", strength))
         elif target == "topic" and topic is not None:
@@ -421,6 +496,12 @@ class ServingState:
                 if fields:
                     p.hset(neg_key(user), mapping=fields)
                 p.expire(neg_key(user), USER_TTL_S)
-                p.execute()
+                p.hlen(neg_key(user))
+                n = p.execute()[-1]
+            cap = self.cfg.serving.max_feedback_entries
+            if n > cap:  # every request reads the whole hash: keep the newest entries only
+                entries = r.hgetall(neg_key(user))
+                oldest = sorted(entries, key=lambda k: _entry_ts(entries[k]))[: n - cap]
+                r.hdel(neg_key(user), *oldest)
 
         self.redis.run(write)

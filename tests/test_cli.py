@@ -52,7 +52,12 @@ def test_sim_generate_through_the_cli(tmp_path):
     assert bad.returncode == 1 and "unknown scale 'galactic'" in bad.stderr
 
 
-def test_sim_clients_requires_a_world(tmp_path):
-    r = subprocess.run(_feedrank() + ["sim", "clients", "--world", str(tmp_path / "none")], capture_output=True,
-                       text=True, env=_env(tmp_path), timeout=60)
-    assert r.returncode == 1 and "feedrank sim generate" in r.stderr
+@pytest.mark.parametrize("columns", ["20", "200"])
+def test_sim_clients_requires_a_world(tmp_path, columns):
+    """An error is one unwrapped line, whatever the terminal's width."""
+    missing = tmp_path / "a-long-directory-name-that-would-wrap" / "none"
+    r = subprocess.run(_feedrank() + ["sim", "clients", "--world", str(missing)], capture_output=True,
+                       text=True, env=_env(tmp_path, COLUMNS=columns), timeout=60)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "feedrank sim generate" in lines[0] and str(missing) in lines[0], r.stderr
