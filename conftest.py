@@ -4,6 +4,7 @@ var/ of a developer's running stack and can run in any order."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 from typing import Callable
 
@@ -40,3 +41,17 @@ def make_cfg(tmp_path: Path) -> Callable[..., Config]:
 def cfg(make_cfg: Callable[..., Config]) -> Config:
     return make_cfg()
 
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 4 MB tmpfs: a real file system that fills up (ENOSPC). Needs root or CAP_SYS_ADMIN."""
+    d = tmp_path / "disk"
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(d)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill ({(r.stderr or r.stdout).strip()}): needs root or CAP_SYS_ADMIN")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=False)

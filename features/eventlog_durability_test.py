@@ -136,20 +136,6 @@ def test_concurrent_appends_share_commits(tmp_path: Path):
     assert sorted(ids) == sorted(f"g{t}-{i}" for t in range(threads) for i in range(calls)) and bad == 0
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path):
-    """A 4 MB tmpfs: a real file system that fills up (ENOSPC). Needs root or CAP_SYS_ADMIN."""
-    d = tmp_path / "disk"
-    d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(d)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs to fill ({(r.stderr or r.stdout).strip()}): needs root or CAP_SYS_ADMIN")
-    try:
-        yield d
-    finally:
-        subprocess.run(["umount", "-l", str(d)], check=False)
-
-
 def test_full_disk_is_an_error_then_recovers_without_loss(small_disk: Path):
     root = small_disk / "log"
     log = FileEventLog(root, rotate_ms=100, rotate_events=2000)

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from feedrank.config import ConfigError, get_config
+from feedrank.config import ConfigError, get_config, load_config
 
 app = typer.Typer(help="feedrank: feed ranking with two-tower retrieval, a 4-stage funnel and streaming features.",
                   no_args_is_help=True, add_completion=False)
@@ -40,9 +40,10 @@ app.add_typer(feast_app, name="feast")
 console = Console(stderr=True, soft_wrap=True)
 
 
-def _cfg():
+def _cfg(**overrides: str):
+    """The configuration; ``overrides`` are FEEDRANK_* settings a command sets for itself."""
     try:
-        return get_config()
+        return load_config({**os.environ, **overrides}) if overrides else get_config()
     except ConfigError as e:
         console.print(f"[red]config error[/red]: {e}")
         raise typer.Exit(2)
@@ -971,6 +972,8 @@ def bench_signals_cmd(scale: str = typer.Option("small", help="World scale (its 
                       signals: int = typer.Option(10, help="Signals per SubmitSignals call (events per append)"),
                       workers: int = typer.Option(0, help="Server processes (default serving.workers)"),
                       log: str = typer.Option("file", "--events", help=EVENTS_HELP),
+                      fsync: bool = typer.Option(True, help="--no-fsync: the server acknowledges file:// appends "
+                                                 "before they reach the disk (the cost of durability, as a baseline)"),
                       log_only: bool = typer.Option(False, "--log-only", help="Only the file:// event log, in this "
                                                     "process: group commit with fsync on and off (no world or server)")) -> None:
     """SubmitSignals throughput and p99 over gRPC (closed loop), then the file:// log's group commit alone."""
@@ -983,7 +986,7 @@ def bench_signals_cmd(scale: str = typer.Option("small", help="World scale (its 
         levels = ()
     if not levels or min(levels) <= 0:
         _fail(f"--clients needs positive integers separated by commas, got {clients!r}")
-    cfg = _cfg()
+    cfg = _cfg() if fsync else _cfg(FEEDRANK_EVENTS_FSYNC="false")
     with _progress() as prog, scratch_removed_on_success():
         try:
             if log_only:

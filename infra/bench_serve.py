@@ -325,7 +325,8 @@ def serving_stack(cfg: Config, scale: str, workers: int = 0, step: Step | None =
         env.update({"FEEDRANK_PATHS_DATA_DIR": str(bcfg.data_dir), "FEEDRANK_REDIS": bcfg.redis.uri,
                     "FEEDRANK_EVENTS": bcfg.events.uri, "FEEDRANK_MODEL_STORE": bcfg.model_store.uri,
                     "FEEDRANK_SERVING_PORT": str(port), "FEEDRANK_SERVING_METRICS_PORT": str(mport),
-                    "FEEDRANK_SERVING_WORKERS": str(n_workers), **auth_env(bcfg)})
+                    "FEEDRANK_SERVING_WORKERS": str(n_workers),
+                    "FEEDRANK_EVENTS_FSYNC": "true" if bcfg.events.fsync else "false", **auth_env(bcfg)})
         log = open(bcfg.data_dir / "serve.log", "w")
         step("starting the server", 0.0)
         t_start = time.perf_counter()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -71,16 +72,17 @@ def world_clock(end_ms: int) -> Callable[[], int]:
     return lambda: end_ms + int((time.time() - t0) * 1000)
 
 
-@pytest.fixture(scope="module")
-def serving(served_world: ServedWorld) -> Iterator[Any]:
-    """A server on its own embedded Redis, with the Feast user rows materialized."""
+@contextmanager
+def running_server(served_world: ServedWorld, **overrides: str) -> Iterator[Any]:
+    """A server on its own embedded Redis, with the Feast user rows materialized; ``overrides``
+    are FEEDRANK_* settings (e.g. an event log on a disk a test fills)."""
     from datetime import datetime, timezone
 
     from features.feast_repo import apply
     from infra import runtime
     from serving.server import Server
 
-    cfg = served_world.config()
+    cfg = served_world.config(**overrides)
     runtime.up(cfg)
     server = None
     try:
@@ -94,6 +96,12 @@ def serving(served_world: ServedWorld) -> Iterator[Any]:
         if server is not None:
             server.stop(grace=1.0)
         runtime.down(cfg)
+
+
+@pytest.fixture(scope="module")
+def serving(served_world: ServedWorld) -> Iterator[Any]:
+    with running_server(served_world) as server:
+        yield server
 
 
 def token(cfg: Config, user: int, admin: bool = False, ttl_s: float = 600.0) -> list[tuple[str, str]]:

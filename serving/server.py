@@ -196,7 +196,7 @@ class FeedService(rpc.FeedServiceServicer):
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
         except RedisUnavailable as e:
             code, message = grpc.StatusCode.UNAVAILABLE, f"state store unavailable, nothing was written; retry: {e}"
-        except EventLogError as e:  # kafka://: the broker did not acknowledge within the delivery timeout
+        except EventLogError as e:  # file://: a write or fsync failed (e.g. a full disk); kafka://: no broker ack
             self.metrics.event_log_errors.labels(name).inc()
             log.warning("%s: event log unavailable: %s", name, e,
                         extra={"fields": {"request_id": request_id, "rpc": name, "user_id": user_id}})
@@ -446,7 +446,15 @@ class FeedService(rpc.FeedServiceServicer):
             for reason, n in dropped.items():
                 self.metrics.signals.labels(reason).inc(n)
         kept = [e for e, reason in zip(events, why) if reason is None]
-        self.state.events.append_many(kept)  # the log is the record: accepted once written here
+        try:
+            self.state.events.append_many(kept)  # the log is the record: accepted once written here
+        except EventLogError:
+            try:  # nothing was accepted: the client's retry must count, not be dropped as "repeated"
+                self.state.release_signals(user, [(e.action, e.post_id) for e in kept])
+            except RedisUnavailable:
+                log.warning("signals of user %s not released after a failed append (redis unavailable): a retry "
+                            "within %s s is dropped as repeated", user, self.cfg.serving.signal_window_s)
+            raise
         self.metrics.signals.labels("accepted").inc(len(kept))
         clicked_authors = [int(e.author_id) for e in kept if e.action == Action.CLICK]
         try:

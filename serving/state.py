@@ -73,6 +73,10 @@ return out
 """
 
 
+def _acted_members(signals: list[tuple[str, int]]) -> list[str]:
+    return [f"{a}:{p}" for a, p in signals]
+
+
 def cc_key(u: int) -> str:
     return f"feedrank:cc:{u}"
 
@@ -437,9 +441,15 @@ class ServingState:
         the check cannot run."""
         window_ms = self.cfg.serving.signal_window_s * 1000
         args = [now_ms, now_ms - window_ms, ACTED_CAP, self.cfg.serving.signal_window_s, int(require_served),
-                *(f"{a}:{p}" for a, p in signals)]
+                *_acted_members(signals)]
         codes = self.redis.run(lambda r: self.signal_check(keys=[seen_key(user), acted_key(user)], args=args, client=r))
         return [(None, "not_served", "repeated")[int(c)] for c in codes]
+
+    def release_signals(self, user: int, signals: list[tuple[str, int]]) -> None:
+        """Forget that these signals counted: their append failed and the client was told to retry,
+        so the retry must count, not be dropped as "repeated". Raises RedisUnavailable."""
+        if signals:
+            self.redis.run(lambda r: r.zrem(acted_key(user), *_acted_members(signals)))
 
     def record_seen(self, user: int, post_ids: list[int], now_ms: int) -> None:
         def write(r: Any) -> None:
