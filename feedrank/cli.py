@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from feedrank.config import ConfigError, get_config, load_config
+from feedrank.config import ConfigError, get_config
 
 app = typer.Typer(help="feedrank: feed ranking with two-tower retrieval, a 4-stage funnel and streaming features.",
                   no_args_is_help=True, add_completion=False)
@@ -40,10 +40,9 @@ app.add_typer(feast_app, name="feast")
 console = Console(stderr=True, soft_wrap=True)
 
 
-def _cfg(**overrides: str):
-    """The configuration; ``overrides`` are FEEDRANK_* settings a command sets for itself."""
+def _cfg():
     try:
-        return load_config({**os.environ, **overrides}) if overrides else get_config()
+        return get_config()
     except ConfigError as e:
         console.print(f"[red]config error[/red]: {e}")
         raise typer.Exit(2)
@@ -986,14 +985,14 @@ def bench_signals_cmd(scale: str = typer.Option("small", help="World scale (its 
         levels = ()
     if not levels or min(levels) <= 0:
         _fail(f"--clients needs positive integers separated by commas, got {clients!r}")
-    cfg = _cfg() if fsync else _cfg(FEEDRANK_EVENTS_FSYNC="false")
+    cfg = _cfg()
     with _progress() as prog, scratch_removed_on_success():
         try:
             if log_only:
                 res = bench_event_log_only(cfg, levels, seconds, signals, progress=_StageProgress(prog))
             else:
                 res = bench_signals(cfg, scale, levels, seconds, signals, events=log, progress=_StageProgress(prog),
-                                    workers=workers)
+                                    workers=workers, fsync=fsync)
         except (RuntimeError, ValueError) as e:
             _fail(str(e))
     path = write_result("signals", res)

@@ -289,10 +289,11 @@ class ServingStack:
 
 @contextmanager
 def serving_stack(cfg: Config, scale: str, workers: int = 0, step: Step | None = None, world_dir: Path | None = None,
-                  name: str = "serve", events: str = "file") -> Iterator[ServingStack]:
+                  name: str = "serve", events: str = "file", **overrides: str) -> Iterator[ServingStack]:
     """The world's isolated stack (own Redis, model store, event log; :func:`prepare`, user features
     in the online store) with ``feedrank serve --world`` as its own process, every worker healthy
-    and serving metrics. On exit the server is terminated and the stack taken down."""
+    and serving metrics; ``overrides`` are FEEDRANK_* settings of the stack. On exit the server is
+    terminated and the stack taken down."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -309,9 +310,9 @@ def serving_stack(cfg: Config, scale: str, workers: int = 0, step: Step | None =
     n_workers = workers or cfg.serving.workers
     port, mport = free_port(), _free_ports(n_workers)
     bcfg = isolated_config(cfg, f"{name}-{scale}", events=events, FEEDRANK_SERVING_PORT=str(port),
-                           FEEDRANK_SERVING_METRICS_PORT=str(mport))
+                           FEEDRANK_SERVING_METRICS_PORT=str(mport), **overrides)
     bcfg = isolated_config(cfg, f"{name}-{scale}", events=events, FEEDRANK_SERVING_PORT=str(port),
-                           FEEDRANK_SERVING_METRICS_PORT=str(mport),
+                           FEEDRANK_SERVING_METRICS_PORT=str(mport), **overrides,
                            FEEDRANK_SERVING_WORKERS=str(n_workers),
                            FEEDRANK_MODEL_STORE="file://" + str(bcfg.data_dir / "models"),
                            FEEDRANK_PATHS_DATA_DIR=str(bcfg.data_dir), FEEDRANK_REDIS=bcfg.redis.uri,

@@ -146,9 +146,10 @@ def _signals_for(user: int, rnd: int, per_call: int, n_posts: int, pb: Any) -> l
 
 def bench_signals(cfg: Config, scale: str = "small", concurrency: tuple[int, ...] = (1, 8, 32), seconds: float = 20.0,
                   per_call: int = 10, events: str = "file", progress: Step | None = None, workers: int = 0,
-                  world_dir: Path | None = None, event_log_seconds: float = 5.0) -> dict[str, Any]:
+                  world_dir: Path | None = None, event_log_seconds: float = 5.0, fsync: bool = True) -> dict[str, Any]:
     """SubmitSignals over gRPC (see module docstring); then, for ``file://``, the log alone for
-    ``event_log_seconds`` per level (0 = not)."""
+    ``event_log_seconds`` per level (0 = not). ``fsync=False``: the server acknowledges file://
+    appends before they reach the disk (the baseline that shows what durability costs)."""
     import grpc
 
     from infra.bench_serve import serving_stack
@@ -156,7 +157,8 @@ def bench_signals(cfg: Config, scale: str = "small", concurrency: tuple[int, ...
     from serving.protos import pb, rpc
 
     step = progress or (lambda s, f: None)
-    with serving_stack(cfg, scale, workers, step, world_dir, name="signals", events=events) as st:
+    with serving_stack(cfg, scale, workers, step, world_dir, name="signals", events=events,
+                       FEEDRANK_EVENTS_FSYNC="true" if fsync else "false") as st:
         bcfg, address, world, world_dir = st.bcfg, st.address, st.world, st.world_dir
         versions, startup_s, n_workers = st.versions, st.startup_s, st.workers
         n_users, n_posts = int(world.n_users), int(world.n_posts)
