@@ -37,14 +37,14 @@ $(STAMP): pyproject.toml | $(VPY)
 
 venv: preflight $(STAMP)
 
-# JVM artifacts (infra/jvm/pom.xml: the Kafka broker and tools, Flink's Kafka connector and Parquet
+# JVM artifacts (core/jvm/pom.xml: the Kafka broker and tools, Flink's Kafka connector and Parquet
 # format) from Maven Central via ~/.m2 into var/jvm; again only when the pom changes. The stamp holds
-# the pom's digest, as infra/jvm.py checks it.
-$(JVM_STAMP): infra/jvm/pom.xml
-	@echo "fetching JVM artifacts (infra/jvm/pom.xml) into $(JVM_DIR)"
+# the pom's digest, as core/jvm.py checks it.
+$(JVM_STAMP): core/jvm/pom.xml
+	@echo "fetching JVM artifacts (core/jvm/pom.xml) into $(JVM_DIR)"
 	rm -rf $(JVM_DIR)/kafka $(JVM_DIR)/flink
-	mvn -B -q -Dstyle.color=never -f infra/jvm/pom.xml package -Djvm.out=$(CURDIR)/$(JVM_DIR)
-	@sha256sum infra/jvm/pom.xml | cut -d' ' -f1 > $(JVM_STAMP)
+	mvn -B -q -Dstyle.color=never -f core/jvm/pom.xml package -Djvm.out=$(CURDIR)/$(JVM_DIR)
+	@sha256sum core/jvm/pom.xml | cut -d' ' -f1 > $(JVM_STAMP)
 
 jvm: preflight $(JVM_STAMP)
 

@@ -10,8 +10,8 @@ from typing import Callable
 
 import pytest
 
-from feedrank.config import Config, load_config
-from infra.procs import free_port
+from core.config import Config, load_config
+from core.services import free_port
 
 
 @pytest.fixture

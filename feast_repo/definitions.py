@@ -5,7 +5,7 @@ streaming jobs and the serving tier register exactly the same entities, views an
 sources. Offline sources are Parquet files under ``<data_dir>/feast``.
 """
 
-from feedrank.config import get_config
+from core.config import get_config
 from features.feast_repo import definitions
 
 globals().update(definitions(get_config().data_dir))

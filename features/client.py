@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from feedrank.config import Config
+from core.config import Config
 from features.feast_repo import POST_STATS_FLOAT, POST_STATS_INT
 
 POST_STATS_CHANGES = "feedrank:changes:post_stats"

@@ -7,12 +7,12 @@ import pytest
 
 from features.client import FeatureWriter, OnlineStoreReader, redis_client
 from features.feast_repo import apply
-from infra import runtime
+from runtime import stack
 
 
 @pytest.mark.slow
 def test_reader_and_writer_match_get_online_features(cfg):
-    runtime.up(cfg)
+    stack.up(cfg)
     try:
         store = apply(cfg)
         w = FeatureWriter(cfg)
@@ -33,7 +33,7 @@ def test_reader_and_writer_match_get_online_features(cfg):
         emb = reader.read(redis_client(cfg), "user_embedding", [3, 11])
         assert emb[0]["embedding"] == [0.5] * 128 and emb[1] is None
     finally:
-        runtime.down(cfg)
+        stack.down(cfg)
 
 
 def test_hand_encoded_values_are_byte_identical_to_protobuf():

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
-from features.events import BaseEvent, coerce_event
+from core.events import BaseEvent, coerce_event
 
 #: librdkafka's own log lines (connection refused while a broker restarts...) go to Python logging,
 #: not raw to stderr

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from features.eventlog import INPROGRESS_DIR, RS, SEGMENTS_DIR, EventLogError, FileEventLog
-from features.events import Action, Engagement
+from core.events import Action, Engagement
 
 TS = 1_767_571_200_000
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,8 +9,8 @@ from collections import Counter
 import pytest
 
 from features.eventlog import EventLogError, FileEventLog, KafkaEventLog, open_event_log, read_all
-from infra import runtime
-from infra.procs import free_port
+from runtime import stack
+from core.services import free_port
 from sim.eventgen import synthetic_events
 
 pytestmark = pytest.mark.kafka
@@ -19,9 +19,9 @@ pytestmark = pytest.mark.kafka
 @pytest.fixture
 def kafka_cfg(make_cfg):
     cfg = make_cfg(FEEDRANK_EVENTS=f"kafka://127.0.0.1:{free_port()}/engagements", FEEDRANK_EVENTS_KAFKA_PARTITIONS="4")
-    runtime.up(cfg)
+    stack.up(cfg)
     yield cfg
-    runtime.down(cfg)
+    stack.down(cfg)
 
 
 def test_same_events_through_kafka_come_back_identical(kafka_cfg, tmp_path):
@@ -61,7 +61,7 @@ def test_a_message_is_one_partitions_bundle_stamped_with_its_latest_event_time(k
     from confluent_kafka import Consumer, TopicPartition
 
     from features.eventlog import split_bundle
-    from features.events import Engagement
+    from core.events import Engagement
 
     klog = open_event_log(kafka_cfg.events.uri, partitions=4)
     evs = [Engagement(user_id=u, post_id=1, action="click", ts=1_767_571_200_000 + 10 * i) for i, u in
@@ -80,15 +80,15 @@ def test_a_message_is_one_partitions_bundle_stamped_with_its_latest_event_time(k
 
 
 def test_append_raises_when_the_broker_is_gone_and_keeps_what_was_acknowledged(kafka_cfg):
-    from features.events import Engagement
+    from core.events import Engagement
 
     klog = open_event_log(kafka_cfg.events.uri, timeout_s=3.0)
     ok = [Engagement(user_id=1, post_id=1, action="click", ts=1_767_571_200_000)]
     klog.append_many(ok)
-    assert [s for s in runtime.managed_services(kafka_cfg) if s.name == "kafka"][0].stop() == "stopped"
+    assert [s for s in stack.managed_services(kafka_cfg) if s.name == "kafka"][0].stop() == "stopped"
     with pytest.raises(EventLogError, match="not acknowledged|failed delivery"):
         klog.append_many([Engagement(user_id=2, post_id=1, action="click", ts=1_767_571_200_001)])
-    runtime.up(kafka_cfg)
+    stack.up(kafka_cfg)
     reader = KafkaEventLog(kafka_cfg.events.uri, create_topic=False).reader()
     lines = read_all(reader, idle_s=3.0, max_s=60)
     reader.close()

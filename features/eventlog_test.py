@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from features.eventlog import FileEventLog, open_event_log, read_all
-from features.events import Engagement, InvalidEvent
+from core.events import Engagement, InvalidEvent
 from sim.eventgen import synthetic_events
 
 TS = 1_767_571_200_000

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from feedrank.config import PROJECT_ROOT, Config
+from core.config import PROJECT_ROOT, Config
 
 REPO = PROJECT_ROOT / "feast_repo"
 TS = "event_timestamp"
@@ -148,13 +148,14 @@ def configure(cfg: Config, repo: Path = REPO) -> Path:
 
 
 def export(cfg: Config, world_dir: Path) -> dict[str, int]:
-    """Offline sources from a simulated world, as of the end of its history."""
+    """Offline sources from a data directory (:mod:`core.corpus`), as of the end of its history."""
+    from core.corpus import Corpus
+    from core.units import HOUR_MS
     from features.offline import History
-    from sim.world import HOUR_MS, World
 
     out = cfg.data_dir / "feast"
     out.mkdir(parents=True, exist_ok=True)
-    world = World.load(world_dir)
+    world = Corpus.load_corpus(world_dir)
     hist = History.load(world_dir, world)
     t = world.end_ms
     ts = pd.Timestamp(t, unit="ms", tz="UTC")

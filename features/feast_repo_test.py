@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from features.feast_repo import configure, export
-from infra import runtime
+from runtime import stack
 from sim.generate import generate
 
 pytestmark = pytest.mark.slow
@@ -34,7 +34,7 @@ def test_apply_materialize_and_read_online(make_cfg, tmp_path):
     counts = export(cfg, tmp_path / "w")
     assert counts["post_stats"] == 3000 and counts["user_topic"] == 600
     try:
-        runtime.up(cfg)
+        stack.up(cfg)
         r = _feast(["apply"], repo, env)
         assert r.returncode == 0, r.stdout + r.stderr
         views = ["user_profile", "user_topic", "post_content", "post_stats", "author_stats"]
@@ -58,4 +58,4 @@ def test_apply_materialize_and_read_online(make_cfg, tmp_path):
         assert got["clicks"] == [int(want.clicks[busiest]), int(want.clicks[7])]
         assert got["impressions"][0] == int(want.impressions[busiest]) > 0
     finally:
-        runtime.down(cfg)
+        stack.down(cfg)

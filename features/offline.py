@@ -3,7 +3,7 @@
 Every count is "events of this key strictly before t", answered for millions of rows at
 once with one sorted array and ``searchsorted`` — no feature ever sees the future of the
 impression it describes. The streaming feature job computes the same counters online;
-both produce vectors in the order of :mod:`features.schema`.
+both produce vectors in the order of :mod:`core.schema`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from features.schema import N_CTYPES, N_TOPICS
-from sim.world import HOUR_MS, World
+from core.schema import N_CTYPES, N_TOPICS
+from core.units import HOUR_MS
+from core.corpus import Corpus
 
 NEGATIVE = ("hide", "not_interested", "see_less")
 PRIOR_CTR, PRIOR_N = 0.1, 20.0
@@ -86,7 +87,7 @@ USER_DENSE_DIM = 2 * N_TOPICS + N_CTYPES + 2
 class History:
     """The logged world, indexed for point-in-time questions."""
 
-    def __init__(self, world: World, impressions, engagements):
+    def __init__(self, world: Corpus, impressions, engagements):
         self.world = world
         T = world.n_topics
         eng = engagements
@@ -125,9 +126,9 @@ class History:
         self.follower_counts = world.follower_counts()
 
     @classmethod
-    def load(cls, data_dir: str | Path, world: World | None = None) -> "History":
+    def load(cls, data_dir: str | Path, world: Corpus | None = None) -> "History":
         d = Path(data_dir)
-        world = world or World.load(d)
+        world = world or Corpus.load_corpus(d)
         imp = pq.read_table(d / "impressions.parquet", columns=["post_id", "ts"]).to_pandas()
         eng = pq.read_table(d / "engagements.parquet", columns=["user_id", "post_id", "action", "dwell_ms", "ts"]).to_pandas()
         return cls(world, imp, eng)

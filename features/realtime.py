@@ -21,12 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from features.events import NEGATIVE_ACTIONS, Action, InvalidEvent, parse_event, parse_events
+from core.events import NEGATIVE_ACTIONS, Action, InvalidEvent, parse_event, parse_events
 from features.feast_repo import post_trending_score, topic_trend
-from features.schema import N_CTYPES, N_TOPICS
+from core.schema import N_CTYPES, N_TOPICS
+from core.units import HOUR_MS, MINUTE_MS
 
-MINUTE_MS = 60_000
-HOUR_MS = 3_600_000
 CTYPE_CODE = {"text": 0, "image": 1, "video": 2}
 ACTIONS = [a.value for a in Action]
 A = {a: i for i, a in enumerate(ACTIONS)}
@@ -51,7 +50,7 @@ def compact(line: str) -> Compact | str:
 
 
 def compact_many(lines: list[str]) -> list[Compact | str]:
-    """:func:`compact` of a bundle's events, validated together (features.events.parse_events)."""
+    """:func:`compact` of a bundle's events, validated together (core.events.parse_events)."""
     return [ev.reason if isinstance(ev, InvalidEvent) else compact_event(ev) for ev in parse_events(lines)]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from features import realtime as rt
-from features.events import Engagement, Exposure, PostPublished
+from core.events import Engagement, Exposure, PostPublished
 
 T = 1_767_571_200_000
 

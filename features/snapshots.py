@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from feedrank.config import Config
+from core.config import Config
 
 KEY = "feedrank:snap:{}"
 

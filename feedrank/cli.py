@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import threading
-import time
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -15,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from feedrank.config import ConfigError, get_config
+from core.config import ConfigError, get_config
 
 app = typer.Typer(help="feedrank: feed ranking with two-tower retrieval, a 4-stage funnel and streaming features.",
                   no_args_is_help=True, add_completion=False)
@@ -59,12 +57,12 @@ def _fail(msg: str, code: int = 1) -> None:
 @app.command()
 def up() -> None:
     """Start Redis, prepare the event log, and start a local Apache Kafka broker when the event log is kafka://."""
-    from infra import runtime
-    from infra.procs import ServiceError
+    from runtime import stack
+    from core.services import ServiceError
 
     cfg = _cfg()
     try:
-        for name, outcome in runtime.up(cfg):
+        for name, outcome in stack.up(cfg):
             console.print(f"[green]✓[/green] {name}: {outcome}")
     except ServiceError as e:
         _fail(str(e))
@@ -73,18 +71,18 @@ def up() -> None:
 @app.command()
 def down() -> None:
     """Stop everything `up` (and `flink up`) started; nothing else."""
-    from infra import runtime
+    from runtime import stack
 
-    for name, outcome in runtime.down(_cfg()):
+    for name, outcome in stack.down(_cfg()):
         console.print(f"{name}: {outcome}")
 
 
 @app.command()
 def status(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
     """Health of each service of the embedded stack. Exit code 1 if any is unhealthy."""
-    from infra import runtime
+    from runtime import stack
 
-    rows = runtime.status(_cfg())
+    rows = stack.status(_cfg())
     if as_json:
         print(json.dumps(rows, indent=2))
     else:
@@ -103,8 +101,8 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print JSON instea
 @flink_app.command("up")
 def flink_up() -> None:
     """Start the standalone cluster (conf, logs, pids under var/flink)."""
-    from infra import flink
-    from infra.procs import ServiceError
+    from runtime import flink
+    from core.services import ServiceError
 
     try:
         console.print(f"[green]✓[/green] flink: {flink.cluster_up(_cfg())}")
@@ -115,7 +113,7 @@ def flink_up() -> None:
 @flink_app.command("down")
 def flink_down() -> None:
     """Stop the standalone cluster started by `feedrank flink up`."""
-    from infra import flink
+    from runtime import flink
 
     console.print(f"flink: {flink.cluster_down(_cfg())}")
 
@@ -123,7 +121,7 @@ def flink_down() -> None:
 @flink_app.command("status")
 def flink_status() -> None:
     """Cluster overview from the REST API."""
-    from infra import flink
+    from runtime import flink
 
     cfg = _cfg()
     ov = flink.rest_overview(cfg)
@@ -136,7 +134,7 @@ def _checkpointed_job(job_py: Path) -> str | None:
     """The checkpoint name (``JOB``) of one of our job scripts, None for any other script."""
     import importlib
 
-    from feedrank.config import PROJECT_ROOT
+    from core.config import PROJECT_ROOT
 
     if job_py.resolve().parent != PROJECT_ROOT / "jobs":
         return None
@@ -151,24 +149,25 @@ def flink_submit(job: Path = typer.Argument(..., help="Python job file, e.g. job
                  args: Optional[list[str]] = typer.Argument(None),
                  fresh: bool = typer.Option(False, "--fresh", help="ignore retained checkpoints: read the log from the start")) -> None:
     """`flink run -py JOB -pyexec <venv python>` against the standalone cluster (detached); returns once
-    every operator runs, restarting a job whose operators never open (see infra.flink.submit_supervised),
+    every operator runs, restarting a job whose operators never open (see runtime.flink.submit_supervised),
     and, for a checkpointing (streaming) job, once it completed its first checkpoint: operators RUNNING
     alone said nothing about a job that never got a checkpoint through. Exit 1 if none completes within
     flink.startup_timeout_s. A job of ours with a retained checkpoint on this event log resumes from
     the newest one (`flink run -s`), as `jobs run` does, unless --fresh."""
-    from infra import flink
-    from infra.procs import ServiceError
+    from jobs import flinkenv
+    from runtime import flink
+    from core.services import ServiceError
 
     cfg = _cfg()
     name = _checkpointed_job(job)
-    running = flink.running_jobs(cfg)
+    running = flinkenv.running_jobs(cfg)
     twin = [jid for jid, n in running.items() if name and n == f"feedrank-{name}"]
     if twin:  # two copies of a job on one log would count every event twice
         _fail(f"the {name} job already runs on this cluster (job {twin[0]}): cancel it first "
               f"(flink cancel {twin[0]}, or the UI on http://localhost:{cfg.flink.rest_port})")
-    restore = flink.latest_checkpoint(cfg, name) if name and not fresh else None
+    restore = flinkenv.latest_checkpoint(cfg, name) if name and not fresh else None
     if name:
-        flink.prune_checkpoints(cfg, name, restore, set(running))
+        flinkenv.prune_checkpoints(cfg, name, restore, set(running))
         console.print(f"{name} job: resuming from checkpoint {restore}" if restore else
                       f"{name} job: starting from the beginning of {cfg.events.uri} (no retained checkpoint"
                       f"{' used: --fresh' if fresh else ''})")
@@ -187,8 +186,8 @@ def flink_env() -> None:
 
     FLINK_HOME, FLINK_CONF_DIR / FLINK_LOG_DIR / FLINK_PID_DIR under var/flink (never site-packages),
     PYTHONPATH and PYFLINK_CLIENT_EXECUTABLE for the venv, PATH with pyflink's bin (the `flink`
-    script) first; the same variables `flink up` and `flink submit` use (infra.flink.cluster_variables)."""
-    from infra import flink
+    script) first; the same variables `flink up` and `flink submit` use (runtime.flink.cluster_variables)."""
+    from runtime import flink
 
     cfg = _cfg()
     if not (flink.cluster_dirs(cfg)["conf"] / "config.yaml").exists():
@@ -271,7 +270,7 @@ def sim_clients(
                      repost_rate=cfg.sim.repost_rate, policy_flag_rate=cfg.sim.policy_flag_rate)
     if target == "local":
         from features.eventlog import open_configured_event_log
-        from serving.chronological import ChronologicalFeed
+        from sim.chronological import ChronologicalFeed
 
         log = open_configured_event_log(cfg)
         api: Any = ChronologicalFeed(world, log)
@@ -279,6 +278,7 @@ def sim_clients(
     else:
         import grpc
 
+        from runtime.serve import server_offset_ms
         from serving.client import GrpcFeedApi
 
         address = address or f"{cfg.serving.host}:{cfg.serving.port}"
@@ -287,7 +287,7 @@ def sim_clients(
             grpc.channel_ready_future(api.channel).result(timeout=10)
         except grpc.FutureTimeoutError:
             _fail(f"no FeedService at {address}: start it with `feedrank serve --world {world_dir}`")
-        clock = WallClock(world.end_ms + _server_offset_ms(cfg))
+        clock = WallClock(world.end_ms + server_offset_ms(cfg))
     with _progress() as prog:
         task = prog.add_task("simulated clients", total=duration)
         stats = pop.run(api, clock, duration, on_tick=lambda el, st: prog.update(task, completed=el / 1000.0))
@@ -301,37 +301,6 @@ def sim_clients(
         out["grpc"] = api.stats()
         api.close()
     print(json.dumps(out))
-
-
-def _republish_clock(cfg, origin: dict[str, int]) -> None:
-    """Write the serving clock's origin where it is missing (HSETNX: every worker writes the same values)."""
-    import logging
-
-    from features.client import redis_client
-    from serving.state import SERVING_CLOCK
-
-    try:
-        with redis_client(cfg).pipeline(transaction=False) as p:
-            for k, v in origin.items():
-                p.hsetnx(SERVING_CLOCK, k, v)
-            p.execute()
-    except Exception as e:  # noqa: BLE001 - Redis down: serving goes on degraded, the next try writes it
-        logging.getLogger("feedrank.serving").warning("serving clock not republished (%s)", e)
-
-
-def _server_offset_ms(cfg) -> int:
-    """How far the running server's simulated clock is past the world's end (it publishes its start)."""
-    try:
-        from features.client import redis_client
-
-        from serving.state import SERVING_CLOCK
-
-        raw = redis_client(cfg).hgetall(SERVING_CLOCK)
-        if raw:
-            return int(time.time() * 1000) - int(raw[b"wall0_ms"]) + int(raw[b"sim0_ms"]) - int(raw[b"world_end_ms"])
-    except Exception:  # noqa: BLE001 - no server info: assume it started with the world's end just now
-        pass
-    return 0
 
 
 @app.command()
@@ -350,8 +319,8 @@ def serve(
     With several workers (serving.workers) this process supervises that many server
     processes bound to the same port (SO_REUSEPORT); the kernel spreads connections."""
     import signal
-    import subprocess
 
+    from core.services import ServiceError
     from serving.pipelines import PIPELINES
 
     if describe:
@@ -368,7 +337,7 @@ def serve(
         Authenticator.from_config(cfg)
     except InsecureConfig as e:
         _fail(str(e), 2)
-    from features.client import redis_client
+    from runtime.serve import publish_clock, run_worker, supervise_workers
 
     n = workers or cfg.serving.workers
     port = port or cfg.serving.port
@@ -376,16 +345,10 @@ def serve(
     if clock_origin:  # a worker: the supervisor's clock, so every worker (and restarted ones) agree
         origin = dict(zip(("wall0_ms", "sim0_ms", "world_end_ms"), (int(v) for v in clock_origin.split(","))))
     elif world_dir is not None:  # the supervisor (or the only process) fixes the clock
-        from sim.world import World
-
-        end = World.load(world_dir).end_ms
-        origin = {"wall0_ms": int(time.time() * 1000), "sim0_ms": end, "world_end_ms": end}
         try:
-            from serving.state import SERVING_CLOCK
-
-            redis_client(cfg).hset(SERVING_CLOCK, mapping=origin)
-        except Exception as e:  # noqa: BLE001
-            _fail(f"redis at {cfg.redis.uri} is not reachable ({e}): run `feedrank up` first")
+            origin = publish_clock(cfg, world_dir)
+        except ServiceError as e:
+            _fail(str(e))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     if n > 1 and worker_index < 0:
@@ -395,47 +358,14 @@ def serve(
         if world_dir is not None:
             argv += ["--world", str(world_dir), "--clock-origin",
                      ",".join(str(origin[k]) for k in ("wall0_ms", "sim0_ms", "world_end_ms"))]
-        procs = [subprocess.Popen(argv + ["--worker-index", str(i)]) for i in range(n)]
         console.print(f"FeedService: {n} workers on {cfg.serving.host}:{port} "
                       f"(metrics :{cfg.serving.metrics_port}..{cfg.serving.metrics_port + n - 1}); Ctrl-C stops")
-        try:
-            while not stop.wait(1.0):
-                for i, p in enumerate(procs):
-                    if p.poll() is not None:  # a worker died: say so and start it again
-                        console.print(f"[yellow]worker {i} exited ({p.returncode}); restarting[/yellow]")
-                        procs[i] = subprocess.Popen(argv + ["--worker-index", str(i)])
-        except KeyboardInterrupt:
-            pass
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        supervise_workers(argv, n, stop, say=console.print)
         return
-    clock = None
-    if origin:
-        wall0, sim0 = origin["wall0_ms"], origin["sim0_ms"]
-        clock = lambda: sim0 + int(time.time() * 1000) - wall0  # noqa: E731 - one clock for every worker
-    from serving.server import Server
-
-    idx = max(worker_index, 0)
     try:
-        server = Server(cfg, bootstrap_dir=world_dir, clock=clock, port=port,
-                        metrics_port=cfg.serving.metrics_port + idx if cfg.serving.metrics_port else 0,
-                        reuse_port=n > 1)
-    except Exception as e:  # noqa: BLE001
-        _fail(f"cannot start the FeedService: {e}")
-    console.print(f"FeedService worker {idx} on {server.address} (metrics :{server.metrics_port}); "
-                  f"models {server.loader.models.versions()}")
-    try:
-        while not stop.wait(5.0):
-            if origin:  # readers (the demo, `sim clients`) find the clock again after a Redis restart
-                _republish_clock(cfg, origin)
-    except KeyboardInterrupt:
-        pass
-    server.stop()
+        run_worker(cfg, world_dir, origin, port, max(worker_index, 0), reuse_port=n > 1, stop=stop, say=console.print)
+    except ServiceError as e:
+        _fail(str(e))
 
 
 @app.command()
@@ -501,11 +431,16 @@ def jobs_run(
     --expect events did not all arrive: 0 events is never a result. features and learner run until
     stopped and show their progress (also in Redis: feedrank:jobs:<job>:progress). They resume from
     their newest retained checkpoint on this event log (kept when the job is stopped or its JVM dies)."""
-    from infra.procs import ServiceError
+    from core.services import ServiceError
 
     cfg = _cfg()
     if job in ("features", "learner"):
-        _run_streaming_job(cfg, job, seconds, resume=not fresh)
+        from runtime.jobrun import JobRunError, run_streaming_job
+
+        try:
+            print(json.dumps(run_streaming_job(cfg, job, seconds, resume=not fresh, say=console.print)))
+        except JobRunError as e:
+            _fail(str(e))
         return
     if job != "audit":
         _fail(f"unknown job {job!r} (available: audit, features, learner)")
@@ -520,118 +455,6 @@ def jobs_run(
         _fail(f"audited {result['events']} of the {expect} events expected: "
               f"{why.get(result['stopped'], 'the job ended by itself')}")
     print(json.dumps(result))
-
-
-def _run_streaming_job(cfg, job: str, seconds: float, resume: bool = True) -> None:
-    import time as _time
-
-    from features.client import read_progress
-    from infra import flink
-    from infra.procs import ServiceError
-
-    # jobs/feature_job.py, not jobs/features.py: `flink run -py jobs/<job>.py` puts jobs/ first
-    # on sys.path, where a features.py would shadow the features package
-    mod = __import__(f"jobs.{'feature_job' if job == 'features' else job}", fromlist=["run_embedded"])
-    # each job's gateway JVM logs to its own directory: two jobs never write one file
-    log_dir = cfg.data_dir / "flink" / f"log-{job}"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("FLINK_LOG_DIR", str(log_dir))
-    opened = ("post_opened", "user_opened", "topic_opened") if job == "features" else ("opened",)
-    before = read_progress(cfg, job)
-    restore = flink.latest_checkpoint(cfg, job) if resume else None
-    console.print(f"{job} job: resuming from checkpoint {restore}" if restore else
-                  f"{job} job: starting from the beginning of {cfg.events.uri} (no retained checkpoint"
-                  f"{'' if resume else ' used: --fresh'})")
-    try:
-        client = mod.run_embedded(cfg, resume=resume)
-    except (ServiceError, RuntimeError) as e:
-        _fail(str(e))
-    console.print(f"{job} job submitted to a local MiniCluster (JVM log in {os.environ['FLINK_LOG_DIR']}); Ctrl-C stops it")
-    keys = (("post_events", "user_events", "topic_events", "dedupe_duplicates", "dedupe_invalid") if job == "features"
-            else ("examples", "steps", "promoted", "rejected", "rolled_back", "current"))
-    t0 = _time.monotonic()
-    failed: str | None = None
-    started = False
-    warming_since: dict[str, float] = {}  # operator -> when it began a warm-up (first element) not yet finished
-    try:
-        while not seconds or _time.monotonic() - t0 < seconds:
-            _time.sleep(2.0)
-            p = read_progress(cfg, job)
-            if not started:
-                started = all(p.get(k, 0) > before.get(k, 0) for k in opened)
-                if not started and _time.monotonic() - t0 > cfg.flink.startup_timeout_s:
-                    _restart_stuck_job(job, opened, p, before)
-            for view in (k[: -len("_opened")] for k in opened):
-                if p.get(f"{view}_warming", 0) > p.get(f"{view}_warmed", 0):
-                    since = warming_since.setdefault(view, _time.monotonic())
-                    if _time.monotonic() - since > cfg.flink.startup_timeout_s:  # stuck at its first element
-                        _restart_stuck_job(job, (f"{view}_warmed",), p, {f"{view}_warmed": p.get(f"{view}_warmed", 0)})
-                else:
-                    warming_since.pop(view, None)
-            try:
-                status = str(client.get_job_status().result()).rsplit(".", 1)[-1]
-            except Exception as e:  # noqa: BLE001 - the MiniCluster is gone: say so rather than poll forever
-                failed = f"{job} job status unavailable: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-                break
-            if status in ("FAILED", "CANCELED", "FINISHED"):
-                failed = f"{job} job is {status}: {_job_failure(client)}"
-                break
-            p = read_progress(cfg, job)
-            console.print(f"  [{status}] " + "  ".join(
-                f"{k}={p.get(k, 0):g}" if isinstance(p.get(k, 0), float) else f"{k}={p.get(k)}" for k in keys))
-    except KeyboardInterrupt:
-        pass
-    finally:
-        if failed is None:
-            client.cancel().result()
-    print(json.dumps(read_progress(cfg, job)))
-    if failed:
-        _fail(failed)
-
-
-#: not FEEDRANK_*: the configuration rejects unknown FEEDRANK_ variables
-START_ATTEMPT_ENV = "_FEEDRANK_JOB_START_ATTEMPT"
-
-
-def _restart_stuck_job(job: str, opened: tuple[str, ...], progress: dict, before: dict) -> None:
-    """Start again in a fresh JVM when the job's Python operators never finished opening.
-
-    Measured: now and then (in CI, and in a long test session) PyFlink's thread-mode operators
-    stayed INITIALIZING forever, their Python ``open`` never returning while the source ran; a
-    new JVM started normally. The cause found is fixed (``feedrank.embedded_sys_path``); this
-    stays for any other start-up deadlock. Cancelling the stuck job would itself wait 180 s in the interpreter's
-    finalizer, so the JVM is killed and this command re-executes itself (at most 3 attempts)."""
-    import psutil
-
-    from jobs.startup_stacks import read_dumps
-
-    attempt = int(os.environ.get(START_ATTEMPT_ENV, "1"))
-    missing = [k for k in opened if progress.get(k, 0) <= before.get(k, 0)]
-    dumps = read_dumps(get_config(), since=psutil.Process().create_time())
-    console.print(dumps or "no Python stack dump: the operators never reached their own open")
-    if attempt >= 3:
-        _fail(f"{job} job: operators did not get ready ({', '.join(missing)}) in 3 attempts; see the JVM log in "
-              f"{os.environ.get('FLINK_LOG_DIR')}")
-    console.print(f"[yellow]{job} job: operators did not get ready ({', '.join(missing)}) in time: restarting it in a "
-                  f"fresh JVM (attempt {attempt + 1} of 3)[/yellow]")
-    for child in psutil.Process().children(recursive=True):
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
-    os.environ[START_ATTEMPT_ENV] = str(attempt + 1)
-    sys.stdout.flush()
-    os.execv(sys.executable, [sys.executable, *sys.argv])
-
-
-def _job_failure(client) -> str:
-    """The root cause of a job that ended by itself (a streaming job should never end)."""
-    try:
-        client.get_job_execution_result().result()
-    except Exception as e:  # noqa: BLE001 - Py4J wraps the Java exception; its message is what people need
-        lines = [ln for ln in str(e).splitlines() if ln.strip() and not ln.lstrip().startswith("at ")]
-        return " | ".join(lines[-6:])
-    return "it finished without an error"
 
 
 def _world_dir(cfg, data: Optional[Path]) -> Path:
@@ -691,16 +514,16 @@ def eval_(
     V1 follow graph + rankers, V2 full funnel, ablations) on the simulator's ground truth."""
     from datetime import datetime, timezone
 
-    from feedrank.config import PROJECT_ROOT
+    from core.config import PROJECT_ROOT
 
     cfg = _cfg()
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     if what == "experiments":
-        from infra.bench import scratch_removed_on_success
-        from sim.experiments import run_experiments
+        from lab.bench import scratch_removed_on_success
+        from lab.experiments import run_experiments
 
         d = _world_dir(cfg, data)
-        from sim.experiments import PARTS
+        from lab.experiments import PARTS
 
         parts = tuple(p.strip() for p in only.split(",") if p.strip())
         if not parts or set(parts) - set(PARTS):
@@ -719,10 +542,11 @@ def eval_(
     json_out = json_out or PROJECT_ROOT / "reports" / f"eval-{dataset}-{stamp}" / "metrics.json"
     if dataset == "sim":
         from models.evaluate import evaluate_sim
+        from sim.world import World
 
         d = _world_dir(cfg, data)
         with _progress() as prog:
-            res = evaluate_sim(cfg, str(d), json_out, progress=_StageProgress(prog))
+            res = evaluate_sim(cfg, str(d), json_out, World.load(d), progress=_StageProgress(prog))
         summary = {"retrieval_recall@8000": res["retrieval"]["two_tower"].get(8000), "ndcg": res["ndcg"],
                    "click_auc": res["heads"]["heavy"]["auc"]["click"],
                    "click_auc_observed": res["heads"]["heavy"]["auc_observed"]["click"],
@@ -835,7 +659,7 @@ def bench_all_cmd(ctx: typer.Context,
     freshness, event -> promoted-model serving delay; then bench/results/summary-<stamp>.md."""
     if ctx.invoked_subcommand is not None:
         return
-    from infra.bench_all import run_all
+    from lab.bench_all import run_all
 
     levels = _rps_levels(rps)
     with _progress() as prog:
@@ -854,8 +678,8 @@ def bench_all_cmd(ctx: typer.Context,
 def bench_model_delay_cmd(users: int = typer.Option(300, help="Simulated users (real time)"),
                           minutes: float = typer.Option(5.0, help="Minutes of traffic")) -> None:
     """Event -> promoted model serving: the online learner and the FeedService in real time."""
-    from infra.bench import scratch_removed_on_success, write_result
-    from infra.bench_model_delay import bench_model_delay
+    from lab.bench import scratch_removed_on_success, write_result
+    from lab.bench_model_delay import bench_model_delay
 
     cfg = _cfg()
     with _progress() as prog, scratch_removed_on_success():
@@ -875,7 +699,7 @@ def bench_retrieval(
     queries: int = typer.Option(1000, help="Queries timed for latency"),
 ) -> None:
     """FAISS recall@k vs exact search and per-query latency (1 thread) over a world's posts."""
-    from infra.bench import bench_retrieval as run, write_result
+    from lab.bench import bench_retrieval as run, write_result
 
     cfg = _cfg()
     d = cfg.data_dir / "sim" / f"{scale}-{cfg.sim.seed}"
@@ -895,7 +719,7 @@ def bench_retrieval(
 @bench_app.command("rankers")
 def bench_rankers() -> None:
     """Light ranker over 10K candidates and TorchScript heavy ranker over 500 (current models, 1 thread)."""
-    from infra.bench import bench_rankers as run, write_result
+    from lab.bench import bench_rankers as run, write_result
 
     res = run(_cfg())
     path = write_result("rankers", res)
@@ -911,7 +735,7 @@ EVENTS_HELP = ("Event log of the bench's own stack: kafka (a local Apache Kafka 
 def bench_features_cmd(count: int = typer.Option(300_000, "--count", help="Events written, then read by the job"),
                        log: str = typer.Option("kafka", "--events", help=EVENTS_HELP)) -> None:
     """Throughput of the real-time feature job (events/s), on its own embedded stack."""
-    from infra.bench import bench_features as run, scratch_removed_on_success, write_result
+    from lab.bench import bench_features as run, scratch_removed_on_success, write_result
 
     with _progress() as prog, scratch_removed_on_success():
         try:
@@ -928,7 +752,7 @@ def bench_freshness_cmd(probes: int = typer.Option(200, help="Timed clicks"),
                         background: float = typer.Option(2000.0, help="Background load, events/s"),
                         log: str = typer.Option("kafka", "--events", help=EVENTS_HELP)) -> None:
     """Event append -> feature visible (serving cache and Feast), p50/p99, under background load."""
-    from infra.bench import bench_freshness as run, scratch_removed_on_success, write_result
+    from lab.bench import bench_freshness as run, scratch_removed_on_success, write_result
 
     with _progress() as prog, scratch_removed_on_success():
         try:
@@ -947,8 +771,8 @@ def bench_serve_cmd(scale: str = typer.Option("large", help="World scale (its wo
                     workers: int = typer.Option(0, help="Server processes (default serving.workers)"),
                     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the JSON result here")) -> None:
     """GetFeed latency over gRPC vs load (open loop), per-stage breakdown and server RSS."""
-    from infra.bench import scratch_removed_on_success, write_result
-    from infra.bench_serve import bench_serve
+    from lab.bench import scratch_removed_on_success, write_result
+    from lab.bench_serve import bench_serve
 
     levels = _rps_levels(rps)
     with _progress() as prog, scratch_removed_on_success():
@@ -976,8 +800,8 @@ def bench_signals_cmd(scale: str = typer.Option("small", help="World scale (its 
                       log_only: bool = typer.Option(False, "--log-only", help="Only the file:// event log, in this "
                                                     "process: group commit with fsync on and off (no world or server)")) -> None:
     """SubmitSignals throughput and p99 over gRPC (closed loop), then the file:// log's group commit alone."""
-    from infra.bench import scratch_removed_on_success, write_result
-    from infra.bench_signals import bench_event_log_only, bench_signals
+    from lab.bench import scratch_removed_on_success, write_result
+    from lab.bench_signals import bench_event_log_only, bench_signals
 
     try:
         levels = tuple(int(x) for x in clients.split(",") if x.strip())
@@ -1007,8 +831,8 @@ def bench_soak_cmd(scale: str = typer.Option("small", help="World scale (its wor
                    signals_rps: float = typer.Option(10.0, help="SubmitSignals calls/s (1-5 signals about served items)"),
                    workers: int = typer.Option(0, help="Server processes (default serving.workers)")) -> None:
     """Memory under ordinary traffic: worker RSS sampled every 10 s; goal growth after warm-up <= 5%, 0 errors."""
-    from infra.bench import scratch_removed_on_success
-    from infra.bench_soak import bench_soak, write_soak
+    from lab.bench import scratch_removed_on_success
+    from lab.bench_soak import bench_soak, write_soak
 
     with _progress() as prog, scratch_removed_on_success():
         try:
@@ -1034,7 +858,7 @@ def demo(
 ) -> None:
     """The whole system end to end: stack, world, models, Feast, PyFlink jobs, gRPC FeedService,
     simulated clients with a trend shift; ends with a report under reports/<timestamp>/."""
-    from infra.demo import run_demo
+    from lab.demo import run_demo
 
     sys.exit(run_demo(_cfg(), scale=scale, users=users, minutes=minutes, keep_up=keep_up, console=console,
                       retrain=retrain))

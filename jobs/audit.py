@@ -14,12 +14,12 @@ import sys
 import time
 from typing import Any
 
-from feedrank.config import Config
+from core.config import Config
 
 
 def validate_line(line: str) -> tuple[str, str, str]:
     """(event_id, type, error) for one JSON line; error is '' for a valid event."""
-    from features.events import InvalidEvent, parse_event
+    from core.events import InvalidEvent, parse_event
 
     try:
         ev = parse_event(line)
@@ -156,8 +156,8 @@ def run_embedded(cfg: Config, expect: int | None = None, idle_s: float = 10.0, m
 
     from pyflink.datastream.data_stream import CloseableIterator
 
-    from infra.flink import job_failure, job_state, stream_env
-    from infra.procs import ServiceError, free_port
+    from jobs.flinkenv import job_failure, job_state, stream_env
+    from core.services import ServiceError, free_port
     from jobs.startup_stacks import read_dumps
 
     startup_s = cfg.flink.startup_timeout_s if startup_s is None else startup_s
@@ -243,7 +243,7 @@ def run_embedded(cfg: Config, expect: int | None = None, idle_s: float = 10.0, m
 def main(argv: list[str]) -> None:
     """Entry point for `flink run -py jobs/audit.py`: prints its running summaries (JSON lines) to the
     taskmanager's stdout (``*taskexecutor*.out``, or REST ``/taskmanagers/<id>/stdout``)."""
-    from infra.flink import job_config, stream_env
+    from jobs.flinkenv import job_config, stream_env
 
     cfg = job_config(argv)
     env = stream_env(cfg)

@@ -91,12 +91,12 @@ def test_jobs_run_audit_reports_exactly_the_events_of_the_log(make_cfg):
 def test_jobs_run_audit_on_kafka_counts_every_event_once(make_cfg):
     """The audit through Flink's KafkaSource: every event of the topic, bundles split, duplicates found."""
     from features.eventlog import open_configured_event_log
-    from infra import runtime
-    from infra.procs import free_port
+    from runtime import stack
+    from core.services import free_port
     from sim.eventgen import synthetic_events
 
     cfg = make_cfg(FEEDRANK_EVENTS=f"kafka://127.0.0.1:{free_port()}/engagements", FEEDRANK_EVENTS_KAFKA_PARTITIONS="3")
-    runtime.up(cfg)
+    stack.up(cfg)
     try:
         events = list(synthetic_events(5_000, seed=6))
         log = open_configured_event_log(cfg)
@@ -107,4 +107,4 @@ def test_jobs_run_audit_on_kafka_counts_every_event_once(make_cfg):
         result = json.loads(r.stdout.strip().splitlines()[-1])
         assert result["events"] == 5_010 and result["duplicates"] == 10 and result["unique_ids"] == 5_000, result
     finally:
-        runtime.down(cfg)
+        stack.down(cfg)

@@ -13,7 +13,7 @@
   (``id % streaming.key_shards``) of what it received, and keeps per-post / per-user /
   per-topic state in MapStates of that shard. Records never wait in Python for a later one,
   so a checkpoint barrier always finds nothing buffered between operators.
-* Validation: every event goes through :func:`features.events.parse_event`; malformed
+* Validation: every event goes through :func:`core.events.parse_event`; malformed
   events are counted and logged with their reason, never passed on.
 * De-duplication by event_id inside the post operator: every copy of an event has the
   same post (follows: the same user), hence the same shard. Ids live in two generations of
@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from feedrank.config import Config
+from core.config import Config
 
 log = logging.getLogger("feedrank.jobs.features")
 JOB = "features"
@@ -63,9 +63,9 @@ class Catalog:
         self.follow_src = self.follow_dst = np.zeros(0, dtype=np.int64)
         world_dir = cfg.streaming.bootstrap_world
         if world_dir:
-            from sim.world import World
+            from core.corpus import Corpus
 
-            w = World.load(cfg.path(world_dir))
+            w = Corpus.load_corpus(cfg.path(world_dir))
             self.post_meta = np.stack([w.post_author, w.post_topic, w.post_ctype, w.post_ts], axis=1).astype(np.int64)
             order = np.argsort(w.follow_src, kind="stable")
             self.follow_src, self.follow_dst = w.follow_src[order], w.follow_dst[order]
@@ -651,7 +651,7 @@ def build(env: Any, cfg: Config, fail_once_on: str | None = None) -> Any:
 def run_embedded(cfg: Config, fail_once_on: str | None = None, detached: bool = True, resume: bool = True) -> Any:
     """Submit to a local MiniCluster; returns the JobClient (cancel it to stop). ``resume``: continue
     from the newest retained checkpoint of this job on this event log, if there is one."""
-    from infra.flink import job_configuration, stream_env
+    from jobs.flinkenv import job_configuration, stream_env
 
     ckpt, restored = job_configuration(cfg, JOB, resume)
     if restored is not None:
@@ -666,7 +666,7 @@ def run_embedded(cfg: Config, fail_once_on: str | None = None, detached: bool = 
 
 def main(argv: list[str]) -> None:
     """Entry point for `flink run -py jobs/feature_job.py [-- --feedrank-config FILE]`."""
-    from infra.flink import job_config, job_configuration, stream_env
+    from jobs.flinkenv import job_config, job_configuration, stream_env
 
     logging.basicConfig(level=logging.INFO)
     cfg = job_config(argv)

@@ -16,9 +16,10 @@ import pytest
 
 from features.client import FeatureClient, read_progress
 from features.eventlog import KafkaEventLog, open_configured_event_log
-from features.events import Followed, PostPublished
-from infra import flink, runtime
-from infra.procs import free_port
+from core.events import Followed, PostPublished
+from jobs import flinkenv
+from runtime import stack
+from core.services import free_port
 from jobs.feature_job_test import T, _eng, _exp, _wait
 
 pytestmark = [pytest.mark.slow, pytest.mark.flink, pytest.mark.kafka]
@@ -53,7 +54,7 @@ def test_features_on_kafka_exact_values_then_kill_9_and_resume(make_cfg, tmp_pat
                 "FEEDRANK_FLINK_REST_PORT": str(cfg.flink.rest_port),
                 "FEEDRANK_MODEL_STORE": cfg.model_store.uri, **over})
     job_log = tmp_path / "job.log"
-    runtime.up(cfg)
+    stack.up(cfg)
     proc = None
     try:
         log = open_configured_event_log(cfg)
@@ -99,10 +100,10 @@ def test_features_on_kafka_exact_values_then_kill_9_and_resume(make_cfg, tmp_pat
         _wait("the heartbeats", lambda: read_progress(cfg, "features").get("post_events", 0) >= 21)
         seen = time.time()
         ck1 = _wait("a checkpoint after phase 1", lambda: (lambda c: c if c and c.stat().st_mtime > seen + 0.5 else None)(
-            flink.latest_checkpoint(cfg, "features")))
+            flinkenv.latest_checkpoint(cfg, "features")))
         log.append_many([_exp(f"y{i}", 10 + i, 7, 4, T + 10_000 + i) for i in range(4)] + [_eng("c4", 4, 7, "click", T + 11_000)])
         _wait("phase 2", post7(7, 3))
-        before_kill = flink.latest_checkpoint(cfg, "features")
+        before_kill = flinkenv.latest_checkpoint(cfg, "features")
         jvm = _kill_jvm(proc)
         proc = None
         assert not psutil.pid_exists(jvm) or psutil.Process(jvm).status() == psutil.STATUS_ZOMBIE
@@ -110,8 +111,8 @@ def test_features_on_kafka_exact_values_then_kill_9_and_resume(make_cfg, tmp_pat
         # events while the job is down, including repeats of ids it has seen before
         log.append_many([_exp(f"z{i}", 30 + i, 7, 6, T + 13_000 + i) for i in range(2)]
                         + [_exp("x1", 1, 7, 1, T + 100), _eng("c4", 4, 7, "click", T + 11_000)])
-        restored = flink.latest_checkpoint(cfg, "features")
-        assert restored is not None and restored.parent.parent == flink.checkpoint_root(cfg, "features")
+        restored = flinkenv.latest_checkpoint(cfg, "features")
+        assert restored is not None and restored.parent.parent == flinkenv.checkpoint_root(cfg, "features")
         proc = _start_job(env, job_log)
         try:
             _wait("the resumed job", post7(9, 3), timeout=180)
@@ -135,4 +136,4 @@ def test_features_on_kafka_exact_values_then_kill_9_and_resume(make_cfg, tmp_pat
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
-        runtime.down(cfg)
+        stack.down(cfg)

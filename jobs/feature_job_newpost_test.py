@@ -11,8 +11,8 @@ import torch
 
 from features.client import FeatureClient, IndexDeltaFollower, read_progress
 from features.eventlog import open_configured_event_log
-from features.events import Engagement, Exposure, PostPublished
-from infra import runtime
+from core.events import Engagement, Exposure, PostPublished
+from runtime import stack
 from models.retrieval import RetrievalIndex
 from models.store import ModelStore
 from models.towers import PostFeaturizer, TwoTower, UserInputs, embed_posts
@@ -44,7 +44,7 @@ def test_published_post_is_retrievable_within_5s(make_cfg):
     store = ModelStore.from_config(cfg)
     publish_two_tower(cfg, store, model, index, emb)
 
-    runtime.up(cfg)
+    stack.up(cfg)
     job = None
     try:
         job = features.run_embedded(cfg)
@@ -98,4 +98,4 @@ def test_published_post_is_retrievable_within_5s(make_cfg):
     finally:
         if job is not None:
             job.cancel().result()
-        runtime.down(cfg)
+        stack.down(cfg)

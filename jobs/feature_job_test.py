@@ -10,8 +10,8 @@ import pytest
 
 from features.client import FeatureClient, read_progress
 from features.eventlog import open_configured_event_log
-from features.events import Engagement, Exposure, Feedback, Followed, PostPublished
-from infra import runtime
+from core.events import Engagement, Exposure, Feedback, Followed, PostPublished
+from runtime import stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.flink]
 T = 1_767_571_200_000  # 2026-01-05
@@ -45,7 +45,7 @@ def test_features_job_exact_values_dedupe_and_restart(make_cfg):
     from jobs import feature_job as features
 
     cfg = make_cfg(FEEDRANK_FLINK_CHECKPOINT_INTERVAL_MS="1000", FEEDRANK_STREAMING_FLUSH_MS="100")
-    runtime.up(cfg)
+    stack.up(cfg)
     job = None
     try:
         log = open_configured_event_log(cfg)
@@ -108,4 +108,4 @@ def test_features_job_exact_values_dedupe_and_restart(make_cfg):
     finally:
         if job is not None:
             job.cancel().result()
-        runtime.down(cfg)
+        stack.down(cfg)

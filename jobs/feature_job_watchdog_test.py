@@ -14,8 +14,8 @@ import pytest
 
 from features.client import FeatureClient
 from features.eventlog import open_configured_event_log
-from infra import runtime
-from infra.procs import stop_group
+from runtime import stack
+from runtime.procs import stop_group
 from jobs.feature_job import STALL_WARM_UP_ONCE
 from jobs.feature_job_test import _wait
 from sim.eventgen import synthetic_events
@@ -28,7 +28,7 @@ def test_a_job_stuck_at_its_first_element_is_restarted(make_cfg, tmp_path):
     cfg = make_cfg(**over)
     events = list(synthetic_events(2000, seed=3))
     post, n_exp = Counter(e.post_id for e in events if e.type == "exposure").most_common(1)[0]
-    runtime.up(cfg)
+    stack.up(cfg)
     marker = tmp_path / "stalled"
     out = tmp_path / "job.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEEDRANK_")}
@@ -53,4 +53,4 @@ def test_a_job_stuck_at_its_first_element_is_restarted(make_cfg, tmp_path):
     finally:
         if proc is not None:
             stop_group(proc)
-        runtime.down(cfg)
+        stack.down(cfg)

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from feedrank.config import Config
+from core.config import Config
 
 log = logging.getLogger("feedrank.jobs.learner")
 JOB = "learner"
@@ -45,7 +45,7 @@ EXPOSURE, ENGAGEMENT = 0, 1
 
 def parse(line: str) -> tuple | None:
     """(kind, event_id, ts, user, post, action, dwell_ms, position, snapshot_id, model_version) or None."""
-    from features.events import InvalidEvent, parse_event
+    from core.events import InvalidEvent, parse_event
 
     try:
         ev: Any = parse_event(line)
@@ -302,7 +302,7 @@ def read_decisions(cfg: Config, n: int = 1000) -> list[dict]:
 def run_embedded(cfg: Config, resume: bool = True) -> Any:
     """Submit to a local MiniCluster; returns the JobClient (cancel it to stop). ``resume``: continue
     from the newest retained checkpoint of this job on this event log, if there is one."""
-    from infra.flink import job_configuration, stream_env
+    from jobs.flinkenv import job_configuration, stream_env
     from jobs.feature_job import restart_configuration
 
     ckpt, restored = job_configuration(cfg, "learner", resume)
@@ -315,7 +315,7 @@ def run_embedded(cfg: Config, resume: bool = True) -> Any:
 
 def main(argv: list[str]) -> None:
     """Entry point for `flink run -py jobs/learner.py [-- --feedrank-config FILE]`."""
-    from infra.flink import job_config, job_configuration, stream_env
+    from jobs.flinkenv import job_config, job_configuration, stream_env
     from jobs.feature_job import restart_configuration
 
     logging.basicConfig(level=logging.INFO)

@@ -10,10 +10,10 @@ import pytest
 
 from features.eventlog import open_configured_event_log
 from features.client import read_progress
-from features.events import Exposure
+from core.events import Exposure
 from features.snapshots import SnapshotStore
-from features.schema import HEAVY_FEATURES, HEAD_NAMES
-from infra import runtime
+from core.schema import HEAVY_FEATURES, HEAD_NAMES
+from runtime import stack
 from models import rankers
 from models.online import auc
 from models.rankers import NumpyHeavy
@@ -86,12 +86,12 @@ def _decisions(cfg, sc: Scenario, until_ms: int) -> list[dict]:
     """Run the learner job over the scenario's served stream; its decisions, oldest first."""
     from jobs.learner import read_decisions
 
-    runtime.up(cfg)
+    stack.up(cfg)
     try:
         _run(cfg, stream(sc, SnapshotStore(cfg)), until_ms=until_ms)
         return read_decisions(cfg)
     finally:
-        runtime.down(cfg)
+        stack.down(cfg)
 
 
 def _fresh_auc(npz: bytes | str, sc: Scenario, minute: float, seed: int) -> float:
@@ -107,7 +107,7 @@ def test_learner_adapts_to_a_trend_shift_within_10_minutes(make_cfg, base_model,
     """The stream ends 10 simulated minutes after the shift, so whatever the learner promoted
     was learned from at most 10 minutes of post-shift traffic. On Kafka the job reads the topic
     through Flink's KafkaSource, event time from its per-partition watermarks."""
-    from infra.procs import free_port
+    from core.services import free_port
 
     events = ({} if transport == "file" else
               {"FEEDRANK_EVENTS": f"kafka://127.0.0.1:{free_port()}/served"})

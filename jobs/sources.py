@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from feedrank.config import Config
+from core.config import Config
 from features.eventlog import SEGMENTS_DIR
 
 
@@ -29,7 +29,7 @@ def kafka_connector_jar(cfg: Config) -> Path:
         if not p.is_file():
             raise MissingConnector(f"events.flink_connector_jar={jar} does not exist")
         return p
-    from infra import jvm
+    from core import jvm
 
     try:
         return jvm.jar(cfg, "flink-sql-connector-kafka")

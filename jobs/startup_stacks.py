@@ -21,7 +21,7 @@ import threading
 from pathlib import Path
 from typing import IO
 
-from feedrank.config import Config
+from core.config import Config
 
 _lock = threading.Lock()
 _opening = 0

@@ -1,11 +1,12 @@
-"""Offline evaluation on the simulator's ground truth (`feedrank eval --dataset sim`).
+"""Offline evaluation against a ground truth (`feedrank eval --dataset sim`: the simulator's).
 
 Retrieval: Recall@K of held-out clicked posts for the two-tower vs popularity (point-in-time
 and training-window MostPop). Rankers: per-head AUC and calibration on the validation
 window; NDCG@20 against the *true* utility on fresh candidate sets (follow-graph + recent
 posts) for the heavy ranker (position-aware and position-blind), the light ranker and
 random order. Position bias: the regression-EM estimate and the PAL tower's curve vs the
-simulator's true examination curve. All figures are computed here, from this run.
+true examination curve. All figures are computed here, from this run. The truth is passed in
+(:class:`GroundTruth`): only a simulated world knows it, and models never import the simulator.
 """
 
 from __future__ import annotations
@@ -13,17 +14,25 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
 
-from features.schema import HEAD_NAMES, LIGHT_FEATURES
+from core.schema import HEAD_NAMES, LIGHT_FEATURES
 from models.position_bias import regression_em
 from models.sim_data import SimData
-from sim.world import DAY_MS, HOUR_MS
+from core.units import DAY_MS, HOUR_MS
 
 Progress = Callable[[str, float], None]
+
+
+class GroundTruth(Protocol):
+    """What only a simulated world knows: how good a post is for a user, and how likely a position
+    is examined (:class:`sim.world.World` implements it)."""
+
+    def true_utility(self, users: np.ndarray, posts: np.ndarray, t_ms: np.ndarray) -> np.ndarray: ...
+    def examination_prob(self, positions: np.ndarray) -> np.ndarray: ...
 
 
 def auc(y: np.ndarray, s: np.ndarray) -> float:
@@ -151,8 +160,8 @@ def candidate_sets(data: SimData, n_sessions: int, per_source: int = 100, seed: 
     return out
 
 
-def eval_ndcg(data: SimData, trained, weights: np.ndarray, n_sessions: int = 400, k: int = 20, seed: int = 1) -> dict:
-    w = data.world
+def eval_ndcg(data: SimData, trained, weights: np.ndarray, truth: GroundTruth, n_sessions: int = 400, k: int = 20,
+              seed: int = 1) -> dict:
     sets = candidate_sets(data, n_sessions, seed=seed)
     users = np.concatenate([np.full(c.size, u) for u, _, c in sets])
     ts = np.concatenate([np.full(c.size, t) for _, t, c in sets])
@@ -169,7 +178,7 @@ def eval_ndcg(data: SimData, trained, weights: np.ndarray, n_sessions: int = 400
         scores["heavy"] = heavy_predict(trained.heavy, x) @ weights
     if trained.heavy_blind is not None:
         scores["heavy_position_blind"] = heavy_predict(trained.heavy_blind, x) @ weights
-    util = w.true_utility(users, posts, ts)
+    util = truth.true_utility(users, posts, ts)
     gains = np.maximum(util, 0.0)
     bounds_ = np.cumsum([0] + [c.size for _, _, c in sets])
     res = {}
@@ -181,18 +190,18 @@ def eval_ndcg(data: SimData, trained, weights: np.ndarray, n_sessions: int = 400
     return res
 
 
-def eval_position_bias(data: SimData, trained, train: dict, n_positions: int = 20, progress: Progress | None = None) -> dict:
-    w = data.world
-    from features.schema import HEAVY_NAMES, LOGGING_POLICY_FEATURES
+def eval_position_bias(trained, train: dict, truth: GroundTruth, n_positions: int = 20,
+                       progress: Progress | None = None) -> dict:
+    from core.schema import HEAVY_NAMES, LOGGING_POLICY_FEATURES
 
     x = train["x"][:, [HEAVY_NAMES.index(c) for c in LOGGING_POLICY_FEATURES]]
     est = regression_em(train["position"], train["y"][:, 0], x, n_positions=n_positions,
                         progress=(lambda f: progress("position-bias EM", f)) if progress else None)
-    truth = w.examination_prob(np.arange(1, n_positions + 1))
-    truth = truth / truth[0]
+    exam = truth.examination_prob(np.arange(1, n_positions + 1))
+    exam = exam / exam[0]
     rel = np.array(est["relative"])
-    err = np.abs(rel[:10] - truth[:10]) / truth[:10]
-    out = {"true": truth.round(4).tolist(), "regression_em": rel.round(4).tolist(),
+    err = np.abs(rel[:10] - exam[:10]) / exam[:10]
+    out = {"true": exam.round(4).tolist(), "regression_em": rel.round(4).tolist(),
            "naive_ctr": np.round(est["naive_ctr_curve"], 4).tolist(),
            "max_rel_error_pos1_10": round(float(err.max()), 4), "rel_error_pos1_10": err.round(4).tolist(),
            "em_iterations": est["iterations"], "em_converged": est["converged"],
@@ -304,7 +313,7 @@ def markdown(res: dict, files: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate_sim(cfg, data_dir: str, out_json: Path, trained=None, data: SimData | None = None,
+def evaluate_sim(cfg, data_dir: str, out_json: Path, truth: GroundTruth, trained=None, data: SimData | None = None,
                  extra: dict | None = None, progress: Progress | None = None, heavy_rows: int | None = None,
                  n_queries: int = 10_000, n_sessions: int = 400, n_valid: int = 100_000, store=None,
                  tt_epochs: int | None = None, heavy_epochs: int | None = None) -> dict:
@@ -331,10 +340,10 @@ def evaluate_sim(cfg, data_dir: str, out_json: Path, trained=None, data: SimData
     res["heads"] = eval_heads(data, trained, valid)
     weights = np.array([cfg.heads.weights()[h] for h in HEAD_NAMES], dtype=np.float32)
     progress("eval: NDCG vs true utility", 0.0)
-    res["ndcg"] = eval_ndcg(data, trained, weights, n_sessions=n_sessions)
+    res["ndcg"] = eval_ndcg(data, trained, weights, truth, n_sessions=n_sessions)
     progress("eval: position bias", 0.0)
     train = ranking_rows(data, trained.two_tower, trained.post_emb, data.sample_rows(data.train_mask, heavy_rows, 3))
-    res["position_bias"] = eval_position_bias(data, trained, train, progress=progress)
+    res["position_bias"] = eval_position_bias(trained, train, truth, progress=progress)
     res.update(extra or {})
     res["seconds"] = round(time.perf_counter() - t0, 1)
     out_json.parent.mkdir(parents=True, exist_ok=True)

@@ -31,13 +31,15 @@ def test_ndcg_and_calibration():
 def test_train_publish_evaluate_on_a_tiny_world(make_cfg, tmp_path):
     from models.store import ModelStore
     from sim.generate import generate
+    from sim.world import World
 
     cfg = make_cfg(FEEDRANK_SIM_SCALES_SMALL_USERS="1500", FEEDRANK_SIM_SCALES_SMALL_CREATORS="300",
                    FEEDRANK_SIM_SCALES_SMALL_POSTS="8000", FEEDRANK_SIM_SCALES_SMALL_IMPRESSIONS="200000",
                    FEEDRANK_RETRIEVAL_NLIST="64")
     generate(cfg, "small", 11, tmp_path / "w")
     store = ModelStore.from_config(cfg)
-    res = evaluate_sim(cfg, str(tmp_path / "w"), tmp_path / "eval" / "metrics.json", heavy_rows=40_000,
+    res = evaluate_sim(cfg, str(tmp_path / "w"), tmp_path / "eval" / "metrics.json", World.load(tmp_path / "w"),
+                       heavy_rows=40_000,
                        n_queries=300, n_sessions=60, n_valid=20_000, store=store, tt_epochs=2, heavy_epochs=2)
     assert set(store.models()) == {"two_tower", "retrieval", "light", "heavy"}
     assert all(store.current(m) for m in store.models())

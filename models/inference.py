@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from features.schema import HEAD_NAMES
+from core.schema import HEAD_NAMES
 
 TEXT_BUCKETS = 1 << 18
 AUTHOR_BUCKETS = 1 << 17

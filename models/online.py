@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from features.schema import HEAD_NAMES
+from core.schema import HEAD_NAMES
 from models.inference import NumpyHeavy
 
 CLICK = HEAD_NAMES.index("click")

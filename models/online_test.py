@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from feedrank.config import load_config
+from core.config import load_config
 from models import rankers
 from models.online import Example, OnlineLearner, auc, in_holdout
 from models.rankers import NumpyHeavy

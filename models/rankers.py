@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from features.schema import HEAD_NAMES
+from core.schema import HEAD_NAMES
 
 from models.inference import MAX_POSITION, NumpyHeavy, _sigmoid  # noqa: F401  (re-exported)
 

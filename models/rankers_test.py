@@ -110,7 +110,7 @@ def test_masked_columns_have_no_effect_in_every_serving_form():
 def test_heavy_input_mask_takes_groups_and_names_and_rejects_unknown_ones():
     import pytest
 
-    from features.schema import HEAVY_FEATURES
+    from core.schema import HEAVY_FEATURES
     from models.train import heavy_input_mask
 
     mask = heavy_input_mask(["post_embedding", "ann_score"])

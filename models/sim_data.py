@@ -1,4 +1,5 @@
-"""Training and evaluation data from a simulated world, split by time (never at random).
+"""Training and evaluation data from a data directory (:mod:`core.corpus` and its logged
+impressions and engagements), split by time (never at random).
 
 Everything before ``split`` trains, everything after validates. Features are computed
 point-in-time (:mod:`features.offline`), so validation rows see only their own past.
@@ -16,13 +17,14 @@ import torch
 
 from features.offline import History, labels
 from models.towers import PostFeaturizer, PostInputs, TwoTower, UserInputs, embed_users, follows_bag
-from sim.world import DAY_MS, World
+from core.corpus import Corpus
+from core.units import DAY_MS
 
 
 @dataclass
 class SimData:
     data_dir: Path
-    world: World
+    world: Corpus
     history: History
     impressions: pd.DataFrame
     engagements: pd.DataFrame
@@ -33,7 +35,7 @@ class SimData:
     @classmethod
     def load(cls, data_dir: str | Path, valid_days: float = 3.0) -> "SimData":
         d = Path(data_dir)
-        world = World.load(d)
+        world = Corpus.load_corpus(d)
         imp = pq.read_table(d / "impressions.parquet").to_pandas()
         eng = pq.read_table(d / "engagements.parquet").to_pandas()
         hist = History(world, imp, eng)

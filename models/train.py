@@ -17,8 +17,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from feedrank.config import Config
-from features.schema import HEAD_NAMES, HEAVY_FEATURES, HEAVY_NAMES, LIGHT_FEATURES, bounds, schema_hash
+from core.config import Config
+from core.schema import HEAD_NAMES, HEAVY_FEATURES, HEAVY_NAMES, LIGHT_FEATURES, bounds, schema_hash
 from models import rankers
 from models.rankers import HeavyRanker, LightRanker
 from models.retrieval import RetrievalIndex
@@ -26,7 +26,7 @@ from models.sim_data import SimData
 from models.store import Checkpoint, ModelStore
 from models.inference import load_numpy_towers  # noqa: F401  (re-exported)
 from models.towers import TwoTower, embed_posts, subset_posts, train_two_tower
-from sim.world import DAY_MS
+from core.units import DAY_MS
 
 Progress = Callable[[str, float], None]
 

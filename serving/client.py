@@ -1,4 +1,4 @@
-"""A FeedService client with the simulated clients' :class:`~sim.clients.FeedApi` interface.
+"""A FeedService client with the simulated clients' :class:`~core.feed_api.FeedApi` interface.
 
 The simulator is a trusted token issuer here: it mints each user's HS256 token with the
 configured secret (a real app would get tokens from its login service).
@@ -11,10 +11,10 @@ from typing import Any
 
 import grpc
 
-from features.events import Engagement, PostPublished
+from core.events import Engagement, PostPublished
 from serving.edge import make_token
 from serving.protos import pb, rpc
-from sim.clients import FeedItem, FeedPage
+from core.feed_api import FeedItem, FeedPage
 
 FEED_TYPES = {"home": pb.HOME, "explore": pb.EXPLORE, "following": pb.FOLLOWING}
 SOURCES = {pb.IN_NETWORK: "in_network", pb.OUT_OF_NETWORK: "out_of_network", pb.AD: "ad", pb.TRENDING: "trending"}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from features.eventlog import read_all
-from features.events import parse_event
+from core.events import parse_event
 
 pytestmark = pytest.mark.slow
 

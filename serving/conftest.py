@@ -17,8 +17,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from feedrank.config import Config, load_config
-from infra.procs import free_port
+from core.config import Config, load_config
+from core.services import free_port
 
 TINY = {"FEEDRANK_SIM_SCALES_SMALL_USERS": "1500", "FEEDRANK_SIM_SCALES_SMALL_CREATORS": "300",
         "FEEDRANK_SIM_SCALES_SMALL_POSTS": "8000", "FEEDRANK_SIM_SCALES_SMALL_IMPRESSIONS": "200000",
@@ -79,11 +79,11 @@ def running_server(served_world: ServedWorld, **overrides: str) -> Iterator[Any]
     from datetime import datetime, timezone
 
     from features.feast_repo import apply
-    from infra import runtime
+    from runtime import stack
     from serving.server import Server
 
     cfg = served_world.config(**overrides)
-    runtime.up(cfg)
+    stack.up(cfg)
     server = None
     try:
         store = apply(cfg)
@@ -95,7 +95,7 @@ def running_server(served_world: ServedWorld, **overrides: str) -> Iterator[Any]
     finally:
         if server is not None:
             server.stop(grace=1.0)
-        runtime.down(cfg)
+        stack.down(cfg)
 
 
 @pytest.fixture(scope="module")

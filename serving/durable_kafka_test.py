@@ -20,8 +20,8 @@ import numpy as np
 import psutil
 import pytest
 
-from infra import runtime
-from infra.procs import free_port
+from runtime import stack
+from core.services import free_port
 from serving.conftest import token, world_clock
 from serving.protos import pb, rpc
 
@@ -35,7 +35,7 @@ MAX_CALL_S = DELIVERY_TIMEOUT_S + 3.0  # the append's deadline plus scheduling o
 
 @pytest.fixture(scope="module")
 def kserver(served_world) -> Iterator[Any]:
-    """A server whose event log is a real broker (started with Redis by runtime.up), own topic per run."""
+    """A server whose event log is a real broker (started with Redis by stack.up), own topic per run."""
     from datetime import datetime, timezone
 
     from features.feast_repo import apply
@@ -45,7 +45,7 @@ def kserver(served_world) -> Iterator[Any]:
         FEEDRANK_EVENTS=f"kafka://127.0.0.1:{free_port()}/durable-{uuid.uuid4().hex[:8]}",
         FEEDRANK_EVENTS_KAFKA_PARTITIONS="4",
         FEEDRANK_EVENTS_KAFKA_DELIVERY_TIMEOUT_MS=str(int(DELIVERY_TIMEOUT_S * 1000)))
-    runtime.up(cfg)
+    stack.up(cfg)
     server = None
     try:
         store = apply(cfg)
@@ -57,11 +57,11 @@ def kserver(served_world) -> Iterator[Any]:
     finally:
         if server is not None:
             server.stop(grace=1.0)
-        runtime.down(cfg)
+        stack.down(cfg)
 
 
 def _kill_broker(cfg) -> None:
-    pid = next(s["pid"] for s in runtime.status(cfg) if s["name"] == "kafka")
+    pid = next(s["pid"] for s in stack.status(cfg) if s["name"] == "kafka")
     assert pid, "the broker is not running"
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
@@ -181,7 +181,7 @@ def test_writes_answer_ok_only_once_acknowledged_and_survive_a_broker_kill(kserv
         deadline = time.monotonic() + 30
         while answered(grpc.StatusCode.UNAVAILABLE) < THREADS and time.monotonic() < deadline:
             time.sleep(0.05)
-        runtime.up(cfg)  # the broker again (same storage: everything it acknowledged is still there)
+        stack.up(cfg)  # the broker again (same storage: everything it acknowledged is still there)
         t_back = time.monotonic()
 
         # clients retry on UNAVAILABLE: OK once the producer has reconnected

@@ -209,7 +209,7 @@ def test_placeholder_and_weak_keys_are_refused():
 
 
 def test_the_shipped_defaults_cannot_serve(make_cfg, tmp_path):
-    from feedrank.config import load_config
+    from core.config import load_config
     from serving.edge import PLACEHOLDER_SECRETS
     from serving.server import FeedService
 
@@ -251,7 +251,7 @@ def test_rs256_deployments_need_no_hs256_secret_but_a_cursor_key(make_cfg, tmp_p
 
 
 def test_embedded_stacks_get_their_own_random_keys(make_cfg, cfg):
-    from feedrank.config import load_config
+    from core.config import load_config
     from serving.edge import auth_env, embedded_auth, with_embedded_auth
 
     assert make_cfg().serving.jwt_secret == cfg.serving.jwt_secret  # one stack (test): one key
@@ -333,7 +333,7 @@ def test_feedrank_serve_refuses_the_placeholder_in_one_line(tmp_path):
 def test_feedrank_token_with_configured_keys(tmp_path):
     import subprocess
 
-    from feedrank.config import load_config
+    from core.config import load_config
     from serving.edge import embedded_auth
 
     env = _cli_env(tmp_path, **{**embedded_auth(), "FEEDRANK_SERVING_JWT_ISSUER": "feedrank-login"})

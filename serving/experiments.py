@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from feedrank.config import HEAD_NAMES, Config, ConfigError, Rerank
+from core.config import HEAD_NAMES, Config, ConfigError, Rerank
 
 BUCKETS = 10_000
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from feedrank.config import ConfigError, load_config
+from core.config import ConfigError, load_config
 from serving.experiments import Experiment, Experiments, Variant
 
 

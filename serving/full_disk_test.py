@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 
 from features.eventlog import FileEventLog, read_all
-from features.events import parse_event
+from core.events import parse_event
 from serving.conftest import running_server, token
 from serving.protos import pb, rpc
 

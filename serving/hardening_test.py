@@ -14,8 +14,8 @@ import psutil
 import pytest
 
 from features.eventlog import read_all
-from features.events import parse_event
-from infra import runtime
+from core.events import parse_event
+from runtime import stack
 from serving.catalog import FOLLOW_CHANGES, POST_CHANGES
 from serving.conftest import token
 from serving.protos import pb, rpc
@@ -145,13 +145,13 @@ def test_follow_during_a_redis_outage_changes_nothing_then_succeeds(stub, servin
     u = 81
     author = next(a for a in range(200, 400) if a != u and not graph.follows(u, a))
     md = token(cfg, u)
-    runtime.down(cfg)
+    stack.down(cfg)
     try:
         code, msg = _code(lambda: stub.Follow(pb.FollowRequest(user_id=u, author_id=author), metadata=md))
         assert code == grpc.StatusCode.UNAVAILABLE, (code, msg)
         assert not graph.follows(u, author)  # this replica did not keep an edge nobody else heard of
     finally:
-        runtime.up(cfg)
+        stack.up(cfg)
     deadline = time.monotonic() + 15
     while True:
         try:
@@ -178,8 +178,8 @@ def test_feedback_and_follows_survive_a_redis_restart(stub, serving):
     logged = [parse_event(x) for x in read_all(serving.state.events.reader(), idle_s=0.5)]
     fb = {(e.action, e.target, e.author_id, e.topic) for e in logged if e.type == "feedback" and e.user_id == u}
     assert fb == {("see_less", "topic", None, 4), ("hide", "author", author + 1, None)}  # logged, not only in Redis
-    runtime.down(cfg)
-    runtime.up(cfg)  # the append-only file brings it back
+    stack.down(cfg)
+    stack.up(cfg)  # the append-only file brings it back
     client = serving.state.redis.client
     deadline = time.monotonic() + 10
     while True:

@@ -1,4 +1,4 @@
-"""Feature hydrators: ranking vectors in :mod:`features.schema` order, from memory only.
+"""Feature hydrators: ranking vectors in :mod:`core.schema` order, from memory only.
 
 The same definitions as :meth:`features.offline.History.light_features` /
 ``heavy_features`` (training) and the streaming feature job (online values): smoothed
@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 
 from features.offline import PRIOR_CTR, PRIOR_N
-from features.schema import LIGHT_FEATURES, N_CTYPES
+from core.schema import LIGHT_FEATURES, N_CTYPES
+from core.units import HOUR_MS
 from serving.components import IN_NETWORK, Candidates, FeatureHydrator, Query
 
-HOUR_MS = 3_600_000
 # PostStatsCache.ints columns (features.feast_repo.POST_STATS_INT order)
 S_IMPR, S_CLK, S_LIKE, S_COMM, S_SHARE, S_NEG, S_LDWELL, S_C5M, S_C1H = range(9)
 

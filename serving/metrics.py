@@ -52,7 +52,7 @@ class Metrics:
                 continue
             if old is not None:
                 with warnings.catch_warnings():  # a warning keyed on Feast's env var: values are in-process
-                    warnings.filterwarnings("ignore", "Removal of labels", UserWarning)  # (feedrank/__init__.py)
+                    warnings.filterwarnings("ignore", "Removal of labels", UserWarning)  # (core/__init__.py)
                     self.model.remove(model, old)
             self.model.labels(model, v).set(1)
             self._versions[model] = v

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 CHECK = """
-import feedrank, feast
+import core, feast
 from serving.metrics import Metrics
 a, b = Metrics(), Metrics()
 a.rpcs.labels("GetFeed", "OK").inc()

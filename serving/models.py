@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from feedrank.config import Config
+from core.config import Config
 
 log = logging.getLogger("feedrank.serving.models")
 

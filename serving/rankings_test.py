@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from features.schema import HEAVY_NAMES
+from core.schema import HEAVY_NAMES
 from serving.components import Candidates
 from serving.rankings import Ranking, RankingCache
 

@@ -10,7 +10,7 @@ import time
 import grpc
 import pytest
 
-from infra import runtime
+from runtime import stack
 from serving.conftest import token, world_clock
 from serving.protos import pb, rpc
 
@@ -22,13 +22,13 @@ def server(served_world):
     from serving.server import Server
 
     cfg = served_world.config(FEEDRANK_MODEL_STORE_POLL_INTERVAL_S="0.5")
-    runtime.up(cfg)
+    stack.up(cfg)
     s = Server(cfg, bootstrap_dir=served_world.world_dir, clock=world_clock(served_world.end_ms), port=0, metrics_port=0)
     try:
         yield s
     finally:
         s.stop(grace=1.0)
-        runtime.down(cfg)
+        stack.down(cfg)
 
 
 def _get(stub, cfg, user: int, feed=pb.HOME):
@@ -40,7 +40,7 @@ def test_redis_outage_degrades_then_recovers(server):
     stub = rpc.FeedServiceStub(grpc.insecure_channel(server.address))
     ok = _get(stub, cfg, 300)
     assert ok.items and not ok.degraded
-    runtime.down(cfg)  # Redis gone: candidate cache, seen sets, user features, snapshots
+    stack.down(cfg)  # Redis gone: candidate cache, seen sets, user features, snapshots
     try:
         for u in (300, 301, 302):  # 300: last good features; 301/302: never seen by this replica
             r = _get(stub, cfg, u)
@@ -58,7 +58,7 @@ def test_redis_outage_degrades_then_recovers(server):
             stub.PublishPost(pb.PublishPostRequest(author_id=300, topic=1, content_type=pb.TEXT), metadata=token(cfg, 300))
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "retry" in e.value.details()
     finally:
-        runtime.up(cfg)
+        stack.up(cfg)
     deadline = time.time() + 15
     while True:
         r = _get(stub, cfg, 304)

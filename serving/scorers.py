@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from features.schema import HEAD_NAMES
+from core.schema import HEAD_NAMES
 from serving.components import AD, Candidates, Query, Scorer
 
 CLICK = HEAD_NAMES.index("click")

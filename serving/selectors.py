@@ -34,9 +34,10 @@ from typing import Any
 
 import numpy as np
 
+from core.units import HOUR_MS
+
 from serving.components import AD, IN_NETWORK, Candidates, Query, Selector
 
-HOUR_MS = 3_600_000
 
 
 class ScoreOrderSelector(Selector):

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from feedrank.config import load_config
+from core.config import load_config
 from serving.catalog import PostCatalog
 from serving.components import AD, IN_NETWORK, OUT_OF_NETWORK, Candidates, Query
 from serving.experiments import Params

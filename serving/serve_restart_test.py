@@ -15,8 +15,9 @@ import grpc
 import psutil
 import pytest
 
-from infra import runtime
-from infra.procs import free_port, stop_group
+from runtime import stack
+from core.services import free_port
+from runtime.procs import stop_group
 from serving.conftest import token
 from serving.edge import auth_env
 from serving.protos import pb, rpc
@@ -40,7 +41,7 @@ def test_workers_survive_a_redis_restart_and_a_kill(served_world, tmp_path):
 
     port = free_port()
     cfg = served_world.config(FEEDRANK_SERVING_PORT=str(port), FEEDRANK_SERVING_METRICS_PORT=str(free_port()))
-    runtime.up(cfg)
+    stack.up(cfg)
     apply(cfg).materialize(datetime(2020, 1, 1, tzinfo=timezone.utc), datetime(2030, 1, 1, tzinfo=timezone.utc),
                            feature_views=["user_topic"])
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEEDRANK_")}
@@ -57,8 +58,8 @@ def test_workers_survive_a_redis_restart_and_a_kill(served_world, tmp_path):
         stub = rpc.FeedServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
         assert stub.GetFeed(pb.GetFeedRequest(user_id=3), metadata=token(cfg, 3), timeout=20).items
 
-        runtime.down(cfg)
-        runtime.up(cfg)
+        stack.down(cfg)
+        stack.up(cfg)
         from features.client import redis_client
 
         redis_client(cfg).delete(SERVING_CLOCK)  # as a restart without persistence would leave it
@@ -77,7 +78,7 @@ def test_workers_survive_a_redis_restart_and_a_kill(served_world, tmp_path):
             ch.close()
     finally:
         stop_group(proc)
-        runtime.down(cfg)
+        stack.down(cfg)
 
 
 def test_a_worker_killed_in_a_burst_loses_no_acknowledged_signal(served_world, tmp_path):
@@ -87,13 +88,13 @@ def test_a_worker_killed_in_a_burst_loses_no_acknowledged_signal(served_world, t
     import threading
 
     from features.eventlog import FileEventLog, read_all
-    from features.events import parse_event
+    from core.events import parse_event
 
     port = free_port()
     events_dir = tmp_path / "events"
     cfg = served_world.config(FEEDRANK_SERVING_PORT=str(port), FEEDRANK_SERVING_METRICS_PORT=str(free_port()),
                               FEEDRANK_EVENTS="file://" + str(events_dir))
-    runtime.up(cfg)
+    stack.up(cfg)
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEEDRANK_")}
     env.update(served_world.env)
     env.update({"FEEDRANK_REDIS": cfg.redis.uri, "FEEDRANK_SERVING_PORT": str(port), "FEEDRANK_EVENTS": cfg.events.uri,
@@ -156,7 +157,7 @@ def test_a_worker_killed_in_a_burst_loses_no_acknowledged_signal(served_world, t
             t.join(timeout=30)
     finally:
         stop_group(proc)
-        runtime.down(cfg)
+        stack.down(cfg)
     log = FileEventLog(events_dir)  # seals what a dead writer left
     logged: dict[str, int] = {}
     for line in read_all(log.reader(), idle_s=1.0):

@@ -26,11 +26,11 @@ from typing import Any, Callable
 import grpc
 import numpy as np
 
-from feedrank.config import Config
+from core.config import Config
 from features.eventlog import EventLogError
-from features.events import (Action, ContentType, Engagement, Feedback, Followed, InvalidEvent, PostPublished,
+from core.events import (Action, ContentType, Engagement, Feedback, Followed, InvalidEvent, PostPublished,
                              Unfollowed, coerce_event)
-from features.schema import HEAD_NAMES, HEAVY_NAMES, N_TOPICS
+from core.schema import HEAD_NAMES, HEAVY_NAMES, N_TOPICS
 from serving import funnel
 from serving.components import AD, Candidates, Query, UserContext
 from serving.edge import Authenticator, AuthError, CursorCodec, CursorError, Forbidden, Principal, RateLimiter

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from features.eventlog import read_all
-from features.events import parse_event
-from features.schema import HEAD_NAMES, HEAVY_NAMES
+from core.events import parse_event
+from core.schema import HEAD_NAMES, HEAVY_NAMES
 from features.snapshots import SnapshotStore
 from serving.conftest import token
 from serving.models import score_heavy
@@ -343,7 +343,7 @@ def test_debug_ranking_explains_a_post_in_the_current_ranking(stub, serving):
     assert d.position >= 1
     # the ranking's ann_score came from the FAISS score (temperature and recency taken out); DebugRanking
     # computes it directly from the embeddings: the two must agree
-    from features.schema import LIGHT_FEATURES, LIGHT_NAMES
+    from core.schema import LIGHT_FEATURES, LIGHT_NAMES
 
     j = ranking.index_of(post)
     f = LIGHT_FEATURES[LIGHT_NAMES.index("ann_score")]

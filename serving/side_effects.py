@@ -7,7 +7,7 @@ import time
 from typing import Any, Callable
 
 from features.eventlog import EventLogError
-from features.events import Exposure, FeedType, Source
+from core.events import Exposure, FeedType, Source
 from serving.components import SOURCE_NAMES, Candidates, Query, SideEffect
 
 

@@ -9,10 +9,11 @@ from typing import Any
 
 import numpy as np
 
+from core.units import HOUR_MS
+
 from serving.components import AD, IN_NETWORK, OUT_OF_NETWORK, TRENDING, Candidates, CandidateSource, Query
 from serving.state import EMPTY_CACHE
 
-HOUR_MS = 3_600_000
 
 
 def _published(state: Any, ids: np.ndarray, now_ms: int) -> np.ndarray:

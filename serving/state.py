@@ -19,8 +19,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from feedrank.config import Config
-from features.schema import N_TOPICS
+from core.config import Config
+from core.schema import N_TOPICS
 from serving.catalog import (ChangeFollower, FollowGraph, PostCatalog, follow_change, load_bootstrap, post_change,
                              record_follow, record_post)
 from serving.components import UserContext

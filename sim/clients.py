@@ -19,42 +19,14 @@ from typing import Protocol
 
 import numpy as np
 
-from feedrank.config import Clients
-from features.events import Action, ContentType, Engagement, PostPublished
+from core.config import Clients
+from core.events import Action, ContentType, Engagement, PostPublished
+from core.feed_api import FeedApi, FeedItem
 from sim import truth
 from sim.world import World
 
 CTYPE_VALUES = [c.value for c in ContentType]
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class FeedItem:
-    post_id: int
-    author_id: int
-    position: int
-    source: str
-    score: float = 0.0
-
-
-@dataclass
-class FeedPage:
-    request_id: str
-    items: list[FeedItem]
-    next_cursor: str = ""
-    model_version: str = ""
-    degraded: bool = False
-
-
-class FeedApi(Protocol):
-    """What a client can do; the gRPC FeedService implements the same calls."""
-
-    def get_feed(self, user_id: int, feed_type: str = "home", cursor: str = "", limit: int = 20,
-                 now_ms: int | None = None) -> FeedPage: ...
-    def submit_signals(self, user_id: int, signals: list[Engagement]) -> None: ...
-    def submit_feedback(self, user_id: int, post_id: int, kind: str, now_ms: int | None = None) -> None: ...
-    def publish_post(self, post: PostPublished) -> int: ...
-    def follow(self, user_id: int, author_id: int, now_ms: int | None = None) -> None: ...
 
 
 class Clock(Protocol):

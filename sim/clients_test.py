@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 
 from features.eventlog import FileEventLog, read_all
-from features.events import PostPublished, parse_event
-from serving.chronological import ChronologicalFeed
+from core.events import PostPublished, parse_event
+from sim.chronological import ChronologicalFeed
 from sim.clients import Population, SimClock
 from sim.generate import WorldSpec, generate_world
 
 
 @pytest.fixture(scope="module")
 def world_cfg():
-    from feedrank.config import load_config
+    from core.config import load_config
 
     cfg = load_config(env={"FEEDRANK_SIM_SCALES_SMALL_USERS": "2000", "FEEDRANK_SIM_SCALES_SMALL_CREATORS": "500",
                            "FEEDRANK_SIM_SCALES_SMALL_POSTS": "20000", "FEEDRANK_SIM_SCALES_SMALL_IMPRESSIONS": "20000"})

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from features.events import BaseEvent, Engagement, Exposure, Followed, PostPublished
+from core.events import BaseEvent, Engagement, Exposure, Followed, PostPublished
 
 ACTIONS = ["view", "click", "like", "comment", "share", "dwell", "hide", "not_interested", "see_less"]
 ACTION_P = np.array([0.45, 0.2, 0.1, 0.03, 0.02, 0.15, 0.02, 0.02, 0.01])

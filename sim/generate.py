@@ -24,9 +24,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from feedrank.config import Config, Sim
+from core.config import Config, Sim
 from sim import truth
-from sim.world import DAY_MS, HOUR_MS, TOPIC_NAMES, TrendShift, UtilityWeights, World
+from core.units import DAY_MS, HOUR_MS
+from sim.world import TOPIC_NAMES, TrendShift, UtilityWeights, World
 
 CTYPES = np.array(["text", "image", "video"])
 SYLLABLES = ["ka", "lo", "mi", "ra", "ne", "tu", "vo", "sa", "pe", "di", "go", "fu", "ba", "ze", "ri", "no",
@@ -186,7 +187,7 @@ def generate_world(spec: WorldSpec, progress: Progress = _noop) -> tuple[World, 
     trends = [TrendShift(ts.topic, start_ms + int(ts.at_day * DAY_MS), ts.boost) for ts in s.trend_shifts]
     world = World(
         seed=s.seed, start_ms=start_ms, end_ms=end_ms, eta=s.examination_eta,
-        topic_pref=topic_pref, ctype_pref=ctype_pref, activity=activity, is_creator=is_creator,
+        n_users=int(topic_pref.shape[0]), n_topics=int(topic_pref.shape[1]), topic_pref=topic_pref, ctype_pref=ctype_pref, activity=activity, is_creator=is_creator,
         creator_quality=creator_quality, creator_topic=creator_topic,
         post_author=post_author.astype(np.int64), post_topic=post_topic, post_ctype=post_ctype,
         post_quality=post_quality, post_flagged=post_flagged, post_original=~is_repost,
@@ -337,6 +338,7 @@ def write_world(world: World, tables: dict[str, pa.Table], out: Path, spec: Worl
     for name, tbl in tables.items():
         pq.write_table(tbl, out / f"{name}.parquet", compression="zstd")
     world.save(out / "ground_truth.npz")
+    world.save_corpus(out)  # what training and batch features read (no latent truth)
     meta = {
         "scale": scale, "seed": spec.sim.seed, "users": spec.users, "creators": spec.creators,
         "posts": spec.posts, "impressions": tables["impressions"].num_rows,

@@ -12,7 +12,7 @@ from sim.world import World
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    from feedrank.config import load_config
+    from core.config import load_config
 
     cfg = load_config(env={})
     out = tmp_path_factory.mktemp("world")

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from features.events import BaseEvent, Engagement, Exposure
-from features.schema import HEAVY_NAMES
+from core.events import BaseEvent, Engagement, Exposure
+from core.schema import HEAVY_NAMES
 
 INFORMATIVE = ("post_ctr", "topic_match", "ann_score", "log_author_affinity")
 PAGE = 20

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from core.corpus import Corpus
+from core.units import DAY_MS
 from sim import truth
 
 TOPIC_NAMES = [
@@ -20,8 +22,6 @@ TOPIC_NAMES = [
     "science", "fashion", "fitness", "finance", "art", "books", "pets", "parenting",
     "comedy", "news", "cars", "diy", "gardening", "crypto", "health", "photography",
 ]
-DAY_MS = 86_400_000
-HOUR_MS = 3_600_000
 
 #: Head weights of the ground-truth utility (the same defaults as feedrank.toml [heads]).
 @dataclass(frozen=True)
@@ -45,13 +45,11 @@ class TrendShift:
     boost: float
 
 
-@dataclass
-class World:
-    """Arrays indexed by user id / post id / creator index (ids are dense from 0)."""
+@dataclass(kw_only=True)
+class World(Corpus):
+    """The corpus plus its latent truth: arrays indexed by user id / post id (ids are dense from 0)."""
 
     seed: int
-    start_ms: int
-    end_ms: int
     eta: float
     topic_pref: np.ndarray          # [U, T] latent topic affinity
     ctype_pref: np.ndarray          # [U, 3]
@@ -59,54 +57,10 @@ class World:
     is_creator: np.ndarray          # [U] bool
     creator_quality: np.ndarray     # [U] (0 for non-creators)
     creator_topic: np.ndarray       # [U] main topic (-1 for non-creators)
-    post_author: np.ndarray         # [P]
-    post_topic: np.ndarray          # [P]
-    post_ctype: np.ndarray          # [P]
     post_quality: np.ndarray        # [P]
-    post_flagged: np.ndarray        # [P] bool
-    post_original: np.ndarray       # [P] bool
-    post_ts: np.ndarray             # [P] publish time, epoch ms
-    follow_src: np.ndarray          # [F] follower
-    follow_dst: np.ndarray          # [F] followed author
     trends: list[TrendShift] = field(default_factory=list)
     weights: UtilityWeights = field(default_factory=UtilityWeights)
     vocab: np.ndarray = field(default_factory=lambda: np.empty((0, 0), dtype="<U1"))  # [T+1, V]; row T shared
-
-    def __post_init__(self) -> None:
-        self._reindex_follows()
-
-    # ----------------------------------------------------------------- sizes
-    @property
-    def n_users(self) -> int:
-        return int(self.topic_pref.shape[0])
-
-    @property
-    def n_topics(self) -> int:
-        return int(self.topic_pref.shape[1])
-
-    @property
-    def n_posts(self) -> int:
-        return int(self.post_author.shape[0])
-
-    # ----------------------------------------------------------------- follows
-    def _reindex_follows(self) -> None:
-        key = self.follow_src.astype(np.int64) * self.n_users + self.follow_dst.astype(np.int64)
-        order = np.argsort(key, kind="stable")
-        self._follow_keys = key[order]
-        self.follow_src, self.follow_dst = self.follow_src[order], self.follow_dst[order]
-        self._follow_offsets = np.searchsorted(self.follow_src, np.arange(self.n_users + 1))
-
-    def follows(self, users: np.ndarray, authors: np.ndarray) -> np.ndarray:
-        """Vectorised "does user follow author" (broadcasting)."""
-        key = np.asarray(users, dtype=np.int64) * self.n_users + np.asarray(authors, dtype=np.int64)
-        if self._follow_keys.size == 0:
-            return np.zeros(key.shape, dtype=bool)
-        idx = np.searchsorted(self._follow_keys, key)
-        idx = np.minimum(idx, self._follow_keys.size - 1)
-        return self._follow_keys[idx] == key
-
-    def following(self, user: int) -> np.ndarray:
-        return self.follow_dst[self._follow_offsets[user]: self._follow_offsets[user + 1]]
 
     def add_follow(self, user: int, author: int) -> bool:
         if user == author or bool(self.follows(np.array(user), np.array(author))):
@@ -116,10 +70,6 @@ class World:
         self._reindex_follows()
         return True
 
-    def follower_counts(self) -> np.ndarray:
-        return np.bincount(self.follow_dst, minlength=self.n_users)
-
-    # ----------------------------------------------------------------- truth
     def trend_boost(self, topics: np.ndarray, t_ms: np.ndarray | int) -> np.ndarray:
         out = np.zeros(np.broadcast(np.asarray(topics), np.asarray(t_ms)).shape)
         for s in self.trends:
@@ -208,5 +158,6 @@ class World:
         trends = [TrendShift(int(t), int(a), float(b)) for t, a, b in z["trends"]]
         return cls(
             seed=seed, start_ms=start, end_ms=end, eta=float(z["eta"]), trends=trends,
+            n_users=int(z["topic_pref"].shape[0]), n_topics=int(z["topic_pref"].shape[1]),
             weights=weights or UtilityWeights(), vocab=z["vocab"], **{k: z[k] for k in cls._ARRAYS},
         )

@@ -1,0 +1,400 @@
+"""`feedrank bench serve`: GetFeed latency over gRPC vs offered load, with the per-stage breakdown.
+
+Setup (cached per world and two-tower version under ``var/bench/serve-cache``): every
+post of the world is embedded by the current two-tower's post tower (content-only, so it
+embeds posts it never trained on) into a FAISS IVF index; the Feast offline export of the
+world is written; both go into an isolated stack (own Redis, model store, event log) with
+copies of the current light and heavy rankers. The server runs as its own process
+(`feedrank serve --world`), exactly as deployed; this process is only the load generator.
+
+Load is open-loop: requests are *scheduled* at a fixed rate and latency is measured from
+the scheduled time, so a slow server cannot slow the generator down and hide its own
+queueing (no coordinated omission). Each request is for a random user (mostly cache
+misses: the full funnel). Per-stage latencies come from the server's Prometheus
+histograms (the deltas over each load level), RSS from the server process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from core.config import Config
+
+Step = Callable[[str, float], None]
+
+
+def _cache_dir(cfg: Config, world_dir: Path, tt_version: str) -> Path:
+    return cfg.data_dir / "bench" / "serve-cache" / f"{world_dir.name}-{tt_version}"
+
+
+def build_world_index(cfg: Config, world_dir: Path, step: Step) -> tuple[Path, str]:
+    """Embed every post of the world with the current towers and build the IVF index (cached)."""
+    import faiss
+    import pyarrow.parquet as pq
+
+    from models.train import index_for
+    from models.store import ModelStore
+    from models.towers import PostFeaturizer
+    from models.train import load_numpy_towers, load_two_tower_model
+    from core.units import DAY_MS
+    from sim.world import World
+
+    store = ModelStore.from_config(cfg)
+    tt = store.current("two_tower")
+    if tt is None:
+        raise RuntimeError("no two_tower model: run `feedrank train` first")
+    out = _cache_dir(cfg, world_dir, tt)
+    if (out / "index.faiss").exists():
+        return out, tt
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    towers = load_numpy_towers(store, tt)
+    model = load_two_tower_model(store, tt)
+    world = World.load(world_dir)
+    text = pq.read_table(world_dir / "posts.parquet", columns=["text"]).column("text").to_pylist()
+    feat = PostFeaturizer()
+    emb = np.zeros((world.n_posts, model.config["dim"]), dtype=np.float32)
+    chunk = 50_000
+    for i in range(0, world.n_posts, chunk):
+        sl = slice(i, i + chunk)
+        emb[sl] = towers.post(feat.arrays(text[sl], world.post_author[sl], world.post_topic[sl], world.post_ctype[sl]))
+        step("embedding posts", min(1.0, (i + chunk) / world.n_posts))
+    day = world.post_ts / DAY_MS
+    idx = index_for(cfg, model, float(day.min()))
+    step("building IVF index", 0.0)
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    idx.build(np.arange(world.n_posts, dtype=np.int64), emb, day)
+    faiss.omp_set_num_threads(1)
+    idx.save(tmp / "index.faiss")
+    np.save(tmp / "post_emb.npy", emb.astype(np.float16))
+    (tmp / "params.json").write_text(json.dumps({"dim": idx.dim, "kind": idx.kind, "nlist": idx.nlist,
+                                                 "nprobe": idx.nprobe, "day0": idx.day0,
+                                                 "temperature": idx.temperature, "recency": idx.recency}))
+    step("building IVF index", 1.0)
+    os.replace(tmp, out)
+    prune_index_caches(cfg, world_dir, out)
+    return out, tt
+
+
+def prune_index_caches(cfg: Config, world_dir: Path, keep: Path) -> list[Path]:
+    """Remove the world's cached indexes of earlier towers (~750 MB each on 1M posts); a rolled-back
+    two_tower rebuilds its own. The world's Feast export is kept."""
+    removed = []
+    for d in sorted(keep.parent.glob(f"{world_dir.name}-*")):
+        if d not in (keep, _cache_dir(cfg, world_dir, "feast")):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+def prepare(cfg: Config, bcfg: Config, world_dir: Path, step: Step) -> dict[str, str]:
+    """The isolated stack's model store (copies + the world's index) and Feast export."""
+    from features.feast_repo import export
+    from models.store import ModelStore
+
+    src = ModelStore.from_config(cfg)
+    dst = ModelStore.from_config(bcfg)
+    index_dir, tt = build_world_index(cfg, world_dir, step)
+    versions = {}
+    for model in ("two_tower", "light", "heavy"):
+        ck, path = src.fetch(model)
+        files = {name: (path / name).read_bytes() for name in ck.files}
+        versions[model] = dst.publish(model, files, parent=ck.parent, data_window=ck.data_window, metrics=ck.metrics,
+                                      feature_schema_hash=ck.feature_schema_hash, extra=ck.extra, promote=True).version
+    versions["retrieval"] = dst.publish("retrieval", {n: index_dir / n for n in ("index.faiss", "post_emb.npy", "params.json")},
+                                        parent=versions["two_tower"], promote=True).version
+    feast_cache = _cache_dir(cfg, world_dir, "feast")
+    if not (feast_cache / "post_stats.parquet").exists():
+        step("Feast export of the world", 0.0)
+        export(bcfg, world_dir)
+        shutil.copytree(bcfg.data_dir / "feast", feast_cache, dirs_exist_ok=True)
+    else:
+        shutil.copytree(feast_cache, bcfg.data_dir / "feast", dirs_exist_ok=True)
+    return versions
+
+
+def load_user_rows(bcfg: Config, step: Step) -> int:
+    """The world's user_topic rows into the online store (Feast layout), as materialization would."""
+    import pandas as pd
+
+    from features.client import FeatureWriter
+    from features.feast_repo import apply
+
+    apply(bcfg)
+    df = pd.read_parquet(bcfg.data_dir / "feast" / "user_topic.parquet")
+    w = FeatureWriter(bcfg)
+    cols = ["topic_clicks", "topic_negative", "ctype_clicks", "clicks", "negatives", "clicks_1h", "last_engagement_ms"]
+    for i in range(0, len(df), 20_000):
+        part = df.iloc[i: i + 20_000]
+        w.write("user_topic", part["user_id"].to_numpy(), {c: [list(v) for v in part[c]] if part[c].dtype == object
+                                                          else part[c].to_numpy() for c in cols})
+        step("user features -> online store", min(1.0, (i + 20_000) / len(df)))
+    return len(df)
+
+
+def _free_ports(n: int) -> int:
+    """A base port with ``n`` consecutive free ports (one Prometheus endpoint per worker)."""
+    from core.services import free_port, port_open
+
+    for _ in range(50):
+        base = free_port()
+        if base + n < 65536 and not any(port_open("127.0.0.1", base + i) for i in range(n)):
+            return base
+    raise RuntimeError("no run of free ports for the metrics endpoints")
+
+
+def _scrape(ports: list[int]) -> dict[str, float]:
+    """{metric{labels}: value} of the histogram buckets/counts we need, summed over the workers."""
+    out: dict[str, float] = {}
+    for port in ports:
+        _scrape_one(port, out)
+    return out
+
+
+def _scrape_one(port: int, out: dict[str, float]) -> None:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    for line in text.splitlines():
+        if line.startswith(("feedrank_stage_latency_seconds_bucket", "feedrank_stage_latency_seconds_count",
+                            "feedrank_rpc_latency_seconds_bucket", "feedrank_result_cache_total",
+                            "feedrank_candidates_total", "feedrank_degraded_responses_total")):
+            key, _, val = line.rpartition(" ")
+            out[key] = out.get(key, 0.0) + float(val)
+
+
+def _stage_quantiles(before: dict, after: dict, qs=(0.5, 0.99)) -> dict[str, dict[str, float]]:
+    """Per-stage quantiles (ms) from histogram bucket deltas (linear within a bucket)."""
+    import re
+
+    buckets: dict[str, list[tuple[float, float]]] = {}
+    for key, v in after.items():
+        m = re.match(r'feedrank_stage_latency_seconds_bucket\{le="([^"]+)",stage="([^"]+)"\}', key) or \
+            re.match(r'feedrank_stage_latency_seconds_bucket\{stage="([^"]+)",le="([^"]+)"\}', key)
+        if not m:
+            continue
+        a, b = m.groups()
+        le, stage = (a, b) if key.index("le=") < key.index("stage=") else (b, a)
+        buckets.setdefault(stage, []).append((float("inf") if le == "+Inf" else float(le), v - before.get(key, 0.0)))
+    out = {}
+    for stage, bs in buckets.items():
+        bs.sort()
+        total = bs[-1][1]
+        if total <= 0:
+            continue
+        res = {"count": int(total)}
+        for q in qs:
+            target, prev_le, prev_c = q * total, 0.0, 0.0
+            for le, c in bs:
+                if c >= target:
+                    hi = le if le != float("inf") else prev_le * 2
+                    frac = (target - prev_c) / max(c - prev_c, 1e-9)
+                    res[f"p{int(q * 100)}_ms"] = round((prev_le + frac * (hi - prev_le)) * 1000, 2)
+                    break
+                prev_le, prev_c = le, c
+        out[stage] = res
+    return out
+
+
+def _counter_delta(before: dict, after: dict, prefix: str) -> dict[str, float]:
+    return {k[len(prefix):]: after[k] - before.get(k, 0.0) for k in after if k.startswith(prefix)}
+
+
+def run_load(address: str, secret: str, users: np.ndarray, rps: float, seconds: float, seed: int = 0,
+             feed: str = "home") -> dict[str, Any]:
+    """Open-loop GetFeed load; latencies from each request's scheduled time."""
+    import grpc
+
+    from serving.edge import make_token
+    from serving.protos import pb, rpc
+
+    ft = {"home": pb.HOME, "explore": pb.EXPLORE, "following": pb.FOLLOWING}[feed]
+    channels = [grpc.insecure_channel(address) for _ in range(4)]
+    stubs = [rpc.FeedServiceStub(c) for c in channels]
+    rng = np.random.default_rng(seed)
+    n = int(rps * seconds)
+    picks = rng.choice(users, n)
+    tokens = {int(u): [("authorization", "Bearer " + make_token(secret, int(u)))] for u in np.unique(picks)}
+    lat = np.full(n, np.nan)
+    served = np.zeros(n, dtype=bool)  # answered OK (shed requests return fast: they must not flatter the quantiles)
+    codes: dict[str, int] = {}
+    degraded = [0]
+    lock = threading.Lock()
+    t0 = time.perf_counter() + 0.2
+
+    def one(i: int) -> None:
+        sched = t0 + i / rps
+        u = int(picks[i])
+        try:
+            r = stubs[i % len(stubs)].GetFeed(pb.GetFeedRequest(user_id=u, feed_type=ft), metadata=tokens[u], timeout=5)
+            code = "OK"
+            if r.degraded:
+                with lock:
+                    degraded[0] += 1
+        except grpc.RpcError as e:
+            code = e.code().name
+        lat[i] = (time.perf_counter() - sched) * 1000
+        served[i] = code == "OK"
+        with lock:
+            codes[code] = codes.get(code, 0) + 1
+
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        for i in range(n):
+            delay = t0 + i / rps - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            pool.submit(one, i)
+    for c in channels:
+        c.close()
+    def quantiles(v: np.ndarray) -> dict[str, float | None]:
+        if not v.size:
+            return {"p50": None, "p90": None, "p99": None, "max": None}
+        return {"p50": round(float(np.percentile(v, 50)), 2), "p90": round(float(np.percentile(v, 90)), 2),
+                "p99": round(float(np.percentile(v, 99)), 2), "max": round(float(v.max()), 2)}
+
+    done = ~np.isnan(lat)
+    return {"offered_rps": rps, "seconds": seconds, "requests": n, "codes": codes, "degraded": degraded[0],
+            "served_share": round(float(served.mean()), 4),
+            "latency_ms": quantiles(lat[done & served]),  # of the requests answered OK
+            "latency_ms_all_requests": quantiles(lat[done])}
+
+
+@dataclass
+class ServingStack:
+    """An isolated stack with ``feedrank serve --world`` running on it (see :func:`serving_stack`)."""
+
+    bcfg: Config
+    address: str
+    proc: subprocess.Popen
+    metrics_ports: list[int]  # one Prometheus endpoint per worker (metrics_port + worker index)
+    world: Any  # sim.world.World
+    world_dir: Path
+    versions: dict[str, str]
+    startup_s: float
+    workers: int
+
+
+@contextmanager
+def serving_stack(cfg: Config, scale: str, workers: int = 0, step: Step | None = None, world_dir: Path | None = None,
+                  name: str = "serve", events: str = "file", **overrides: str) -> Iterator[ServingStack]:
+    """The world's isolated stack (own Redis, model store, event log; :func:`prepare`, user features
+    in the online store) with ``feedrank serve --world`` as its own process, every worker healthy
+    and serving metrics; ``overrides`` are FEEDRANK_* settings of the stack. On exit the server is
+    terminated and the stack taken down."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from runtime import stack
+    from lab.bench import isolated_config
+    from core.services import free_port
+    from serving.edge import auth_env
+    from sim.world import World
+
+    step = step or (lambda s, f: None)
+    world_dir = world_dir or cfg.data_dir / "sim" / f"{scale}-{cfg.sim.seed}"
+    if not (world_dir / "ground_truth.npz").exists():
+        raise RuntimeError(f"no world at {world_dir}: run `feedrank sim generate --scale {scale}` first")
+    n_workers = workers or cfg.serving.workers
+    port, mport = free_port(), _free_ports(n_workers)
+    bcfg = isolated_config(cfg, f"{name}-{scale}", events=events, FEEDRANK_SERVING_PORT=str(port),
+                           FEEDRANK_SERVING_METRICS_PORT=str(mport), **overrides)
+    bcfg = isolated_config(cfg, f"{name}-{scale}", events=events, FEEDRANK_SERVING_PORT=str(port),
+                           FEEDRANK_SERVING_METRICS_PORT=str(mport), **overrides,
+                           FEEDRANK_SERVING_WORKERS=str(n_workers),
+                           FEEDRANK_MODEL_STORE="file://" + str(bcfg.data_dir / "models"),
+                           FEEDRANK_PATHS_DATA_DIR=str(bcfg.data_dir), FEEDRANK_REDIS=bcfg.redis.uri,
+                           FEEDRANK_EVENTS=bcfg.events.uri)
+    versions = prepare(cfg, bcfg, world_dir, step)
+    stack.up(bcfg)
+    proc = None
+    try:
+        load_user_rows(bcfg, step)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FEEDRANK_") or k == "FEEDRANK_CONFIG"}
+        env.update({"FEEDRANK_PATHS_DATA_DIR": str(bcfg.data_dir), "FEEDRANK_REDIS": bcfg.redis.uri,
+                    "FEEDRANK_EVENTS": bcfg.events.uri, "FEEDRANK_MODEL_STORE": bcfg.model_store.uri,
+                    "FEEDRANK_SERVING_PORT": str(port), "FEEDRANK_SERVING_METRICS_PORT": str(mport),
+                    "FEEDRANK_SERVING_WORKERS": str(n_workers),
+                    "FEEDRANK_EVENTS_FSYNC": "true" if bcfg.events.fsync else "false", **auth_env(bcfg)})
+        log = open(bcfg.data_dir / "serve.log", "w")
+        step("starting the server", 0.0)
+        t_start = time.perf_counter()
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "feedrank"), "serve", "--world", str(world_dir)],
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()  # the child has its own descriptor
+        address = f"{bcfg.serving.host}:{port}"
+        ch = grpc.insecure_channel(address)
+        mports = [mport + i for i in range(n_workers)]
+        while True:  # every worker must be up: each serves its own metrics endpoint once SERVING
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited ({proc.returncode}); see {bcfg.data_dir / 'serve.log'}")
+            try:
+                h = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if h.status == health_pb2.HealthCheckResponse.SERVING:
+                    _scrape(mports)
+                    break
+            except (grpc.RpcError, OSError):
+                time.sleep(0.5)
+            if time.perf_counter() - t_start > 900:
+                raise RuntimeError("server did not become healthy in 15 minutes")
+        startup_s = time.perf_counter() - t_start
+        ch.close()
+        step("starting the server", 1.0)
+        yield ServingStack(bcfg, address, proc, mports, World.load(world_dir), world_dir, versions, startup_s, n_workers)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        stack.down(bcfg)
+
+
+def bench_serve(cfg: Config, scale: str = "large", rps_levels: tuple[float, ...] = (20.0,), seconds: float = 30.0,
+                progress: Step | None = None, world_dir: Path | None = None, workers: int = 0) -> dict[str, Any]:
+    import psutil
+
+    step = progress or (lambda s, f: None)
+    with serving_stack(cfg, scale, workers, step, world_dir) as st:
+        bcfg, address, world, mports, n_workers = st.bcfg, st.address, st.world, st.metrics_ports, st.workers
+        has_follows = np.flatnonzero(np.bincount(world.follow_src, minlength=world.n_users) > 0)
+        users = np.random.default_rng(1).choice(has_follows, min(100_000, has_follows.size), replace=False)
+        ps = psutil.Process(st.proc.pid)
+
+        def rss_mb() -> float:
+            return sum(p.memory_info().rss for p in [ps, *ps.children(recursive=True)]) / 2**20
+
+        levels = []
+        run_load(address, bcfg.serving.jwt_secret, users[:2000], 10.0, 5.0, seed=99)  # warm-up, not reported
+        for i, rps in enumerate(rps_levels):
+            step(f"load {rps:g} RPS", 0.0)
+            before = _scrape(mports)
+            res = run_load(address, bcfg.serving.jwt_secret, users, rps, seconds, seed=i)
+            after = _scrape(mports)
+            res["stages"] = _stage_quantiles(before, after)
+            res["candidates_per_request"] = {k: round(v / max(res["requests"], 1), 1) for k, v in
+                                             _counter_delta(before, after, "feedrank_candidates_total").items()}
+            res["cache"] = _counter_delta(before, after, "feedrank_result_cache_total")
+            res["server_rss_mb"] = round(rss_mb(), 1)
+            levels.append(res)
+            step(f"load {rps:g} RPS", 1.0)
+        return {"scale": scale, "world": str(st.world_dir), "posts": int(world.n_posts), "users": int(world.n_users),
+                "follows": int(world.follow_src.size), "models": st.versions, "server_startup_s": round(st.startup_s, 1),
+                "server": {"worker_processes": n_workers, "torch_threads": 1, "faiss_threads": 1, "grpc_threads": 8},
+                "retrieval": {"index": bcfg.retrieval.index, "nlist": bcfg.retrieval.nlist, "nprobe": bcfg.retrieval.nprobe,
+                              "ann_k": bcfg.candidates.ann_k},
+                "goal_p99_ms": 25.0, "levels": levels}

@@ -1,0 +1,19 @@
+"""The serving bench's per-world index cache keeps only the current towers' index."""
+
+from pathlib import Path
+
+from lab.bench_serve import _cache_dir, prune_index_caches
+
+
+def test_only_the_current_towers_index_and_the_feast_export_stay_cached(make_cfg):
+    cfg = make_cfg()
+    world = Path("/worlds/large-42")
+    dirs = {v: _cache_dir(cfg, world, v) for v in ("v1", "v2", "v3", "feast")}
+    other_world = _cache_dir(cfg, Path("/worlds/small-42"), "v1")
+    for d in [*dirs.values(), other_world]:
+        d.mkdir(parents=True)
+        (d / "index.faiss").write_bytes(b"x")
+    removed = prune_index_caches(cfg, world, dirs["v3"])
+    assert removed == [dirs["v1"], dirs["v2"]]
+    assert dirs["v3"].exists() and dirs["feast"].exists() and other_world.exists()
+    assert not dirs["v1"].exists() and not dirs["v2"].exists()
