@@ -16,7 +16,7 @@ from rich.table import Table
 from core.config import ConfigError, get_config
 
 app = typer.Typer(help="feedrank: feed ranking with two-tower retrieval, a 4-stage funnel and streaming features.",
-                  no_args_is_help=True, add_completion=False)
+                  no_args_is_help=True)  # --install-completion: bash, zsh, fish, PowerShell
 flink_app = typer.Typer(help="The standalone Flink cluster (jobmanager + taskmanager) from pyflink/bin.", no_args_is_help=True)
 sim_app = typer.Typer(help="The simulated social world and its clients.", no_args_is_help=True)
 config_app = typer.Typer(help="Inspect and validate feedrank.toml + FEEDRANK_* overrides.", no_args_is_help=True)
@@ -567,26 +567,38 @@ def eval_(
 
 
 @models_app.command("list")
-def models_list(model: Optional[str] = typer.Argument(None)) -> None:
-    """Versions per model, with the current one marked."""
+def models_list(model: Optional[str] = typer.Argument(None),
+                as_json: bool = typer.Option(False, "--json", help="One JSON object per version instead of a table")) -> None:
+    """Versions per model, with the current one marked (version ids are never cut)."""
+    from datetime import datetime
+
     from models.store import ModelStore
 
     store = ModelStore.from_config(_cfg())
-    t = Table("model", "version", "current", "created", "parent", "metrics")
+    rows: list[dict[str, Any]] = []
     for m in [model] if model else store.models():
         cur = store.current(m)
         for v in store.versions(m):
             try:
                 ck = store.meta(m, v)
             except Exception as e:  # noqa: BLE001 - show unreadable versions rather than hide them
-                t.add_row(m, v, "", "", "", f"[red]{e}[/red]")
+                rows.append({"model": m, "version": v, "current": v == cur, "error": str(e)})
                 continue
-            from datetime import datetime
-
-            metrics = json.dumps({k: v for k, v in ck.metrics.items() if not isinstance(v, (list, dict))})[:60]
-            t.add_row(m, v, "*" if v == cur else "", datetime.fromtimestamp(ck.created_at).strftime("%Y-%m-%d %H:%M:%S"),
-                      ck.parent or "", metrics)
-    Console().print(t)
+            rows.append({"model": m, "version": v, "current": v == cur,
+                         "created": datetime.fromtimestamp(ck.created_at).strftime("%Y-%m-%d %H:%M:%S"),
+                         "parent": ck.parent or "",
+                         "metrics": {k: x for k, x in ck.metrics.items() if not isinstance(x, (list, dict))}})
+    if as_json:
+        for r in rows:
+            print(json.dumps(r))
+        return
+    t = Table("model", "version", "current", "created", "parent", "metrics")
+    for r in rows:
+        t.add_row(r["model"], r["version"], "*" if r["current"] else "", r.get("created", ""), r.get("parent", ""),
+                  f"[red]{r['error']}[/red]" if "error" in r else json.dumps(r["metrics"])[:60])
+    for col in t.columns[:2] + t.columns[4:5]:
+        col.no_wrap = True  # ids stay whole: a narrow terminal cuts the metrics column instead
+    Console(width=max(Console().width, 160)).print(t)
 
 
 @models_app.command("promote")

@@ -41,7 +41,7 @@ def run_position_bias(cfg: Config, world_dir: Path, users: int, minutes: float, 
     from sim.world import World
     from models.store import ModelStore
     from models.train import Trained, fit_heavy, load_two_tower, publish_heavy, ranking_rows
-    from lab.experiments import run_variant
+    from lab.variants import run_variant
 
     step = progress or (lambda s, f: None)
     t0 = time.perf_counter()

@@ -28,7 +28,10 @@ CLOCK_KEYS = ("wall0_ms", "sim0_ms", "world_end_ms")
 
 def publish_clock(cfg: Config, world_dir: Path) -> dict[str, int]:
     """The serving clock's origin for a world (now = the world's end), written to Redis."""
-    end = Corpus.load_corpus(world_dir).end_ms
+    try:
+        end = Corpus.load_corpus(world_dir).end_ms
+    except FileNotFoundError as e:
+        raise ServiceError(str(e)) from None
     origin = {"wall0_ms": int(time.time() * 1000), "sim0_ms": end, "world_end_ms": end}
     try:
         redis_client(cfg).hset(SERVING_CLOCK, mapping=origin)

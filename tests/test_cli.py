@@ -61,3 +61,21 @@ def test_sim_clients_requires_a_world(tmp_path, columns):
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "feedrank sim generate" in lines[0] and str(missing) in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("columns", ["40", "200"])
+def test_models_list_shows_whole_version_ids_and_json(tmp_path, columns):
+    from models.store import ModelStore
+
+    store = ModelStore("file://" + str(tmp_path / "models"), cache_dir=tmp_path / "cache")
+    a = store.publish("heavy", {"w.bin": b"1"}, metrics={"auc": 0.7}, promote=True).version
+    b = store.publish("heavy", {"w.bin": b"2"}, parent=a).version
+    env = _env(tmp_path, FEEDRANK_MODEL_STORE="file://" + str(tmp_path / "models"), COLUMNS=columns)
+    r = subprocess.run(_feedrank() + ["models", "list", "--json"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert {(x["version"], x["current"], x["parent"]) for x in rows} == {(a, True, ""), (b, False, a)}
+    assert [x["metrics"] for x in rows if x["version"] == a] == [{"auc": 0.7}]
+    table = subprocess.run(_feedrank() + ["models", "list", "heavy"], capture_output=True, text=True, env=env,
+                           timeout=60)
+    assert table.returncode == 0 and a in table.stdout and b in table.stdout, table.stdout
