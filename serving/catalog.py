@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from core.events import CONTENT_TYPES
 from features.client import StreamFollower
 
 
@@ -34,7 +35,7 @@ FOLLOW_CHANGES = "feedrank:changes:follows"
 # a replica that starts later loads these first, so it knows every post and edge however long ago it changed
 POSTS_SINCE_EXPORT = "feedrank:posts:since-export"      # post id -> its change (JSON)
 FOLLOWS_SINCE_EXPORT = "feedrank:follows:since-export"  # "user:author" -> 1 (follows) / 0 (does not)
-CTYPES = ("text", "image", "video")
+CTYPES = tuple(CONTENT_TYPES)  # a post's content type is its index here
 EMB_DIM = 128
 
 

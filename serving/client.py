@@ -11,17 +11,16 @@ from typing import Any
 
 import grpc
 
-from core.events import Engagement, PostPublished
+from core.events import ContentType, Engagement, PostPublished
+from serving.components import CONTENT_TYPE_CODES, SOURCE_NAMES
 from serving.edge import make_token
 from serving.protos import pb, rpc
 from core.feed_api import FeedItem, FeedPage
 
 FEED_TYPES = {"home": pb.HOME, "explore": pb.EXPLORE, "following": pb.FOLLOWING}
-SOURCES = {pb.IN_NETWORK: "in_network", pb.OUT_OF_NETWORK: "out_of_network", pb.AD: "ad", pb.TRENDING: "trending"}
 ACTIONS = {"view": pb.VIEW, "click": pb.CLICK, "like": pb.LIKE, "comment": pb.COMMENT, "share": pb.SHARE,
            "dwell": pb.DWELL}
 FEEDBACK = {"hide": pb.HIDE, "not_interested": pb.NOT_INTERESTED, "see_less": pb.SEE_LESS}
-CTYPES = {"text": pb.TEXT, "image": pb.IMAGE, "video": pb.VIDEO}
 
 
 class GrpcFeedApi:
@@ -50,7 +49,7 @@ class GrpcFeedApi:
                                                 limit=limit), metadata=self._md(user_id), timeout=self.timeout)
         self.latencies_ms.append((time.perf_counter() - t0) * 1000)
         self.degraded += int(r.degraded)
-        items = [FeedItem(it.post_id, it.author_id, it.position, SOURCES.get(it.source, "out_of_network"), it.score)
+        items = [FeedItem(it.post_id, it.author_id, it.position, SOURCE_NAMES.get(it.source, "out_of_network"), it.score)
                  for it in r.items]
         return FeedPage(r.request_id, items, r.next_cursor, r.model_version, r.degraded)
 
@@ -69,7 +68,8 @@ class GrpcFeedApi:
 
     def publish_post(self, post: PostPublished) -> int:
         r = self.stub.PublishPost(pb.PublishPostRequest(
-            author_id=post.author_id, topic=post.topic, content_type=CTYPES[post.content_type], text=post.text,
+            author_id=post.author_id, topic=post.topic, content_type=CONTENT_TYPE_CODES[ContentType(post.content_type)],
+            text=post.text,
             is_repost=not post.is_original, original_post_id=post.original_post_id or 0,
             policy_flagged=post.policy_flagged, post_id=post.post_id, ts_ms=post.ts),
             metadata=self._md(post.author_id), timeout=self.timeout)

@@ -21,9 +21,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-# Source codes (the proto's Source enum values).
-IN_NETWORK, OUT_OF_NETWORK, AD, TRENDING = 1, 2, 3, 4
-SOURCE_NAMES = {IN_NETWORK: "in_network", OUT_OF_NETWORK: "out_of_network", AD: "ad", TRENDING: "trending"}
+from core.events import ContentType, Source
+from serving.protos import pb
+
+# Source codes: the proto's Source enum values, named as the events name them (core.events.Source)
+IN_NETWORK, OUT_OF_NETWORK, AD, TRENDING = pb.IN_NETWORK, pb.OUT_OF_NETWORK, pb.AD, pb.TRENDING
+SOURCE_NAMES = {code: Source[pb.Source.Name(code)].value for code in (IN_NETWORK, OUT_OF_NETWORK, AD, TRENDING)}
+# Content types: the proto's ContentType code of each core.events.ContentType (same names)
+CONTENT_TYPE_CODES = {c: pb.ContentType.Value(c.name) for c in ContentType}
 
 
 @dataclass

@@ -19,7 +19,7 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,7 +32,7 @@ from core.events import (Action, ContentType, Engagement, Feedback, Followed, In
                              Unfollowed, coerce_event)
 from core.schema import HEAD_NAMES, HEAVY_NAMES, N_TOPICS
 from serving import funnel
-from serving.components import AD, Candidates, Query, UserContext
+from serving.components import CONTENT_TYPE_CODES, Candidates, Query, UserContext
 from serving.edge import Authenticator, AuthError, CursorCodec, CursorError, Forbidden, Principal, RateLimiter
 from serving.experiments import Experiments
 from serving.filters import HiddenFilter, PreviouslySeenFilter
@@ -55,7 +55,7 @@ SIGNAL_ACTIONS = {pb.VIEW: Action.VIEW, pb.CLICK: Action.CLICK, pb.LIKE: Action.
                   pb.SHARE: Action.SHARE, pb.DWELL: Action.DWELL}
 FEEDBACK_KINDS = {pb.HIDE: "hide", pb.NOT_INTERESTED: "not_interested", pb.SEE_LESS: "see_less"}
 TARGETS = {pb.FEEDBACK_TARGET_UNSPECIFIED: "post", pb.POST: "post", pb.AUTHOR: "author", pb.TOPIC: "topic"}
-CTYPES = {pb.TEXT: ContentType.TEXT, pb.IMAGE: ContentType.IMAGE, pb.VIDEO: ContentType.VIDEO}
+CTYPES = {code: c for c, code in CONTENT_TYPE_CODES.items()}  # proto code -> ContentType
 CTYPE_INDEX = {ContentType.TEXT: 0, ContentType.IMAGE: 1, ContentType.VIDEO: 2}
 MAX_LIMIT = 100
 MAX_SIGNALS = 500

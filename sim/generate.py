@@ -26,10 +26,11 @@ import pyarrow.parquet as pq
 
 from core.config import Config, Sim
 from sim import truth
+from core.events import CONTENT_TYPES
 from core.units import DAY_MS, HOUR_MS
 from sim.world import TOPIC_NAMES, TrendShift, UtilityWeights, World
 
-CTYPES = np.array(["text", "image", "video"])
+CTYPES = np.array(CONTENT_TYPES)
 SYLLABLES = ["ka", "lo", "mi", "ra", "ne", "tu", "vo", "sa", "pe", "di", "go", "fu", "ba", "ze", "ri", "no",
              "ya", "ho", "je", "wu", "ci", "mo", "te", "la"]
 
