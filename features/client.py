@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from core.config import Config
+from core.units import DAY_MS
 from features.feast_repo import POST_STATS_FLOAT, POST_STATS_INT
 
 POST_STATS_CHANGES = "feedrank:changes:post_stats"
@@ -384,7 +385,7 @@ class IndexDeltaFollower:
                     continue
                 ids = np.frombuffer(f[b"ids"], dtype=np.int64)
                 emb = np.frombuffer(f[b"emb"], dtype=np.float32).reshape(ids.size, -1)
-                day = np.frombuffer(f[b"published_ms"], dtype=np.int64) / 86_400_000
+                day = np.frombuffer(f[b"published_ms"], dtype=np.int64) / DAY_MS
                 self.index.remove(ids)
                 self.index.add(ids, emb, day)
                 n += ids.size

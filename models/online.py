@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from core.schema import HEAD_NAMES
+from core.units import MINUTE_MS
 from models.inference import NumpyHeavy
 
 CLICK = HEAD_NAMES.index("click")
@@ -85,12 +86,12 @@ class LiveCtr:
     counts: dict[str, dict[int, list[int]]] = field(default_factory=dict)
 
     def add(self, version: str, ts: int, clicked: bool) -> None:
-        b = self.counts.setdefault(version, {}).setdefault(ts // 60_000, [0, 0])
+        b = self.counts.setdefault(version, {}).setdefault(ts // MINUTE_MS, [0, 0])
         b[0] += 1
         b[1] += int(clicked)
 
     def ctr(self, version: str, now_ms: int) -> tuple[int, float]:
-        lo = (now_ms - self.window_ms) // 60_000
+        lo = (now_ms - self.window_ms) // MINUTE_MS
         buckets = self.counts.get(version, {})
         for m in [m for m in buckets if m < lo - 1]:
             del buckets[m]

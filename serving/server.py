@@ -31,6 +31,7 @@ from features.eventlog import EventLogError
 from core.events import (Action, ContentType, Engagement, Feedback, Followed, InvalidEvent, PostPublished,
                              Unfollowed, coerce_event)
 from core.schema import HEAD_NAMES, HEAVY_NAMES, N_TOPICS
+from core.units import DAY_MS, HOUR_MS
 from serving import funnel
 from serving.components import CONTENT_TYPE_CODES, Candidates, Query, UserContext
 from serving.edge import Authenticator, AuthError, CursorCodec, CursorError, Forbidden, Principal, RateLimiter
@@ -60,7 +61,7 @@ CTYPE_INDEX = {ContentType.TEXT: 0, ContentType.IMAGE: 1, ContentType.VIDEO: 2}
 MAX_LIMIT = 100
 MAX_SIGNALS = 500
 MAX_ID = 2**63 - 1
-PAST_SKEW_MS = 7 * 86_400_000   # client event times may be this old (offline batches)...
+PAST_SKEW_MS = 7 * DAY_MS   # client event times may be this old (offline batches)...
 FUTURE_SKEW_MS = 300_000         # ...or this far ahead of the server clock
 RESCORE_TOP = 2                  # a cached refresh re-scores the top RESCORE_TOP x limit positions
 
@@ -380,7 +381,7 @@ class FeedService(rpc.FeedServiceServicer):
         heads = page["heads"] if "heads" in page else None
         reasons = page["reasons"] if "reasons" in page else None
         authors = self.state.catalog.author[page.ids]
-        fresh_ms = self.cfg.rerank.fresh_hours * 3_600_000
+        fresh_ms = self.cfg.rerank.fresh_hours * HOUR_MS
         now = self.state.clock()
         for i in range(len(page)):
             src = int(page.source[i])

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from core.units import HOUR_MS
+from core.units import DAY_MS, HOUR_MS
 
 from serving.components import AD, IN_NETWORK, OUT_OF_NETWORK, TRENDING, Candidates, CandidateSource, Query
 from serving.state import EMPTY_CACHE
@@ -64,7 +64,7 @@ class AnnSource(CandidateSource):
         # The index scores (u / T) . p + recency * (day_p - day0): recover the cosine u . p the rankers
         # use, so the hydrator need not gather 8K embeddings again.
         idx = state.models.index
-        day = state.catalog.published_ms[ids] / 86_400_000.0
+        day = state.catalog.published_ms[ids] / DAY_MS
         cosine = idx.temperature * (scores - idx.recency * (day - idx.day0))
         return Candidates(ids, np.full(ids.size, OUT_OF_NETWORK), ann=cosine.astype(np.float32),
                           has_ann=np.ones(ids.size, dtype=bool))

@@ -21,6 +21,7 @@ import numpy as np
 
 from core.config import Config
 from core.schema import N_TOPICS
+from core.units import HOUR_MS, MINUTE_MS
 from serving.catalog import (ChangeFollower, FollowGraph, PostCatalog, follow_change, load_bootstrap, post_change,
                              record_follow, record_post)
 from serving.components import UserContext
@@ -253,12 +254,12 @@ class ServingState:
         from features.feast_repo import POST_STATS_FLOAT
 
         now = self.clock()
-        window = int(self.cfg.candidates.trending_window_h * 3_600_000)
+        window = int(self.cfg.candidates.trending_window_h * HOUR_MS)
         n = min(self.catalog.n, self.stats.floats.shape[0])
-        if n and (self._recent_at is None or now - self._recent_at > 60_000 or n != self._recent_n):
+        if n and (self._recent_at is None or now - self._recent_at > MINUTE_MS or n != self._recent_n):
             # the posts inside the trending window, recomputed once a minute (a full scan of 1M posts
             # every second would steal ~10 ms of interpreter time from requests)
-            self._recent = np.flatnonzero(self.catalog.published_ms[:n] > now - window - 60_000)
+            self._recent = np.flatnonzero(self.catalog.published_ms[:n] > now - window - MINUTE_MS)
             self._recent_at, self._recent_n = now, n
         ids = self._recent
         if ids.size:
@@ -309,7 +310,6 @@ class ServingState:
         ctx.seen = _ids(seen)
         hidden, blocked = [], []
         now = self.clock()
-        half = self.cfg.rerank.fatigue_half_life_hours * 3_600_000
         for k, v in neg.items():
             k = k.decode()
             kind, _, ident = k.partition(":")
@@ -318,8 +318,7 @@ class ServingState:
             elif kind == "a":
                 blocked.append(int(ident))
             elif kind in ("fa", "ft"):
-                w, _, ts = v.decode().partition(":")
-                decayed = float(w) * 0.5 ** (max(now - int(ts), 0) / half)
+                decayed = self._fatigue_now(v, now)
                 (ctx.fatigue_authors if kind == "fa" else ctx.fatigue_topics)[int(ident)] = min(decayed, 1.0)
         ctx.hidden_posts, ctx.blocked_authors = np.array(sorted(hidden), dtype=np.int64), np.array(sorted(blocked), dtype=np.int64)
         ctx.affinity = {int(k): int(v) for k, v in aff.items()}
@@ -352,7 +351,7 @@ class ServingState:
         """Fan-out-on-read for a cache miss: recent posts of followed non-celebrity authors."""
         c = self.cfg.candidates
         authors = [a for a in user.following.tolist() if not self.celebrity(a)]
-        pids = self.catalog.recent_by_authors(authors, now_ms - int(c.follow_window_h * 3_600_000), now_ms)
+        pids = self.catalog.recent_by_authors(authors, now_ms - int(c.follow_window_h * HOUR_MS), now_ms)
         if pids.size > c.cache_size:
             pids = pids[np.argsort(-self.catalog.published_ms[pids], kind="stable")[: c.cache_size]]
         ts = self.catalog.published_ms[pids]
@@ -433,6 +432,11 @@ class ServingState:
             log.warning("candidate cache of user %s not invalidated after a follow change (%s)", user, e)
         return True
 
+    def _fatigue_now(self, entry: bytes, now_ms: int) -> float:
+        """A fatigue entry ("<weight>:<ts>") decayed to ``now_ms``: halves every rerank.fatigue_half_life_hours."""
+        w, _, ts = entry.decode().partition(":")
+        return float(w) * 0.5 ** (max(now_ms - int(ts), 0) / (self.cfg.rerank.fatigue_half_life_hours * HOUR_MS))
+
     def check_signals(self, user: int, signals: list[tuple[str, int]], now_ms: int,
                       require_served: bool = True) -> list[str | None]:
         """Per (action, post) signal: None when it counts, else why not ("not_served": no exposure of
@@ -493,14 +497,12 @@ class ServingState:
                 fatigue.append((f"fa:{author}", strength))
         elif target == "topic" and topic is not None:
             fatigue.append((f"ft:{topic}", strength))
-        half = self.cfg.rerank.fatigue_half_life_hours * 3_600_000
 
         def write(r: Any) -> None:
             old = r.hmget(neg_key(user), [k for k, _ in fatigue]) if fatigue else []
             for (k, w), prev in zip(fatigue, old):
                 if prev:
-                    pw, _, pts = prev.decode().partition(":")
-                    w += float(pw) * 0.5 ** (max(now_ms - int(pts), 0) / half)
+                    w += self._fatigue_now(prev, now_ms)
                 fields[k] = f"{min(w, 1.0):.4f}:{now_ms}"
             with r.pipeline(transaction=False) as p:
                 if fields:
