@@ -282,11 +282,8 @@ class FileEventLog:
         """Seal the current segment now: visible to readers on return."""
         with self._lock:
             try:
-                if self._torn:
-                    self._repair()
-                self._seal()
+                self._seal_or_rollback()
             except OSError as e:
-                self._rollback()
                 raise EventLogError(f"event log {self.uri}: cannot seal the current segment ({_why(e)}); "
                                     "its events are durable and are sealed on a later attempt") from None
 
@@ -384,14 +381,21 @@ class FileEventLog:
                 log.warning("event log %s: fsync of %s after sealing %s failed: %s", self.uri, self.segments, name,
                             _why(e))
 
-    def _try_seal(self) -> bool:
-        """Seal now (under ``_lock``); on a disk error keep the file consistent and report False."""
+    def _seal_or_rollback(self) -> None:
+        """Seal now (under ``_lock``); on a disk error put the file back as it was and raise the OSError."""
         try:
             if self._torn:
                 self._repair()
             self._seal()
-        except OSError as e:
+        except OSError:
             self._rollback()
+            raise
+
+    def _try_seal(self) -> bool:
+        """Seal now (under ``_lock``); on a disk error keep the file consistent and report False."""
+        try:
+            self._seal_or_rollback()
+        except OSError as e:
             if not self._failing:
                 log.warning("event log %s: cannot seal %s (%s): retrying", self.uri, self._path, _why(e))
             self._failing = True

@@ -651,6 +651,15 @@ def feast_export(world: Optional[Path] = typer.Option(None, help="Simulated worl
     print(json.dumps(export(cfg, _world_dir(cfg, world))))
 
 
+def _write_bench(name: str, res: dict) -> None:
+    """A bench's result: JSON + markdown under bench/results/, the JSON on stdout."""
+    from lab.bench import write_result
+
+    path = write_result(name, res)
+    print(json.dumps(res))
+    console.print(f"written to {path}")
+
+
 def _rps_levels(rps: str) -> tuple[float, ...]:
     """``--rps 20,50,100`` -> (20.0, 50.0, 100.0), or a clear error."""
     try:
@@ -731,12 +740,10 @@ def bench_retrieval(
 @bench_app.command("rankers")
 def bench_rankers() -> None:
     """Light ranker over 10K candidates and TorchScript heavy ranker over 500 (current models, 1 thread)."""
-    from lab.bench import bench_rankers as run, write_result
+    from lab.bench import bench_rankers as run
 
     res = run(_cfg())
-    path = write_result("rankers", res)
-    print(json.dumps(res))
-    console.print(f"written to {path}")
+    _write_bench("rankers", res)
 
 
 EVENTS_HELP = ("Event log of the bench's own stack: kafka (a local Apache Kafka broker on a free port), "
@@ -747,16 +754,14 @@ EVENTS_HELP = ("Event log of the bench's own stack: kafka (a local Apache Kafka 
 def bench_features_cmd(count: int = typer.Option(300_000, "--count", help="Events written, then read by the job"),
                        log: str = typer.Option("kafka", "--events", help=EVENTS_HELP)) -> None:
     """Throughput of the real-time feature job (events/s), on its own embedded stack."""
-    from lab.bench import bench_features as run, scratch_removed_on_success, write_result
+    from lab.bench import bench_features as run, scratch_removed_on_success
 
     with _progress() as prog, scratch_removed_on_success():
         try:
             res = run(_cfg(), n=count, progress=_StageProgress(prog), events=log)
         except ValueError as e:
             _fail(str(e))
-    path = write_result("features", res)
-    print(json.dumps(res))
-    console.print(f"written to {path}")
+    _write_bench("features", res)
 
 
 @bench_app.command("freshness")
@@ -764,16 +769,14 @@ def bench_freshness_cmd(probes: int = typer.Option(200, help="Timed clicks"),
                         background: float = typer.Option(2000.0, help="Background load, events/s"),
                         log: str = typer.Option("kafka", "--events", help=EVENTS_HELP)) -> None:
     """Event append -> feature visible (serving cache and Feast), p50/p99, under background load."""
-    from lab.bench import bench_freshness as run, scratch_removed_on_success, write_result
+    from lab.bench import bench_freshness as run, scratch_removed_on_success
 
     with _progress() as prog, scratch_removed_on_success():
         try:
             res = run(_cfg(), probes=probes, background_eps=background, progress=_StageProgress(prog), events=log)
         except ValueError as e:
             _fail(str(e))
-    path = write_result("freshness", res)
-    print(json.dumps(res))
-    console.print(f"written to {path}")
+    _write_bench("freshness", res)
 
 
 @bench_app.command("serve")
@@ -812,7 +815,7 @@ def bench_signals_cmd(scale: str = typer.Option("small", help="World scale (its 
                       log_only: bool = typer.Option(False, "--log-only", help="Only the file:// event log, in this "
                                                     "process: group commit with fsync on and off (no world or server)")) -> None:
     """SubmitSignals throughput and p99 over gRPC (closed loop), then the file:// log's group commit alone."""
-    from lab.bench import scratch_removed_on_success, write_result
+    from lab.bench import scratch_removed_on_success
     from lab.bench_signals import bench_event_log_only, bench_signals
 
     try:
@@ -831,9 +834,7 @@ def bench_signals_cmd(scale: str = typer.Option("small", help="World scale (its 
                                     workers=workers, fsync=fsync)
         except (RuntimeError, ValueError) as e:
             _fail(str(e))
-    path = write_result("signals", res)
-    print(json.dumps(res))
-    console.print(f"written to {path}")
+    _write_bench("signals", res)
 
 
 @bench_app.command("soak")

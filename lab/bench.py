@@ -29,6 +29,15 @@ def machine() -> dict:
             "platform": platform.platform(), "python": platform.python_version()}
 
 
+def quantiles(values: Any, digits: int = 2) -> dict[str, float | None]:
+    """p50 / p90 / p99 / max of latencies (None each when there are none)."""
+    a = np.asarray(values, dtype=np.float64)
+    if not a.size:
+        return {"p50": None, "p90": None, "p99": None, "max": None}
+    return {"p50": round(float(np.percentile(a, 50)), digits), "p90": round(float(np.percentile(a, 90)), digits),
+            "p99": round(float(np.percentile(a, 99)), digits), "max": round(float(a.max()), digits)}
+
+
 def write_result(name: str, result: dict, out_dir: Path | None = None) -> Path:
     out_dir = out_dir or PROJECT_ROOT / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -260,11 +260,7 @@ def run_load(address: str, secret: str, users: np.ndarray, rps: float, seconds: 
             pool.submit(one, i)
     for c in channels:
         c.close()
-    def quantiles(v: np.ndarray) -> dict[str, float | None]:
-        if not v.size:
-            return {"p50": None, "p90": None, "p99": None, "max": None}
-        return {"p50": round(float(np.percentile(v, 50)), 2), "p90": round(float(np.percentile(v, 90)), 2),
-                "p99": round(float(np.percentile(v, 99)), 2), "max": round(float(v.max()), 2)}
+    from lab.bench import quantiles
 
     done = ~np.isnan(lat)
     return {"offered_rps": rps, "seconds": seconds, "requests": n, "codes": codes, "degraded": degraded[0],

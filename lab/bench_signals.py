@@ -24,19 +24,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 
 from core.config import Config
+from lab.bench import quantiles
 
 Step = Callable[[str, float], None]
-
-
-def _quantiles(lat_ms: list[float]) -> dict[str, float | None]:
-    if not lat_ms:
-        return {"p50": None, "p90": None, "p99": None, "max": None}
-    v = np.asarray(lat_ms)
-    return {"p50": round(float(np.percentile(v, 50)), 3), "p90": round(float(np.percentile(v, 90)), 3),
-            "p99": round(float(np.percentile(v, 99)), 3), "max": round(float(v.max()), 3)}
 
 
 def _closed_loop(clients: int, seconds: float, call: Callable[[int, int], str]) -> dict[str, Any]:
@@ -78,8 +70,8 @@ def _closed_loop(clients: int, seconds: float, call: Callable[[int, int], str]) 
         for k, v in per.items():
             merged[k] = merged.get(k, 0) + v
     return {"clients": clients, "seconds": round(wall, 2), "calls": len(all_lat), "ok_calls": len(ok_lat),
-            "calls_per_s": round(len(ok_lat) / wall, 1), "codes": merged, "latency_ms": _quantiles(ok_lat),
-            "latency_ms_all_calls": _quantiles(all_lat)}
+            "calls_per_s": round(len(ok_lat) / wall, 1), "codes": merged, "latency_ms": quantiles(ok_lat, 3),
+            "latency_ms_all_calls": quantiles(all_lat, 3)}
 
 
 def bench_event_log(root: Path, threads: tuple[int, ...] = (1, 8, 32), seconds: float = 5.0, per_call: int = 10,

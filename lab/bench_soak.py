@@ -36,6 +36,7 @@ from typing import Any, Callable
 import numpy as np
 
 from core.config import Config
+from lab.bench import quantiles
 
 Step = Callable[[str, float], None]
 
@@ -48,14 +49,6 @@ SIGNAL_MIN_AGE_S = 1.0    # a client reports on a page it has had on screen for 
 SIGNALS_START_S = 2.0     # the signal schedule starts once the first pages are that old
 NEXT_PAGE_SHARE = 0.3     # GetFeed calls asking for the next page of the user's last ranking
 ACTIONS = ("VIEW", "CLICK", "DWELL")  # per item, in the order a client reports them
-
-
-def _quantiles(v: list[float]) -> dict[str, float | None]:
-    if not v:
-        return {"p50": None, "p90": None, "p99": None, "max": None}
-    a = np.asarray(v)
-    return {"p50": round(float(np.percentile(a, 50)), 2), "p90": round(float(np.percentile(a, 90)), 2),
-            "p99": round(float(np.percentile(a, 99)), 2), "max": round(float(a.max()), 2)}
 
 
 class _Page:
@@ -83,7 +76,7 @@ class _RpcStats:
     def summary(self) -> dict[str, Any]:
         return {"requests": len(self.lat_all), "codes": dict(sorted(self.codes.items())),
                 "errors": sum(n for c, n in self.codes.items() if c != "OK"),
-                "latency_ms": _quantiles(self.lat_ok), "latency_ms_all_requests": _quantiles(self.lat_all)}
+                "latency_ms": quantiles(self.lat_ok), "latency_ms_all_requests": quantiles(self.lat_all)}
 
 
 class SoakLoad:

@@ -104,6 +104,18 @@ def serving(served_world: ServedWorld) -> Iterator[Any]:
         yield server
 
 
+@pytest.fixture(scope="module")
+def stub(serving: Any) -> Iterator[Any]:
+    """A gRPC stub on the module's server."""
+    import grpc
+
+    from serving.protos import rpc
+
+    ch = grpc.insecure_channel(serving.address)
+    yield rpc.FeedServiceStub(ch)
+    ch.close()
+
+
 def token(cfg: Config, user: int, admin: bool = False, ttl_s: float = 600.0) -> list[tuple[str, str]]:
     from serving.edge import config_token
 

@@ -22,7 +22,7 @@ import pytest
 
 from runtime import stack
 from core.services import free_port
-from serving.conftest import token, world_clock
+from serving.conftest import running_server, token
 from serving.protos import pb, rpc
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -36,28 +36,10 @@ MAX_CALL_S = DELIVERY_TIMEOUT_S + 3.0  # the append's deadline plus scheduling o
 @pytest.fixture(scope="module")
 def kserver(served_world) -> Iterator[Any]:
     """A server whose event log is a real broker (started with Redis by stack.up), own topic per run."""
-    from datetime import datetime, timezone
-
-    from features.feast_repo import apply
-    from serving.server import Server
-
-    cfg = served_world.config(
-        FEEDRANK_EVENTS=f"kafka://127.0.0.1:{free_port()}/durable-{uuid.uuid4().hex[:8]}",
-        FEEDRANK_EVENTS_KAFKA_PARTITIONS="4",
-        FEEDRANK_EVENTS_KAFKA_DELIVERY_TIMEOUT_MS=str(int(DELIVERY_TIMEOUT_S * 1000)))
-    stack.up(cfg)
-    server = None
-    try:
-        store = apply(cfg)
-        store.materialize(datetime(2020, 1, 1, tzinfo=timezone.utc), datetime(2030, 1, 1, tzinfo=timezone.utc),
-                          feature_views=["user_topic", "topic_stats"])
-        server = Server(cfg, bootstrap_dir=served_world.world_dir, clock=world_clock(served_world.end_ms), port=0,
-                        metrics_port=0)
+    with running_server(served_world, FEEDRANK_EVENTS=f"kafka://127.0.0.1:{free_port()}/durable-{uuid.uuid4().hex[:8]}",
+                        FEEDRANK_EVENTS_KAFKA_PARTITIONS="4",
+                        FEEDRANK_EVENTS_KAFKA_DELIVERY_TIMEOUT_MS=str(int(DELIVERY_TIMEOUT_S * 1000))) as server:
         yield server
-    finally:
-        if server is not None:
-            server.stop(grace=1.0)
-        stack.down(cfg)
 
 
 def _kill_broker(cfg) -> None:

@@ -11,16 +11,9 @@ import pytest
 
 from serving.conftest import token
 from serving.edge import PLACEHOLDER_JWT_SECRET, Authenticator, CursorCodec
-from serving.protos import pb, rpc
+from serving.protos import pb
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def stub(serving):
-    ch = grpc.insecure_channel(serving.address)
-    yield rpc.FeedServiceStub(ch)
-    ch.close()
 
 
 def _code(fn) -> tuple[grpc.StatusCode, str]:

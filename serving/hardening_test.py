@@ -11,21 +11,13 @@ import time
 import grpc
 import numpy as np
 import psutil
-import pytest
 
 from features.eventlog import read_all
 from core.events import parse_event
 from runtime import stack
 from serving.catalog import FOLLOW_CHANGES, POST_CHANGES
 from serving.conftest import token
-from serving.protos import pb, rpc
-
-
-@pytest.fixture
-def stub(serving):
-    ch = grpc.insecure_channel(serving.address)
-    yield rpc.FeedServiceStub(ch)
-    ch.close()
+from serving.protos import pb
 
 
 def _code(call) -> tuple[grpc.StatusCode, str]:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 import grpc
 import psutil
@@ -36,6 +37,20 @@ def _wait(what: str, check, timeout: float = 120.0):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _serve_two_workers(served_world, cfg, port: int, tmp_path, **env_extra: str) -> tuple[subprocess.Popen, Path]:
+    """`feedrank serve --workers 2 --world …` as an operator starts it, on ``cfg``'s stack; its log file."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEEDRANK_")}
+    env.update(served_world.env)
+    env.update({"FEEDRANK_REDIS": cfg.redis.uri, "FEEDRANK_SERVING_PORT": str(port),
+                "FEEDRANK_SERVING_METRICS_PORT": str(cfg.serving.metrics_port),
+                "FEEDRANK_SERVING_EXPERIMENTS_FILE": cfg.serving.experiments_file, **auth_env(cfg), **env_extra})
+    out = tmp_path / "serve.log"
+    proc = subprocess.Popen([sys.executable, "-m", "feedrank.cli", "serve", "--workers", "2", "--log-format", "text",
+                             "--world", str(served_world.world_dir)], env=env, stdout=open(out, "wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, out
+
+
 def test_workers_survive_a_redis_restart_and_a_kill(served_world, tmp_path):
     from features.feast_repo import apply
 
@@ -44,15 +59,7 @@ def test_workers_survive_a_redis_restart_and_a_kill(served_world, tmp_path):
     stack.up(cfg)
     apply(cfg).materialize(datetime(2020, 1, 1, tzinfo=timezone.utc), datetime(2030, 1, 1, tzinfo=timezone.utc),
                            feature_views=["user_topic"])
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FEEDRANK_")}
-    env.update(served_world.env)
-    env.update({"FEEDRANK_REDIS": cfg.redis.uri, "FEEDRANK_SERVING_PORT": str(port),
-                "FEEDRANK_SERVING_METRICS_PORT": str(cfg.serving.metrics_port),
-                "FEEDRANK_SERVING_EXPERIMENTS_FILE": cfg.serving.experiments_file, **auth_env(cfg)})
-    out = tmp_path / "serve.log"
-    proc = subprocess.Popen([sys.executable, "-m", "feedrank.cli", "serve", "--workers", "2", "--log-format", "text",
-                             "--world", str(served_world.world_dir)], env=env, stdout=open(out, "wb"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc, out = _serve_two_workers(served_world, cfg, port, tmp_path)
     try:
         _wait("two workers", lambda: out.read_text().count("FeedService worker") >= 2, timeout=240)
         stub = rpc.FeedServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
@@ -95,15 +102,7 @@ def test_a_worker_killed_in_a_burst_loses_no_acknowledged_signal(served_world, t
     cfg = served_world.config(FEEDRANK_SERVING_PORT=str(port), FEEDRANK_SERVING_METRICS_PORT=str(free_port()),
                               FEEDRANK_EVENTS="file://" + str(events_dir))
     stack.up(cfg)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FEEDRANK_")}
-    env.update(served_world.env)
-    env.update({"FEEDRANK_REDIS": cfg.redis.uri, "FEEDRANK_SERVING_PORT": str(port), "FEEDRANK_EVENTS": cfg.events.uri,
-                "FEEDRANK_SERVING_METRICS_PORT": str(cfg.serving.metrics_port),
-                "FEEDRANK_SERVING_EXPERIMENTS_FILE": cfg.serving.experiments_file, **auth_env(cfg)})
-    out = tmp_path / "serve.log"
-    proc = subprocess.Popen([sys.executable, "-m", "feedrank.cli", "serve", "--workers", "2", "--log-format", "text",
-                             "--world", str(served_world.world_dir)], env=env, stdout=open(out, "wb"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc, out = _serve_two_workers(served_world, cfg, port, tmp_path, FEEDRANK_EVENTS=cfg.events.uri)
     acked: list[str] = []
     failed: list[str] = []
     lock = threading.Lock()

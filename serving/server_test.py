@@ -15,16 +15,9 @@ from core.schema import HEAD_NAMES, HEAVY_NAMES
 from features.snapshots import SnapshotStore
 from serving.conftest import token
 from serving.models import score_heavy
-from serving.protos import pb, rpc
+from serving.protos import pb
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def stub(serving):
-    ch = grpc.insecure_channel(serving.address)
-    yield rpc.FeedServiceStub(ch)
-    ch.close()
 
 
 def _users(serving, n: int, offset: int = 0, min_follows: int = 5) -> list[int]:
