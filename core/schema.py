@@ -85,3 +85,9 @@ def schema_hash(features: list[Feature]) -> str:
 
 def bounds(features: list[Feature]) -> tuple[list[float], list[float]]:
     return [f.lo for f in features], [f.hi for f in features]
+
+#: The post_stats rows (Feast view, PostStatsCache arrays): integer columns, then float ones, by name.
+POST_STATS_INT = ("impressions", "clicks", "likes", "comments", "shares", "negatives", "long_dwells",
+                  "clicks_5m", "clicks_1h")
+POST_STATS_FLOAT = ("ctr", "trending_score")
+POST_STAT = {name: i for i, name in enumerate(POST_STATS_INT)}   # column of each in PostStatsCache.ints

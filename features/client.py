@@ -22,7 +22,7 @@ import pandas as pd
 
 from core.config import Config
 from core.units import DAY_MS
-from features.feast_repo import POST_STATS_FLOAT, POST_STATS_INT
+from core.schema import POST_STATS_FLOAT, POST_STATS_INT
 
 POST_STATS_CHANGES = "feedrank:changes:post_stats"
 INDEX_DELTA = "feedrank:index_delta"

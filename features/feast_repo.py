@@ -15,6 +15,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from core.config import PROJECT_ROOT, Config
+from core.schema import POST_STATS_FLOAT, POST_STATS_INT  # noqa: F401  (the post_stats view's columns)
+from features.vectors import rate
 
 REPO = PROJECT_ROOT / "feast_repo"
 TS = "event_timestamp"
@@ -22,9 +24,6 @@ TS = "event_timestamp"
 PUSHED_VIEWS = ("user_topic", "user_embedding", "post_embedding", "post_stats", "topic_stats")
 #: Batch views (materialized from the offline Parquet sources).
 BATCH_VIEWS = ("user_profile", "post_content", "author_stats")
-POST_STATS_INT = ("impressions", "clicks", "likes", "comments", "shares", "negatives", "long_dwells",
-                  "clicks_5m", "clicks_1h")
-POST_STATS_FLOAT = ("ctr", "trending_score")
 TOPIC_STATS_FLOAT = ("clicks_5m", "clicks_1h", "clicks_per_hour_longrun", "trend")
 
 
@@ -179,7 +178,7 @@ def export(cfg: Config, world_dir: Path) -> dict[str, int]:
          for k in ("impressions", "clicks", "likes", "comments", "shares", "negative", "long_dwell")}
     c5 = hist.post["clicks"].between(posts, tt - 300_000, tt)
     c1h = hist.post["clicks"].between(posts, tt - HOUR_MS, tt)
-    ctr = (c["clicks"] + 2.0) / (c["impressions"] + 20.0)
+    ctr = rate(c["clicks"], c["impressions"])
     write("post_stats", pd.DataFrame({
         "post_id": posts, "impressions": c["impressions"], "clicks": c["clicks"], "likes": c["likes"],
         "comments": c["comments"], "shares": c["shares"], "negatives": c["negative"], "long_dwells": c["long_dwell"],
@@ -205,5 +204,5 @@ def export(cfg: Config, world_dir: Path) -> dict[str, int]:
     a_clk = hist.author["clicks"].before(uids, np.full(uids.size, t))
     write("author_stats", pd.DataFrame({
         "author_id": uids, "followers": world.follower_counts(), "impressions": a_imp, "clicks": a_clk,
-        "ctr": ((a_clk + 2.0) / (a_imp + 20.0)).astype(np.float32)}))
+        "ctr": rate(a_clk, a_imp).astype(np.float32)}))
     return n

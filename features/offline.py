@@ -3,7 +3,7 @@
 Every count is "events of this key strictly before t", answered for millions of rows at
 once with one sorted array and ``searchsorted`` — no feature ever sees the future of the
 impression it describes. The streaming feature job computes the same counters online;
-both produce vectors in the order of :mod:`core.schema`.
+both turn them into vectors with the formulas of :mod:`features.vectors`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import pyarrow.parquet as pq
 from core.schema import N_CTYPES, N_TOPICS
 from core.units import HOUR_MS
 from core.corpus import Corpus
+from features import vectors
+from features.vectors import rate
 
 NEGATIVE = ("hide", "not_interested", "see_less")
-PRIOR_CTR, PRIOR_N = 0.1, 20.0
 
 
 class CountIndex:
@@ -51,10 +52,6 @@ class CountIndex:
         return self.before(groups, t_to) - self.before(groups, t_from)
 
 
-def _rate(k: np.ndarray, n: np.ndarray, prior: float = PRIOR_CTR) -> np.ndarray:
-    return (k + PRIOR_N * prior) / (n + PRIOR_N)
-
-
 @dataclass
 class UserState:
     """What the user tower and the rankers know about users at time t."""
@@ -64,6 +61,8 @@ class UserState:
     ctype_clicks: np.ndarray   # [n, 3] share
     neg_total: np.ndarray      # [n]
     log_activity: np.ndarray   # [n]
+    clicks: np.ndarray         # [n] counts
+    negatives: np.ndarray      # [n] counts
 
     @classmethod
     def from_counts(cls, tc: np.ndarray, tn: np.ndarray, cc: np.ndarray) -> "UserState":
@@ -73,7 +72,7 @@ class UserState:
                    topic_neg=(tn / np.maximum(nn, 1)[:, None]).astype(np.float32),
                    ctype_clicks=(cc / np.maximum(cc.sum(1), 1)[:, None]).astype(np.float32),
                    neg_total=(nn / np.maximum(nn + nc, 1)).astype(np.float32),
-                   log_activity=np.log1p(nc).astype(np.float32))
+                   log_activity=np.log1p(nc).astype(np.float32), clicks=nc, negatives=nn)
 
     def dense(self) -> np.ndarray:
         """The user tower's dense input."""
@@ -164,18 +163,15 @@ class History:
         a_imp = self.author["impressions"].before(author, t)
         a_clk = self.author["clicks"].before(author, t)
         vel = self.post["clicks"].between(posts, t - HOUR_MS, t)
-        t_recent = _rate(self.topic_clicks.between(topic, t - HOUR_MS, t), self.topic_impr.between(topic, t - HOUR_MS, t))
-        t_long = _rate(self.topic_clicks.before(topic, t), self.topic_impr.before(topic, t))
-        fc = self.follower_counts
-        return np.stack([
-            np.exp(-age_h / 12.0), np.log1p(age_h), np.log1p(aff), follows.astype(float),
-            (follows if in_network is None else in_network).astype(float), ann,
-            state.topic_clicks[rows, topic], state.topic_neg[rows, topic], state.ctype_clicks[rows, ctype],
-            _rate(pc["clicks"], pc["impressions"]), _rate(pc["likes"], pc["impressions"], 0.05),
-            _rate(pc["negative"], pc["impressions"], 0.01), np.log1p(vel), np.log1p(pc["impressions"]),
-            np.log(t_recent / t_long), np.log1p(fc[author]), _rate(a_clk, a_imp),
-            w.post_original[posts].astype(float), w.post_flagged[posts].astype(float), state.log_activity[rows],
-        ], axis=1).astype(np.float32)
+        t_recent = rate(self.topic_clicks.between(topic, t - HOUR_MS, t), self.topic_impr.between(topic, t - HOUR_MS, t))
+        t_long = rate(self.topic_clicks.before(topic, t), self.topic_impr.before(topic, t))
+        return vectors.light(
+            age_h=age_h, affinity=aff, follows=follows, in_network=follows if in_network is None else in_network,
+            ann=ann, topic_click_share=state.topic_clicks[rows, topic], topic_negative_share=state.topic_neg[rows, topic],
+            ctype_click_share=state.ctype_clicks[rows, ctype], impressions=pc["impressions"], clicks=pc["clicks"],
+            likes=pc["likes"], negatives=pc["negative"], clicks_1h=vel, topic_trend=np.log(t_recent / t_long),
+            author_followers=self.follower_counts[author], author_ctr=rate(a_clk, a_imp),
+            original=w.post_original[posts], flagged=w.post_flagged[posts], user_clicks=state.clicks[rows])
 
     def heavy_features(self, users: np.ndarray, posts: np.ndarray, t: np.ndarray, user_emb: np.ndarray,
                        post_emb: np.ndarray, in_network: np.ndarray | None = None) -> np.ndarray:
@@ -188,14 +184,11 @@ class History:
         ann = np.sum(user_emb * post_emb, axis=1)
         light = self.light_features(users, posts, t, ann, in_network, state, rows)
         pc = {k: self.post[k].before(posts, t) for k in ("impressions", "comments", "shares", "long_dwell")}
-        ctype = self.world.post_ctype[posts].astype(np.int64)
-        hour = (t // HOUR_MS) % 24
-        extra = np.hstack([
-            user_emb, post_emb, state.topic_clicks, np.eye(N_CTYPES, dtype=np.float32)[ctype],
-            np.stack([state.neg_total, _rate(pc["comments"], pc["impressions"], 0.02),
-                      _rate(pc["shares"], pc["impressions"], 0.015), _rate(pc["long_dwell"], pc["impressions"], 0.05),
-                      np.sin(2 * np.pi * hour / 24), np.cos(2 * np.pi * hour / 24)], axis=1),
-        ]).astype(np.float32)
+        extra = vectors.heavy_extra(
+            user_emb=user_emb, post_emb=post_emb, user_topic_clicks=state.topic_clicks,
+            ctype=self.world.post_ctype[posts].astype(np.int64), user_negatives=state.negatives, user_clicks=state.clicks,
+            impressions=pc["impressions"], comments=pc["comments"], shares=pc["shares"], long_dwells=pc["long_dwell"],
+            hour=(t // HOUR_MS) % 24)
         return np.hstack([light, extra])
 
 

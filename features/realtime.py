@@ -23,7 +23,8 @@ import numpy as np
 
 from core.events import NEGATIVE_ACTIONS, Action, InvalidEvent, parse_event, parse_events
 from features.feast_repo import post_trending_score, topic_trend
-from core.schema import N_CTYPES, N_TOPICS
+from features.vectors import rate
+from core.schema import N_CTYPES, N_TOPICS, POST_STAT
 from core.units import HOUR_MS, MINUTE_MS
 
 CTYPE_CODE = {"text": 0, "image": 1, "video": 2}
@@ -134,7 +135,7 @@ def post_row(s: list, now_ms: int | None = None) -> tuple[list[int], list[float]
     """(ints in POST_STATS_INT order, floats in POST_STATS_FLOAT order)."""
     now = s[P_LAST] if now_ms is None else now_ms
     c5, c1h = window(s[P_BUCKETS], now, 5), window(s[P_BUCKETS], now, 60)
-    ctr = (s[P_CLK] + 2.0) / (s[P_IMP] + 20.0)  # same prior as the offline export
+    ctr = rate(s[P_CLK], s[P_IMP])
     trend = float(post_trending_score(c1h, s[P_CLK]))
     return [s[P_IMP], s[P_CLK], s[P_LIKE], s[P_COMM], s[P_SHARE], s[P_NEG], s[P_LDW], c5, c1h], [ctr, trend]
 
@@ -146,9 +147,9 @@ def post_rows(rows: list[tuple[list, int | None]]) -> tuple[np.ndarray, np.ndarr
     for i, (s, now) in enumerate(rows):
         if s[P_BUCKETS]:  # most posts have no recent clicks
             t = s[P_LAST] if now is None else now
-            ints[i, 7], ints[i, 8] = window(s[P_BUCKETS], t, 5), window(s[P_BUCKETS], t, 60)
+            ints[i, POST_STAT["clicks_5m"]], ints[i, POST_STAT["clicks_1h"]] = window(s[P_BUCKETS], t, 5), window(s[P_BUCKETS], t, 60)
     clk = ints[:, P_CLK].astype(np.float64)
-    floats = np.stack([(clk + 2.0) / (ints[:, P_IMP] + 20.0), post_trending_score(ints[:, 8], clk)], axis=1)
+    floats = np.stack([rate(clk, ints[:, P_IMP]), post_trending_score(ints[:, POST_STAT["clicks_1h"]], clk)], axis=1)
     return ints, floats.astype(np.float32)
 
 

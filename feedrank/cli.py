@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import threading
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -215,7 +216,44 @@ def config_show() -> None:
 # ----------------------------------------------------------------------------- sim
 
 
-def _progress() -> Progress:
+class _LineProgress:
+    """Progress without a terminal (CI, a pipe, a log file), where rich would print nothing until the end:
+    a line on stderr when a task starts or is renamed, at every 10%, and at 100%, with the elapsed time."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.tasks: dict[int, list[Any]] = {}   # id -> [description, total, last tenth printed]
+
+    def __enter__(self) -> "_LineProgress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def _line(self, desc: str, frac: float) -> None:
+        print(f"[{time.monotonic() - self.t0:7.1f} s] {desc}: {frac:4.0%}", file=sys.stderr, flush=True)
+
+    def add_task(self, description: str, total: float = 1.0, **_: Any) -> int:
+        tid = len(self.tasks)
+        self.tasks[tid] = [description, total or 1.0, 0]
+        self._line(description, 0.0)
+        return tid
+
+    def update(self, task_id: int, completed: float | None = None, description: str | None = None, **_: Any) -> None:
+        t = self.tasks[task_id]
+        renamed = description is not None and description != t[0]
+        if renamed:
+            t[0] = description
+        frac = min(max((completed or 0.0) / t[1], 0.0), 1.0) if completed is not None else None
+        tenth = int(frac * 10) if frac is not None else t[2]
+        if renamed or tenth > t[2]:
+            t[2] = max(t[2], tenth)
+            self._line(t[0], frac if frac is not None else t[2] / 10)
+
+
+def _progress() -> Any:
+    if not console.is_terminal:
+        return _LineProgress()
     return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                     TimeElapsedColumn(), console=console)
 
@@ -321,11 +359,10 @@ def serve(
     import signal
 
     from core.services import ServiceError
-    from serving.pipelines import PIPELINES
-
     if describe:
-        for p in PIPELINES.values():
-            print("\n".join(p.describe()))
+        from serving.feed import describe_declared
+
+        print("\n".join(describe_declared()))
         return
     from serving.logs import configure
 
@@ -467,7 +504,7 @@ def _world_dir(cfg, data: Optional[Path]) -> Path:
 class _StageProgress:
     """One rich progress bar per named stage, fed by (stage, fraction) callbacks."""
 
-    def __init__(self, prog: Progress):
+    def __init__(self, prog: Any):
         self.prog, self.tasks = prog, {}
 
     def __call__(self, stage: str, frac: float) -> None:

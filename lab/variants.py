@@ -17,19 +17,21 @@ VARIANTS = ("V0_chronological", "V1_follow_graph_rankers", "V2_full_funnel", "V2
 
 
 def pipelines_for(variant: str) -> dict[str, Any] | None:
-    """The HOME pipeline of a FeedService variant (None = the production pipelines)."""
+    """The feed pipelines of a FeedService variant, HOME replaced (None = the production pipelines)."""
     from serving.funnel import Pipeline
     from serving.pipelines import FILTERS, PIPELINES, RANKING, SIDE_EFFECTS
+    from serving.query_hydrators import UserQueryHydrator
     from serving.selectors import RerankSelector, ScoreOrderSelector
     from serving.sources import AdSource, AnnSource, FollowGraphSource, TrendingSource
 
+    user = [UserQueryHydrator(fan_out_cache=True)]
     if variant in ("V2_full_funnel", "V2_without_light_ranker"):
         return None
     if variant == "V1_follow_graph_rankers":
-        home = Pipeline("HOME-V1", [FollowGraphSource()], FILTERS, RANKING, SIDE_EFFECTS)
+        home = Pipeline("HOME-V1", user, [FollowGraphSource()], FILTERS, RANKING, SIDE_EFFECTS)
     elif variant == "V2_without_reranker":
         stages = [s if not isinstance(s, RerankSelector) else ScoreOrderSelector() for s in RANKING]
-        home = Pipeline("HOME-no-rerank", [FollowGraphSource(), AnnSource(), TrendingSource(), AdSource()], FILTERS,
+        home = Pipeline("HOME-no-rerank", user, [FollowGraphSource(), AnnSource(), TrendingSource(), AdSource()], FILTERS,
                         stages, SIDE_EFFECTS)
     else:
         raise ValueError(f"unknown variant {variant}")

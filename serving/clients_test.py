@@ -31,7 +31,7 @@ def test_simulated_clients_drive_the_service_through_the_cli(serving, served_wor
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["errors"] == 0 and out["sessions"] >= 10 and out["grpc"]["get_feed_calls"] >= 10, out
     assert out["published"] >= 3 and out["impressions"] > 0
-    serving.service.effects.drain()
+    serving.service.feeds.effects.drain()
     new = [parse_event(x) for x in read_all(serving.state.events.reader(), idle_s=0.5)][before:]
     kinds = {e.type for e in new}
     assert {"exposure", "engagement", "post_published"} <= kinds, kinds

@@ -1,12 +1,19 @@
 """The funnel's vocabulary, product-mixer style: a :class:`Query`, columnar
-:class:`Candidates`, and the six kinds of component a pipeline is assembled from.
+:class:`Candidates`, the :class:`FunnelContext` components may use, and the seven kinds of
+component a pipeline is assembled from.
 
-* ``CandidateSource`` — fetches candidate ids (run in parallel, each with a timeout);
+* ``QueryHydrator`` — reads what the request needs about the user (once per request);
+* ``CandidateSource`` — fetches candidate ids (run in parallel, each with a timeout and a
+  declared failure policy: fail open = leave it out and flag the response degraded);
 * ``Filter`` — returns which candidates are kept (and so which are removed, for debugging);
 * ``FeatureHydrator`` — attaches feature columns;
-* ``Scorer`` — writes score columns and declares them in ``writes``;
+* ``Scorer`` — writes score columns;
 * ``Selector`` — reorders / truncates (top-k, re-rank rules);
-* ``SideEffect`` — runs after the page is chosen (exposure logging, seen-set updates).
+* ``SideEffect`` — runs on the page served: synchronously before the response (the seen set)
+  or asynchronously after it on the side-effect worker (exposure logging).
+
+Every component declares the candidate columns it ``reads`` and ``writes``; a pipeline
+checks at construction that each read is written upstream.
 
 Candidates are columns of numpy arrays, not objects: 10K candidates per request pass
 through every stage, and per-object Python would cost more than the whole budget.
@@ -17,12 +24,21 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
 
 import numpy as np
 
 from core.events import ContentType, Source
 from serving.protos import pb
+
+if TYPE_CHECKING:
+    from core.config import Config
+    from features.client import PostStatsCache
+    from features.eventlog import EventLog
+    from features.snapshots import SnapshotStore
+    from serving.catalog import FollowGraph, PostCatalog
+    from serving.models import ModelLoader, Models
+    from serving.state import RedisGuard
 
 # Source codes: the proto's Source enum values, named as the events name them (core.events.Source)
 IN_NETWORK, OUT_OF_NETWORK, AD, TRENDING = pb.IN_NETWORK, pb.OUT_OF_NETWORK, pb.AD, pb.TRENDING
@@ -60,7 +76,7 @@ class Query:
     feed_type: str                      # home | explore | following
     now_ms: int
     limit: int
-    params: Any                         # serving.experiments.Params: effective settings after experiments
+    params: Any                         # serving.ab_tests.Params: effective settings after experiments
     experiments: dict[str, str]
     deadline: float                     # time.monotonic() by which the answer must be sent
     user: UserContext | None = None
@@ -68,8 +84,11 @@ class Query:
     timings_ms: dict[str, float] = field(default_factory=dict)
     source_counts: dict[str, int] = field(default_factory=dict)
     debug_post: int | None = None
+    debug_source: int = pb.OUT_OF_NETWORK  # DebugRanking: the source the traced ranking gave debug_post
+    cached: Candidates | None = None       # a refresh: the ranking it re-ranks
     trace: list[dict[str, Any]] = field(default_factory=list)  # DebugRanking: what happened to debug_post
     model_version: str = ""
+    executed: list[str] = field(default_factory=list)           # "<kind> <name>" of each component run, in order
 
     def remaining_s(self) -> float:
         return self.deadline - time.monotonic()
@@ -132,30 +151,97 @@ class Candidates:
         return int(hit[0]) if hit.size else None
 
 
+class FunnelContext(Protocol):
+    """What funnel components may use of the serving process (:class:`serving.state.ServingState`
+    implements it): in-memory post data, the follow graph, the models, and the few Redis-backed
+    operations sources and side effects need."""
+
+    cfg: "Config"
+    catalog: "PostCatalog"
+    graph: "FollowGraph"
+    stats: "PostStatsCache"
+    author_ctr: np.ndarray
+    topic_trend: np.ndarray
+    trending: np.ndarray
+    ads: dict[int, float]
+    models: "Models"
+    loader: "ModelLoader"
+    redis: "RedisGuard"
+    snapshots: "SnapshotStore"
+    events: "EventLog"
+
+    def user_context(self, user_id: int, degrade: Callable[[str], None], need_cache: bool = True) -> UserContext: ...
+
+    def celebrity(self, author: int) -> bool: ...
+
+    def rebuild_cache(self, user: UserContext, now_ms: int) -> np.ndarray: ...
+
+    def record_seen(self, user: int, post_ids: list[int], now_ms: int) -> None: ...
+
+
+def member(sorted_values: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``x in sorted_values`` elementwise, by binary search (the user's sorted id sets)."""
+    if sorted_values.size == 0:
+        return np.zeros(np.shape(x), dtype=bool)
+    i = np.minimum(np.searchsorted(sorted_values, x), sorted_values.size - 1)
+    return sorted_values[i] == x
+
+
 class Component(ABC):
-    """Base of every funnel component: a name for metrics, traces and DebugRanking."""
+    """Base of every funnel component: a name for metrics, traces and DebugRanking, and the
+    candidate columns it reads (must be written upstream) and writes."""
 
     kind: ClassVar[str] = "component"
+    reads: tuple[str, ...] = ()
+    writes: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
         return type(self).__name__
 
+    def params(self) -> str:
+        """The constructor arguments that change its behaviour (shown by ``describe``)."""
+        return ""
+
+    def describe(self) -> str:
+        """The component as `feedrank serve --describe` prints it."""
+        params = f" [{self.params()}]" if self.params() else ""
+        cols = (f"  reads {', '.join(self.reads)}" if self.reads else "") + \
+               (f"  writes {', '.join(self.writes)}" if self.writes else "")
+        return f"{self.kind:<14} {self.name}{params}{cols}"
+
+
+class QueryHydrator(Component):
+    kind = "query_hydrator"
+
+    @abstractmethod
+    def hydrate(self, query: Query, ctx: FunnelContext) -> None:
+        """Sets what the query needs (e.g. ``query.user``)."""
+
 
 class CandidateSource(Component):
+    """A source of candidate ids. ``fail_open`` (the default): a late or failing source is left out
+    and the response flagged degraded; otherwise the request fails UNAVAILABLE."""
+
     kind = "source"
     source_code: ClassVar[int] = OUT_OF_NETWORK
 
+    def __init__(self, fail_open: bool = True):
+        self.fail_open = fail_open
+
+    def params(self) -> str:
+        return f"fail_open={self.fail_open}"
+
     @abstractmethod
-    def fetch(self, query: Query, state: Any) -> Candidates:
-        """Implemented by every concrete component."""
+    def fetch(self, query: Query, ctx: FunnelContext) -> Candidates:
+        """The candidates, with a source code each and the columns in ``writes``."""
 
 
 class Filter(Component):
     kind = "filter"
 
     @abstractmethod
-    def keep(self, query: Query, state: Any, cands: Candidates) -> np.ndarray:
+    def keep(self, query: Query, ctx: FunnelContext, cands: Candidates) -> np.ndarray:
         """Boolean mask of the candidates kept (the rest are removed)."""
 
 
@@ -163,30 +249,43 @@ class FeatureHydrator(Component):
     kind = "hydrator"
 
     @abstractmethod
-    def hydrate(self, query: Query, state: Any, cands: Candidates) -> None:
-        """Implemented by every concrete component."""
+    def hydrate(self, query: Query, ctx: FunnelContext, cands: Candidates) -> None:
+        """Writes the feature columns in ``writes``."""
 
 
 class Scorer(Component):
     kind = "scorer"
-    writes: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
-    def score(self, query: Query, state: Any, cands: Candidates) -> None:
-        """Implemented by every concrete component."""
+    def score(self, query: Query, ctx: FunnelContext, cands: Candidates) -> None:
+        """Writes the score columns in ``writes``."""
 
 
 class Selector(Component):
     kind = "selector"
 
     @abstractmethod
-    def select(self, query: Query, state: Any, cands: Candidates) -> Candidates:
-        """Implemented by every concrete component."""
+    def select(self, query: Query, ctx: FunnelContext, cands: Candidates) -> Candidates:
+        """The candidates kept, in their new order."""
 
 
 class SideEffect(Component):
+    """Runs on the page served. Synchronous ones run before the response (a failure degrades it);
+    asynchronous ones run on the side-effect worker after it: ``prepare`` builds the payload once,
+    ``apply`` writes it and is retried with the same payload on the errors in ``retry_on``."""
+
     kind = "side_effect"
+    asynchronous: ClassVar[bool] = False
+    retry_on: ClassVar[tuple[type[Exception], ...]] = ()
+    unit: ClassVar[str] = "items"   # what apply's count counts (metrics)
+
+    def describe(self) -> str:
+        return super().describe() + ("  (async, after the response)" if self.asynchronous else "  (before the response)")
+
+    def prepare(self, query: Query, ctx: FunnelContext, page: Candidates) -> Any:
+        """The payload ``apply`` writes (by default the query and page themselves)."""
+        return query, page
 
     @abstractmethod
-    def run(self, query: Query, state: Any, page: Candidates) -> None:
-        """Implemented by every concrete component."""
+    def apply(self, ctx: FunnelContext, payload: Any) -> int:
+        """Writes the payload; returns how many ``unit`` it wrote."""

@@ -80,7 +80,7 @@ def _read_topic(cfg) -> list[dict]:
 
 
 def test_writes_answer_ok_only_once_acknowledged_and_survive_a_broker_kill(kserver, caplog):
-    caplog.set_level(logging.WARNING, logger="feedrank.serving.server")
+    caplog.set_level(logging.WARNING, logger="feedrank.serving.side_effects")
     cfg, state = kserver.cfg, kserver.state
     ch = grpc.insecure_channel(kserver.address)
     stub = rpc.FeedServiceStub(ch)
@@ -190,8 +190,8 @@ def test_writes_answer_ok_only_once_acknowledged_and_survive_a_broker_kill(kserv
     # the exposures of the feed served while the broker was down: retried, and either logged once the broker
     # was back or counted as unlogged with an ERROR line, never dropped silently; the worker is still running
     after = stub.GetFeed(pb.GetFeedRequest(user_id=fu + 1, feed_type=pb.HOME), metadata=token(cfg, fu + 1), timeout=10)
-    kserver.service.effects.drain(timeout=60)
-    assert kserver.service.effects.thread.is_alive()
+    kserver.service.feeds.effects.drain(timeout=60)
+    assert kserver.service.feeds.effects.thread.is_alive()
     assert _metric(kserver, "feedrank_side_effect_retries_total", {"effect": "ExposureLogSideEffect"}) >= 1
     retry_lines = [r for r in caplog.records if feed.request_id in r.getMessage()]
     assert retry_lines and all(r.levelno >= logging.WARNING for r in retry_lines)
@@ -223,7 +223,7 @@ def test_writes_answer_ok_only_once_acknowledged_and_survive_a_broker_kill(kserv
     unlogged = _metric(kserver, "feedrank_exposures_unlogged_total") - unlogged_before
     assert feed_exposures == len(feed.items) or unlogged >= len(feed.items), (feed_exposures, unlogged)
     if feed_exposures < len(feed.items):  # given up on: an ERROR line with the request id says so
-        assert any(r.levelno >= logging.ERROR and "not logged" in r.getMessage() for r in retry_lines), retry_lines
+        assert any(r.levelno >= logging.ERROR and "lost" in r.getMessage() for r in retry_lines), retry_lines
     assert sum(1 for e in events if e["type"] == "exposure" and e["request_id"] == after.request_id) == len(after.items)
     assert _metric(kserver, "feedrank_event_log_errors_total", {"rpc": "SubmitSignals"}) == len(unavailable)
     print(f"\ndurable burst: {CALLS} calls in {burst_s:.1f} s: {codes[grpc.StatusCode.OK]} OK "

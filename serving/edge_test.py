@@ -211,7 +211,7 @@ def test_placeholder_and_weak_keys_are_refused():
 def test_the_shipped_defaults_cannot_serve(make_cfg, tmp_path):
     from core.config import load_config
     from serving.edge import PLACEHOLDER_SECRETS
-    from serving.server import FeedService
+    from serving.service import FeedService
 
     shipped = load_config({"FEEDRANK_PATHS_DATA_DIR": str(tmp_path)})
     assert {shipped.serving.jwt_secret, shipped.serving.cursor_secret} <= PLACEHOLDER_SECRETS

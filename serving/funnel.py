@@ -1,6 +1,8 @@
-"""Runs a :class:`Pipeline`: sources in parallel (each with a timeout) -> de-duplication ->
-filters -> hydrators / scorers / selectors in order. Times every stage, counts candidates
-per source, and for DebugRanking traces one post through every decision."""
+"""Runs a :class:`Pipeline`: query hydrators -> sources in parallel (each with a timeout and its
+declared failure policy) -> de-duplication -> filters -> hydrators / scorers / selectors in order;
+then, on the page served, the side effects (synchronous ones inline, asynchronous ones handed to
+the side-effect worker). Times every stage, counts candidates per source, records each component
+run in ``query.executed``, and for DebugRanking traces one post through every decision."""
 
 from __future__ import annotations
 
@@ -8,34 +10,96 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterator, Union
 
 import numpy as np
 
-from serving.components import (AD, IN_NETWORK, SOURCE_NAMES, Candidates, CandidateSource, FeatureHydrator, Filter,
-                                Query, Scorer, Selector, SideEffect)
-from serving.hydrators import _member
+from serving.components import (AD, IN_NETWORK, OUT_OF_NETWORK, Candidates, CandidateSource,
+                                Component, FeatureHydrator, Filter, FunnelContext, Query, QueryHydrator, Scorer,
+                                Selector, SideEffect, member)
 
 log = logging.getLogger("feedrank.serving.funnel")
+
+Stage = Union[FeatureHydrator, Scorer, Selector]
+
+
+class PipelineError(ValueError):
+    """A pipeline whose components do not fit together (raised at construction)."""
+
+
+class SourceUnavailable(RuntimeError):
+    """A source declared fail-closed failed or was late: the request fails UNAVAILABLE."""
+
+
+class HeadRescorer(Selector):
+    """The first ``pages`` pages of an already ranked list re-hydrated and re-scored by ``stages``
+    (features and engagement counts have moved since it was ranked); the rest keep their scores."""
+
+    def __init__(self, pages: int, stages: list[Stage]):
+        self.pages, self.stages = pages, stages
+        made: set[str] = set()
+        reads: list[str] = []
+        for s in stages:
+            reads += [c for c in s.reads if c not in made and c not in reads]
+            made |= set(s.writes)
+        self.reads, self.writes = tuple(reads), tuple(dict.fromkeys(c for s in stages for c in s.writes))
+
+    def params(self) -> str:
+        return f"the top {self.pages} pages"
+
+    def select(self, query: Query, ctx: FunnelContext, cands: Candidates) -> Candidates:
+        top = min(len(cands), self.pages * max(query.limit, 1))
+        if not top:
+            return cands
+        head = cands.take(np.arange(top))
+        head = run_stages(self.stages, query, ctx, head)
+        return Candidates.concat([head, cands.take(np.arange(top, len(cands)))])
 
 
 @dataclass
 class Pipeline:
+    """One feed's funnel, in the order it runs. Checks at construction that every column a component
+    reads is written by a source or an earlier component."""
+
     name: str
+    query_hydrators: list[QueryHydrator]
     sources: list[CandidateSource]
     filters: list[Filter]
-    stages: list[FeatureHydrator | Scorer | Selector]
+    stages: list[Stage]
     side_effects: list[SideEffect] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise PipelineError(f"{self.name}: no candidate source")
+        have = {c for s in self.sources for c in s.writes}
+        for comp in [*self.filters, *self.stages, *self.side_effects]:
+            for col in comp.reads:
+                if col not in have:
+                    raise PipelineError(f"{self.name}: {comp.name} reads column {col!r}, which no source or earlier "
+                                        f"component writes (written so far: {', '.join(sorted(have)) or 'none'})")
+            have |= set(comp.writes)
+
+    def components(self) -> Iterator[Component]:
+        """Every component, in the order it runs (a HeadRescorer's stages after it)."""
+        yield from self.query_hydrators
+        yield from self.sources
+        yield from self.filters
+        for s in self.stages:
+            yield s
+            if isinstance(s, HeadRescorer):
+                yield from s.stages
+        yield from self.side_effects
 
     def describe(self) -> list[str]:
         """One line per component, in order (shown by `feedrank serve --describe`)."""
         lines = [f"{self.name}:"]
-        lines += [f"  source    {s.name}" for s in self.sources]
-        lines += [f"  filter    {f.name}" for f in self.filters]
+        for c in [*self.query_hydrators, *self.sources, *self.filters]:
+            lines.append(f"  {c.describe()}")
         for s in self.stages:
-            writes = f"  -> {', '.join(s.writes)}" if getattr(s, "writes", None) else ""
-            lines.append(f"  {s.kind:<9} {s.name}{writes}")
-        lines += [f"  effect    {e.name}" for e in self.side_effects]
+            lines.append(f"  {s.describe()}")
+            if isinstance(s, HeadRescorer):
+                lines += [f"      {x.describe()}" for x in s.stages]
+        lines += [f"  {e.describe()}" for e in self.side_effects]
         return lines
 
 
@@ -57,20 +121,29 @@ def _trace(query: Query, stage: str, decision: str, cands: Candidates | None = N
     query.trace.append(row)
 
 
-def fetch_candidates(pipeline: Pipeline, query: Query, state: Any) -> Candidates:
+def _ran(query: Query, comp: Component) -> None:
+    query.executed.append(f"{comp.kind} {comp.name}")
+
+
+def fetch_candidates(pipeline: Pipeline, query: Query, ctx: FunnelContext) -> Candidates:
     t0 = time.perf_counter()
-    timeout = min(state.cfg.candidates.source_timeout_ms / 1000.0, max(query.remaining_s(), 0.001))
-    futures = {_POOL.submit(s.fetch, query, state): s for s in pipeline.sources}
-    done, late = wait(futures, timeout=timeout)
+    timeout = min(ctx.cfg.candidates.source_timeout_ms / 1000.0, max(query.remaining_s(), 0.001))
+    futures = {_POOL.submit(s.fetch, query, ctx): s for s in pipeline.sources}
+    done, _ = wait(futures, timeout=timeout)
     parts: list[Candidates] = []
     for fut, src in futures.items():  # in declaration order: earlier sources win duplicates
+        _ran(query, src)
         if fut not in done:
-            query.degrade(f"source_timeout:{src.name}")
             _trace(query, f"source:{src.name}", "timeout")
+            if not src.fail_open:
+                raise SourceUnavailable(f"candidate source {src.name} did not answer within {timeout * 1000:.0f} ms")
+            query.degrade(f"source_timeout:{src.name}")
             continue
         try:
             c = fut.result()
-        except Exception as e:  # noqa: BLE001 - a broken source never fails the request
+        except Exception as e:  # noqa: BLE001 - a fail-open source never fails the request
+            if not src.fail_open:
+                raise SourceUnavailable(f"candidate source {src.name} failed: {e}") from e
             log.warning("source %s failed: %s", src.name, e)
             query.degrade(f"source_error:{src.name}")
             continue
@@ -80,32 +153,65 @@ def fetch_candidates(pipeline: Pipeline, query: Query, state: Any) -> Candidates
                    c, "ann")
         parts.append(c)
     cands = Candidates.concat(parts)
-    if len(cands):
+    if len(parts) > 1:
         # a sponsored post stays an ad even when another source also found it; otherwise earlier sources win
         order = np.argsort(cands.source != AD, kind="stable")
         cands = cands.take(order)
         _, first = np.unique(cands.ids, return_index=True)
         cands = cands.take(np.sort(first))
-        followed = _member(query.user.following, state.catalog.author[cands.ids])
+        followed = member(query.user.following, ctx.catalog.author[cands.ids])
         cands.source[(cands.source != AD) & followed] = IN_NETWORK
-    if query.debug_post is not None and cands.index_of(query.debug_post) is None and state.catalog.known(
+    if query.debug_post is not None and cands.index_of(query.debug_post) is None and ctx.catalog.known(
             np.array([query.debug_post]))[0]:
-        src = IN_NETWORK if _member(query.user.following, state.catalog.author[[query.debug_post]])[0] else 2
-        extra = Candidates(np.array([query.debug_post]), np.array([src]), ann=np.zeros(1, dtype=np.float32))
+        followed = member(query.user.following, ctx.catalog.author[[query.debug_post]])[0]
+        extra = Candidates(np.array([query.debug_post]), np.array([IN_NETWORK if followed else OUT_OF_NETWORK]),
+                           ann=np.zeros(1, dtype=np.float32))
         cands = Candidates.concat([cands, extra])
         _trace(query, "sources", "added_for_debug", detail="no source retrieved it; scored anyway")
     query.timings_ms["sources"] = (time.perf_counter() - t0) * 1000
     return cands
 
 
-def run(pipeline: Pipeline, query: Query, state: Any) -> Candidates:
-    """The ranked candidates (with columns: heads, score, x, reasons, position, ...)."""
-    cands = fetch_candidates(pipeline, query, state)
+def run_stages(stages: list[Stage], query: Query, ctx: FunnelContext, cands: Candidates) -> Candidates:
+    """Hydrators, scorers and selectors in order, timed (per component name) and traced."""
+    for stage in stages:
+        t0 = time.perf_counter()
+        if not isinstance(stage, Selector) and not len(cands):
+            continue
+        _ran(query, stage)
+        if isinstance(stage, FeatureHydrator):
+            stage.hydrate(query, ctx, cands)
+        elif isinstance(stage, Scorer):
+            stage.score(query, ctx, cands)
+            if query.debug_post is not None and stage.writes:
+                _trace(query, stage.name, "scored", cands, stage.writes[-1] if stage.writes[-1] != "fatigue" else "score")
+        else:
+            before = query.debug_post is not None and cands.index_of(query.debug_post) is not None
+            cands = stage.select(query, ctx, cands)
+            if before:
+                kept = cands.index_of(query.debug_post) is not None
+                _trace(query, stage.name, "selected" if kept else "not_selected", cands,
+                       "position" if "position" in cands else None)
+        query.timings_ms[stage.name] = query.timings_ms.get(stage.name, 0.0) + (time.perf_counter() - t0) * 1000
+    return cands
+
+
+def run(pipeline: Pipeline, query: Query, ctx: FunnelContext, hydrate_query: bool = True) -> Candidates:
+    """The ranked candidates (with columns: heads, score, x, reasons, position, ...). ``hydrate_query=False``
+    only for a query whose user is set already (the start-up warm-up)."""
+    t0 = time.perf_counter()
+    if hydrate_query:
+        for h in pipeline.query_hydrators:
+            _ran(query, h)
+            h.hydrate(query, ctx)
+        query.timings_ms["user"] = (time.perf_counter() - t0) * 1000
+    cands = fetch_candidates(pipeline, query, ctx)
     t0 = time.perf_counter()
     for f in pipeline.filters:
         if not len(cands):
             break
-        keep = f.keep(query, state, cands)
+        _ran(query, f)
+        keep = f.keep(query, ctx, cands)
         if query.debug_post is not None:
             i = cands.index_of(query.debug_post)
             if i is not None:
@@ -118,26 +224,27 @@ def run(pipeline: Pipeline, query: Query, state: Any) -> Candidates:
         empty["position"] = np.zeros(0, dtype=np.int64)
         empty["score"] = np.zeros(0, dtype=np.float32)
         return empty
-    for stage in pipeline.stages:
-        t0 = time.perf_counter()
-        if isinstance(stage, FeatureHydrator):
-            if len(cands):
-                stage.hydrate(query, state, cands)
-        elif isinstance(stage, Scorer):
-            if len(cands):
-                stage.score(query, state, cands)
-                if query.debug_post is not None and stage.writes:
-                    _trace(query, stage.name, "scored", cands, stage.writes[-1] if stage.writes[-1] != "fatigue" else "score")
-        else:
-            before = query.debug_post is not None and cands.index_of(query.debug_post) is not None
-            cands = stage.select(query, state, cands)
-            if before:
-                kept = cands.index_of(query.debug_post) is not None
-                _trace(query, stage.name, "selected" if kept else "not_selected", cands,
-                       "position" if "position" in cands else None)
-        query.timings_ms[stage.name] = query.timings_ms.get(stage.name, 0.0) + (time.perf_counter() - t0) * 1000
-    return cands
+    return run_stages(pipeline.stages, query, ctx, cands)
 
 
-def source_name(code: int) -> str:
-    return SOURCE_NAMES.get(int(code), "unknown")
+def run_side_effects(pipeline: Pipeline, query: Query, ctx: FunnelContext, page: Candidates,
+                     submit: Callable[[SideEffect, Query, Candidates], None]) -> None:
+    """The pipeline's side effects on the page served, in order: synchronous ones now (a failure flags the
+    response degraded: ``redis_unavailable`` or ``side_effect_error:<name>``), asynchronous ones through
+    ``submit`` (the side-effect worker)."""
+    from serving.state import RedisUnavailable
+
+    for effect in pipeline.side_effects:
+        _ran(query, effect)
+        if effect.asynchronous:
+            submit(effect, query, page)
+            continue
+        try:
+            effect.apply(ctx, effect.prepare(query, ctx, page))
+        except RedisUnavailable:
+            query.degrade("redis_unavailable")
+        except Exception as e:  # noqa: BLE001 - the page is served; the response says what did not happen
+            log.warning("side effect %s of request %s failed: %s", effect.name, query.request_id, e)
+            query.degrade(f"side_effect_error:{effect.name}")
+
+

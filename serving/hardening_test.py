@@ -67,7 +67,7 @@ def test_bad_fields_are_invalid_argument_naming_them(stub, serving, caplog):
     md, admin = token(serving.cfg, u), token(serving.cfg, 1, admin=True)
     page = stub.GetFeed(pb.GetFeedRequest(user_id=u), metadata=md)
     it = page.items[0]
-    cached = serving.service.rankings.get(page.request_id)
+    cached = serving.service.feeds.rankings.get(page.request_id)
     assert "x" not in cached.cands and cached.nbytes < 32_000, cached.nbytes  # compact: no feature matrices
     print(f"cached ranking: {len(cached.cands)} items, {cached.nbytes} bytes")
     bad = {

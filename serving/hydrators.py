@@ -1,8 +1,7 @@
 """Feature hydrators: ranking vectors in :mod:`core.schema` order, from memory only.
 
-The same definitions as :meth:`features.offline.History.light_features` /
-``heavy_features`` (training) and the streaming feature job (online values): smoothed
-rates with the same priors, the same log transforms. Post statistics come from the
+The formulas are :mod:`features.vectors`, the ones training uses; the inputs are the
+streaming feature job's online values. Post statistics come from the
 in-process :class:`~features.client.PostStatsCache`, post attributes and embeddings
 from the :class:`~serving.catalog.PostCatalog`; the one user's Feast rows were read
 with the request.
@@ -10,46 +9,33 @@ with the request.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
-from features.offline import PRIOR_CTR, PRIOR_N
-from core.schema import LIGHT_FEATURES, N_CTYPES
+from core.schema import POST_STAT, POST_STATS_INT
 from core.units import HOUR_MS
-from serving.components import IN_NETWORK, Candidates, FeatureHydrator, Query
-
-# PostStatsCache.ints columns (features.feast_repo.POST_STATS_INT order)
-S_IMPR, S_CLK, S_LIKE, S_COMM, S_SHARE, S_NEG, S_LDWELL, S_C5M, S_C1H = range(9)
-
-
-def _rate(k: np.ndarray, n: np.ndarray, prior: float = PRIOR_CTR) -> np.ndarray:
-    return (k + PRIOR_N * prior) / (n + PRIOR_N)
+from features import vectors
+from features.vectors import PRIOR_CTR
+from serving.components import IN_NETWORK, Candidates, FeatureHydrator, FunnelContext, Query, member
 
 
-def _member(sorted_values: np.ndarray, x: np.ndarray) -> np.ndarray:
-    if sorted_values.size == 0:
-        return np.zeros(x.shape, dtype=bool)
-    i = np.minimum(np.searchsorted(sorted_values, x), sorted_values.size - 1)
-    return sorted_values[i] == x
-
-
-def _stats(state: Any, ids: np.ndarray) -> np.ndarray:
-    st = state.stats
+def _stats(ctx: FunnelContext, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """The posts' statistics from the in-process cache (zeros for posts it has not seen), by column name."""
+    st = ctx.stats
     with st.lock:
         ok = ids < st.ints.shape[0]
         out = np.zeros((ids.size, st.ints.shape[1]), dtype=np.float64)
         out[ok] = st.ints[ids[ok]]
-    return out
+    return {name: out[:, POST_STAT[name]] for name in POST_STATS_INT}
 
 
 class LightFeatureHydrator(FeatureHydrator):
     """The light ranker's ~20 cheap features for every candidate (10K rows)."""
 
+    reads = ("ann",)   # and "has_ann" where the ANN source wrote it
     writes = ("x_light", "ann")
 
-    def hydrate(self, query: Query, state: Any, cands: Candidates) -> None:
-        u, cat = query.user, state.catalog
+    def hydrate(self, query: Query, ctx: FunnelContext, cands: Candidates) -> None:
+        u, cat = query.user, ctx.catalog
         ids = cands.ids
         author, topic, ctype = cat.author[ids], cat.topic[ids], cat.ctype[ids]
         age_h = np.maximum(query.now_ms - cat.published_ms[ids], 0) / HOUR_MS
@@ -62,7 +48,7 @@ class LightFeatureHydrator(FeatureHydrator):
             aff = np.where(keys[i] == author, vals[i], 0.0)
         else:
             aff = np.zeros(ids.size)
-        follows = _member(u.following, author)
+        follows = member(u.following, author)
         if u.embedding is None:
             ann = np.zeros(ids.size, dtype=np.float32)
         elif "has_ann" in cands:  # ANN candidates carry the cosine already; compute the rest
@@ -71,48 +57,38 @@ class LightFeatureHydrator(FeatureHydrator):
             ann[todo] = cat.emb[ids[todo]] @ u.embedding
         else:
             ann = cat.emb[ids] @ u.embedding
-        s = _stats(state, ids)
-        ctr_a = state.author_ctr
+        s = _stats(ctx, ids)
+        ctr_a = ctx.author_ctr
         a_ok = (author >= 0) & (author < ctr_a.size)
         author_ctr = np.full(ids.size, PRIOR_CTR, dtype=np.float64)
         author_ctr[a_ok] = ctr_a[author[a_ok]]
-        trend = state.topic_trend
+        trend = ctx.topic_trend
         t_ok = topic < trend.size
-        x = np.stack([
-            np.exp(-age_h / 12.0), np.log1p(age_h), np.log1p(aff), follows.astype(float),
-            (cands.source == IN_NETWORK).astype(float), ann,
-            u.topic_clicks[topic], u.topic_negative[topic], u.ctype_clicks[np.minimum(ctype, N_CTYPES - 1)],
-            _rate(s[:, S_CLK], s[:, S_IMPR]), _rate(s[:, S_LIKE], s[:, S_IMPR], 0.05),
-            _rate(s[:, S_NEG], s[:, S_IMPR], 0.01), np.log1p(s[:, S_C1H]), np.log1p(s[:, S_IMPR]),
-            np.where(t_ok, trend[np.minimum(topic, trend.size - 1)], 0.0),
-            np.log1p(state.graph.follower_counts(author)), author_ctr,
-            cat.original[ids].astype(float), cat.flagged[ids].astype(float),
-            np.full(ids.size, np.log1p(u.clicks)),
-        ], axis=1).astype(np.float32)
-        lo = np.array([f.lo for f in LIGHT_FEATURES], dtype=np.float32)
-        hi = np.array([f.hi for f in LIGHT_FEATURES], dtype=np.float32)
-        cands["x_light"] = np.clip(x, lo, hi)
+        cands["x_light"] = vectors.light(
+            age_h=age_h, affinity=aff, follows=follows, in_network=cands.source == IN_NETWORK, ann=ann,
+            topic_click_share=u.topic_clicks[topic], topic_negative_share=u.topic_negative[topic],
+            ctype_click_share=u.ctype_clicks[np.minimum(ctype, u.ctype_clicks.size - 1)],
+            impressions=s["impressions"], clicks=s["clicks"], likes=s["likes"], negatives=s["negatives"],
+            clicks_1h=s["clicks_1h"], topic_trend=np.where(t_ok, trend[np.minimum(topic, trend.size - 1)], 0.0),
+            author_followers=ctx.graph.follower_counts(author), author_ctr=author_ctr,
+            original=cat.original[ids], flagged=cat.flagged[ids], user_clicks=u.clicks)
         cands["ann"] = ann.astype(np.float32)
 
 
 class HeavyFeatureHydrator(FeatureHydrator):
     """The heavy ranker's ~300 features (light ones first) for the light ranker's top 500."""
 
+    reads = ("x_light",)
     writes = ("x",)
 
-    def hydrate(self, query: Query, state: Any, cands: Candidates) -> None:
-        u, cat = query.user, state.catalog
+    def hydrate(self, query: Query, ctx: FunnelContext, cands: Candidates) -> None:
+        u, cat = query.user, ctx.catalog
         ids = cands.ids
         n = ids.size
-        s = _stats(state, ids)
+        s = _stats(ctx, ids)
         ue = u.embedding if u.embedding is not None else np.zeros(cat.emb.shape[1], dtype=np.float32)
-        hour = (query.now_ms // HOUR_MS) % 24
-        neg_total = u.negatives / max(u.negatives + u.clicks, 1)
-        extra = np.hstack([
-            np.broadcast_to(ue, (n, ue.size)), cat.emb[ids], np.broadcast_to(u.topic_clicks, (n, u.topic_clicks.size)),
-            np.eye(N_CTYPES, dtype=np.float32)[np.minimum(cat.ctype[ids], N_CTYPES - 1)],
-            np.stack([np.full(n, neg_total), _rate(s[:, S_COMM], s[:, S_IMPR], 0.02),
-                      _rate(s[:, S_SHARE], s[:, S_IMPR], 0.015), _rate(s[:, S_LDWELL], s[:, S_IMPR], 0.05),
-                      np.full(n, np.sin(2 * np.pi * hour / 24)), np.full(n, np.cos(2 * np.pi * hour / 24))], axis=1),
-        ]).astype(np.float32)
+        extra = vectors.heavy_extra(
+            user_emb=ue, post_emb=cat.emb[ids], user_topic_clicks=u.topic_clicks, ctype=cat.ctype[ids],
+            user_negatives=u.negatives, user_clicks=u.clicks, impressions=s["impressions"], comments=s["comments"],
+            shares=s["shares"], long_dwells=s["long_dwells"], hour=(query.now_ms // HOUR_MS) % 24)
         cands["x"] = np.hstack([cands["x_light"], extra])

@@ -18,6 +18,9 @@ class Metrics:
         self.rpcs = Counter("feedrank_rpcs_total", "RPCs by status code", ["rpc", "code"], registry=r)
         self.stage_latency = Histogram("feedrank_stage_latency_seconds", "GetFeed latency per funnel stage", ["stage"],
                                        registry=r, buckets=STAGE_BUCKETS)
+        self.component_runs = Counter("feedrank_component_runs_total", "Funnel components run (query hydrators, "
+                                      "sources, filters, stages, side effects), by pipeline", ["pipeline", "component"],
+                                      registry=r)
         self.candidates = Counter("feedrank_candidates_total", "Candidates fetched per source", ["source"], registry=r)
         self.cache = Counter("feedrank_result_cache_total", "Result cache lookups on refresh", ["result"], registry=r)
         self.degraded = Counter("feedrank_degraded_responses_total", "Responses served degraded", ["reason"], registry=r)

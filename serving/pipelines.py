@@ -1,38 +1,68 @@
-"""The whole funnel on one page: one pipeline per feed type.
+"""The whole funnel on one page: every pipeline that serves, component by component.
 
 HOME       follow graph + interests + trending + ads -> light 10K->500 -> heavy 500->50 -> re-rank
 EXPLORE    interests + trending, nothing by followed authors -> light -> heavy -> re-rank (no ads)
 FOLLOWING  follow graph, reverse-chronological, no ML
+REFRESH    a cached HOME / EXPLORE ranking within serving.result_cache_ttl_s: minus what was seen
+           or hidden since, the top pages re-scored, re-ranked
+DEBUG      DebugRanking: the feed type's pipeline traced for one post (no side effects), then
+           that post's features and head scores
+PAGE       a cursor page of a cached ranking: its rows re-hydrated for the exposure snapshot
 
-`feedrank serve --describe` prints these, component by component.
+`feedrank serve --describe` prints exactly these; the runner is :mod:`serving.funnel`.
 """
 
 from __future__ import annotations
 
 from serving.filters import HiddenFilter, OutOfNetworkOnlyFilter, OwnPostFilter, PolicyFilter, PreviouslySeenFilter
-from serving.funnel import Pipeline
+from serving.funnel import HeadRescorer, Pipeline
 from serving.hydrators import HeavyFeatureHydrator, LightFeatureHydrator
+from serving.query_hydrators import UserQueryHydrator
 from serving.scorers import (AuthorDiversityScorer, FeedbackFatigueScorer, HeavyRankerScorer, LightRankerScorer,
                              OriginalBoostScorer, PolicyDemotionScorer, RecencyScorer)
-from serving.selectors import RerankSelector, TopKSelector
+from serving.selectors import ChronologicalSelector, RerankSelector, TopKSelector
 from serving.side_effects import ExposureLogSideEffect, SeenSideEffect
-from serving.sources import AdSource, AnnSource, FollowGraphSource, TrendingSource
+from serving.sources import (AdSource, AnnSource, CachedRankingSource, DebugPostSource, FollowGraphSource,
+                             TrendingSource)
 
 FILTERS = [OwnPostFilter(), HiddenFilter(), PreviouslySeenFilter(), PolicyFilter()]
-RANKING = [
-    LightFeatureHydrator(), LightRankerScorer(), TopKSelector("light_score", "light_k"),   # 10K -> 500
-    HeavyFeatureHydrator(), HeavyRankerScorer(),                                           # one batched pass
-    FeedbackFatigueScorer(), PolicyDemotionScorer(), OriginalBoostScorer(), AuthorDiversityScorer(),
-    TopKSelector("score", "heavy_k", reserve_quotas=True),                                 # 500 -> 50
-    RerankSelector(),                                                                      # rules -> ranking
-]
-SIDE_EFFECTS = [ExposureLogSideEffect(), SeenSideEffect()]
+ADJUSTMENTS = [FeedbackFatigueScorer(), PolicyDemotionScorer(), OriginalBoostScorer(), AuthorDiversityScorer()]
+
+
+def ranking(*, ads: bool, out_of_network: bool) -> list:
+    """Light 10K -> 500, heavy (one batched pass) + adjustments 500 -> 50, re-rank rules -> the ranking."""
+    return [
+        LightFeatureHydrator(), LightRankerScorer(), TopKSelector("light_score", "light_k"),
+        HeavyFeatureHydrator(), HeavyRankerScorer(), *ADJUSTMENTS,
+        TopKSelector("score", "heavy_k", reserve_quotas=True, out_of_network=out_of_network),
+        RerankSelector(ads=ads, out_of_network=out_of_network),
+    ]
+
+
+RANKING = ranking(ads=True, out_of_network=True)                    # HOME's
+SIDE_EFFECTS = [SeenSideEffect(), ExposureLogSideEffect()]          # seen before the response, exposures after
+
+
+def refresh(name: str, *, ads: bool, out_of_network: bool) -> Pipeline:
+    return Pipeline(name, [UserQueryHydrator(fan_out_cache=False)], [CachedRankingSource(fail_open=False)],
+                    [PreviouslySeenFilter(), HiddenFilter()],
+                    [HeadRescorer(2, [LightFeatureHydrator(), HeavyFeatureHydrator(), HeavyRankerScorer(), *ADJUSTMENTS]),
+                     RerankSelector(ads=ads, out_of_network=out_of_network)],
+                    SIDE_EFFECTS)
+
 
 PIPELINES = {
-    "home": Pipeline("HOME", [FollowGraphSource(), AnnSource(), TrendingSource(), AdSource()], FILTERS, RANKING,
-                     SIDE_EFFECTS),
-    "explore": Pipeline("EXPLORE", [AnnSource(), TrendingSource()], [*FILTERS, OutOfNetworkOnlyFilter()], RANKING,
-                        SIDE_EFFECTS),
-    "following": Pipeline("FOLLOWING", [FollowGraphSource()], FILTERS,
-                          [RecencyScorer(), TopKSelector("score", "light_k"), RerankSelector()], SIDE_EFFECTS),
+    "home": Pipeline("HOME", [UserQueryHydrator(fan_out_cache=True)],
+                     [FollowGraphSource(), AnnSource(), TrendingSource(), AdSource()], FILTERS, RANKING, SIDE_EFFECTS),
+    "explore": Pipeline("EXPLORE", [UserQueryHydrator(fan_out_cache=False)], [AnnSource(), TrendingSource()],
+                        [*FILTERS, OutOfNetworkOnlyFilter()], ranking(ads=False, out_of_network=False), SIDE_EFFECTS),
+    "following": Pipeline("FOLLOWING", [UserQueryHydrator(fan_out_cache=True)], [FollowGraphSource()], FILTERS,
+                          [RecencyScorer(), TopKSelector("score", "light_k"), ChronologicalSelector()], SIDE_EFFECTS),
 }
+REFRESH = {  # FOLLOWING is never refreshed from the cache: it is cheap and must show new posts at once
+    "home": refresh("HOME-REFRESH", ads=True, out_of_network=True),
+    "explore": refresh("EXPLORE-REFRESH", ads=False, out_of_network=False),
+}
+DEBUG = Pipeline("DEBUG", [], [DebugPostSource(fail_open=False)], [],
+                 [LightFeatureHydrator(), HeavyFeatureHydrator(), HeavyRankerScorer()])
+PAGE = [LightFeatureHydrator(), HeavyFeatureHydrator()]   # a cursor page's rows: features for the exposure snapshot

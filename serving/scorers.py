@@ -1,4 +1,4 @@
-"""Scorers: each declares the columns it writes.
+"""Scorers: each declares the columns it reads and writes.
 
 Score adjustments (fatigue, policy, original boost) are multiplicative on a score that
 may be negative (the negative head weighs < 0), so a demotion divides a negative score
@@ -7,12 +7,11 @@ instead of multiplying it: a demoted post always moves down.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from core.schema import HEAD_NAMES
-from serving.components import AD, Candidates, Query, Scorer
+from core.units import HOUR_MS
+from serving.components import AD, Candidates, FunnelContext, Query, Scorer
 
 CLICK = HEAD_NAMES.index("click")
 
@@ -26,10 +25,11 @@ def scale(score: np.ndarray, factor: np.ndarray | float) -> np.ndarray:
 class LightRankerScorer(Scorer):
     """Logistic regression over the light features (10K rows, well under a millisecond)."""
 
+    reads = ("x_light",)
     writes = ("light_score",)
 
-    def score(self, query: Query, state: Any, cands: Candidates) -> None:
-        s = state.models.light.score(cands["x_light"]).astype(np.float32)
+    def score(self, query: Query, ctx: FunnelContext, cands: Candidates) -> None:
+        s = ctx.models.light.score(cands["x_light"]).astype(np.float32)
         s[cands.source == AD] = np.inf  # ads are ranked by bid x pCTR later, never cut by the light ranker
         cands["light_score"] = s
 
@@ -38,17 +38,18 @@ class HeavyRankerScorer(Scorer):
     """Multi-task heavy ranker: P(head) for every head in one batched forward pass; score = weighted sum
     (ads: bid x P(click))."""
 
+    reads = ("x",)     # and an ad's "bid" (AdSource)
     writes = ("heads", "score")
 
-    def score(self, query: Query, state: Any, cands: Candidates) -> None:
+    def score(self, query: Query, ctx: FunnelContext, cands: Candidates) -> None:
         from serving.models import score_heavy
 
-        models = state.models
+        models = ctx.models
         model = models.heavy
         query.model_version = models.heavy_version
         if query.params.heavy_version and query.params.heavy_version != models.heavy_version:
             try:
-                model = state.loader.heavy_for(query.params.heavy_version)
+                model = ctx.loader.heavy_for(query.params.heavy_version)
                 query.model_version = query.params.heavy_version
             except Exception:  # noqa: BLE001 - a pinned version that cannot load falls back to current
                 query.degrade("pinned_model_unavailable")
@@ -65,13 +66,14 @@ class HeavyRankerScorer(Scorer):
 class FeedbackFatigueScorer(Scorer):
     """Suppresses authors and topics similar to the user's negative feedback; decays with a half-life."""
 
+    reads = ("score",)
     writes = ("score", "fatigue")
 
-    def score(self, query: Query, state: Any, cands: Candidates) -> None:
+    def score(self, query: Query, ctx: FunnelContext, cands: Candidates) -> None:
         u = query.user
         f = np.zeros(len(cands), dtype=np.float32)
         if u.fatigue_authors or u.fatigue_topics:
-            authors, topics = state.catalog.author[cands.ids], state.catalog.topic[cands.ids]
+            authors, topics = ctx.catalog.author[cands.ids], ctx.catalog.topic[cands.ids]
             fa = np.array([u.fatigue_authors.get(a, 0.0) for a in authors.tolist()], dtype=np.float32)
             ft = np.array([u.fatigue_topics.get(t, 0.0) for t in topics.tolist()], dtype=np.float32)
             f = np.maximum(fa, ft)
@@ -83,13 +85,14 @@ class AuthorDiversityScorer(Scorer):
     """An author's k-th best candidate (k = 0, 1, ...) is scaled by ``decay ** k`` (never below ``floor``), so
     one prolific author cannot fill the pool the re-ranker lays pages out from."""
 
+    reads = ("score",)
     writes = ("score",)
 
-    def score(self, query: Query, state: Any, cands: Candidates) -> None:
+    def score(self, query: Query, ctx: FunnelContext, cands: Candidates) -> None:
         rr = query.params.rerank
         if rr.author_diversity_decay >= 1.0 or not len(cands):
             return
-        author = state.catalog.author[cands.ids]
+        author = ctx.catalog.author[cands.ids]
         s = cands["score"]
         order = np.lexsort((-s, author))  # by author, best first
         a_sorted = author[order]
@@ -102,19 +105,25 @@ class AuthorDiversityScorer(Scorer):
 
 
 class PolicyDemotionScorer(Scorer):
+    """Policy-flagged posts (when not removed by PolicyFilter) scaled by ``rerank.policy_demotion``."""
+
+    reads = ("score",)
     writes = ("score",)
 
-    def score(self, query: Query, state: Any, cands: Candidates) -> None:
-        flagged = state.catalog.flagged[cands.ids]
+    def score(self, query: Query, ctx: FunnelContext, cands: Candidates) -> None:
+        flagged = ctx.catalog.flagged[cands.ids]
         if flagged.any():
             cands["score"] = scale(cands["score"], np.where(flagged, query.params.rerank.policy_demotion, 1.0))
 
 
 class OriginalBoostScorer(Scorer):
+    """Original posts (not reposts) scaled by ``rerank.original_boost``."""
+
+    reads = ("score",)
     writes = ("score",)
 
-    def score(self, query: Query, state: Any, cands: Candidates) -> None:
-        original = state.catalog.original[cands.ids] & (cands.source != AD)
+    def score(self, query: Query, ctx: FunnelContext, cands: Candidates) -> None:
+        original = ctx.catalog.original[cands.ids] & (cands.source != AD)
         cands["score"] = scale(cands["score"], np.where(original, query.params.rerank.original_boost, 1.0))
 
 
@@ -123,5 +132,5 @@ class RecencyScorer(Scorer):
 
     writes = ("score",)
 
-    def score(self, query: Query, state: Any, cands: Candidates) -> None:
-        cands["score"] = (state.catalog.published_ms[cands.ids] - query.now_ms).astype(np.float32) / 3.6e6
+    def score(self, query: Query, ctx: FunnelContext, cands: Candidates) -> None:
+        cands["score"] = ((ctx.catalog.published_ms[cands.ids] - query.now_ms) / HOUR_MS).astype(np.float32)  # hours

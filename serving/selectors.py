@@ -1,10 +1,11 @@
-"""Selectors: top-k cuts and the rule-based re-ranker that lays out the final ranking.
+"""Selectors: top-k cuts, the reverse-chronological order of FOLLOWING, and the rule-based
+re-ranker that lays out the final ranking.
 
 :class:`RerankSelector` fills slots in order. For each slot it picks the best remaining
 candidate by score that satisfies, in priority order:
 
-1. ad slots — every ``ad_every``-th position holds the best ad by bid x pCTR (when any);
-2. out-of-network share — every block of ``round(1 / min_out_of_network)`` positions (5 at
+1. ad slots (``ads=True``) — every ``ad_every``-th position holds the best ad by bid x pCTR (when any);
+2. out-of-network share (``out_of_network=True``) — every block of ``round(1 / min_out_of_network)`` positions (5 at
    20%) holds at least one out-of-network item: when a block's last organic slot comes and
    it has none, that slot takes the best out-of-network candidate. Any page is then >= 20%
    out-of-network and they are interleaved, never clustered at the end;
@@ -30,20 +31,21 @@ Quota slots count what is already on the page, so a fresh out-of-network post fi
 from __future__ import annotations
 
 import math
-from typing import Any
-
 import numpy as np
 
+from core.schema import POST_STAT
 from core.units import HOUR_MS
 
-from serving.components import AD, IN_NETWORK, Candidates, Query, Selector
-
+from serving.components import AD, IN_NETWORK, Candidates, FunnelContext, Query, Selector
 
 
 class ScoreOrderSelector(Selector):
     """Orders by score alone (the no-re-ranker ablation): no ad slots, quotas or diversity rules."""
 
-    def select(self, query: Query, state: Any, cands: Candidates) -> Candidates:
+    reads = ("score",)
+    writes = ("reasons", "position")
+
+    def select(self, query: Query, ctx: FunnelContext, cands: Candidates) -> Candidates:
         organic = np.flatnonzero(cands.source != AD)
         out = cands.take(organic[np.argsort(-cands["score"][organic], kind="stable")])
         out["reasons"] = object_column([[] for _ in range(len(out))])
@@ -54,20 +56,26 @@ class ScoreOrderSelector(Selector):
 class TopKSelector(Selector):
     """Keeps the ``k`` best by one score column (ads always pass: they are ranked separately).
 
-    With ``reserve_quotas`` (the cut before the re-ranker) it also keeps the best fresh and
-    the best out-of-network candidates the re-rank quotas will ask for, so a quota is only
-    unmet when no such candidate exists, not because a cut removed them.
+    With ``reserve_quotas`` (the cut before the re-ranker) it also keeps the best fresh and cold
+    candidates — and with ``out_of_network`` the best out-of-network ones — the re-rank quotas will
+    ask for, so a quota is only unmet when no such candidate exists, not because a cut removed them.
     """
 
-    def __init__(self, column: str, k_setting: str, reserve_quotas: bool = False):
-        self.column, self.k_setting, self.reserve_quotas = column, k_setting, reserve_quotas
+    def __init__(self, column: str, k_setting: str, reserve_quotas: bool = False, out_of_network: bool = False):
+        self.column, self.k_setting = column, k_setting
+        self.reserve_quotas, self.out_of_network = reserve_quotas, out_of_network
+        self.reads = (column,)
 
     @property
     def name(self) -> str:
         return f"TopKSelector({self.column})"
 
-    def select(self, query: Query, state: Any, cands: Candidates) -> Candidates:
-        k = getattr(state.cfg.funnel, self.k_setting)
+    def params(self) -> str:
+        quotas = f", reserve_quotas=True, out_of_network={self.out_of_network}" if self.reserve_quotas else ""
+        return f"k=funnel.{self.k_setting}{quotas}"
+
+    def select(self, query: Query, ctx: FunnelContext, cands: Candidates) -> Candidates:
+        k = getattr(ctx.cfg.funnel, self.k_setting)
         ad = cands.source == AD
         organic = np.flatnonzero(~ad)
         s = cands[self.column][organic]
@@ -76,30 +84,30 @@ class TopKSelector(Selector):
         if self.reserve_quotas and order.size > k:
             rr = query.params.rerank
             rest = order[k:]
-            fresh = (query.now_ms - state.catalog.published_ms[cands.ids[rest]]) <= rr.fresh_hours * HOUR_MS
+            fresh = (query.now_ms - ctx.catalog.published_ms[cands.ids[rest]]) <= rr.fresh_hours * HOUR_MS
             oon = cands.source[rest] != IN_NETWORK
             extra = [rest[fresh][: 2 * math.ceil(rr.fresh_fraction * k)]]
             if rr.explore_slots and "light_score" in cands:
-                cold = cold_mask(query, state, cands.take(rest))
+                cold = cold_mask(query, ctx, cands.take(rest))
                 by_light = rest[cold][np.argsort(-cands["light_score"][rest[cold]], kind="stable")]
                 extra.append(by_light[: 3 * rr.explore_slots])
-            if query.feed_type == "home":
+            if self.out_of_network:
                 extra.append(rest[oon][: 2 * math.ceil(rr.min_out_of_network * k)])
             keep = np.concatenate([keep, *extra])
             keep = keep[np.sort(np.unique(keep, return_index=True)[1])]
         return cands.take(np.concatenate([keep, np.flatnonzero(ad)]))
 
 
-def cold_mask(query: Query, state: Any, cands: Candidates) -> np.ndarray:
+def cold_mask(query: Query, ctx: FunnelContext, cands: Candidates) -> np.ndarray:
     """Fresh organic posts with fewer than ``cold_start_impressions`` impressions."""
     rr = query.params.rerank
     ids = cands.ids
-    st = state.stats
+    st = ctx.stats
     with st.lock:
         ok = ids < st.ints.shape[0]
         impressions = np.zeros(ids.size, dtype=np.int64)
-        impressions[ok] = st.ints[ids[ok], 0]
-    fresh = (query.now_ms - state.catalog.published_ms[ids]) <= rr.fresh_hours * HOUR_MS
+        impressions[ok] = st.ints[ids[ok], POST_STAT["impressions"]]
+    fresh = (query.now_ms - ctx.catalog.published_ms[ids]) <= rr.fresh_hours * HOUR_MS
     return fresh & (impressions < rr.cold_start_impressions) & (cands.source != AD)
 
 
@@ -116,18 +124,36 @@ def _due(quota: int, n_slots: int, j: int) -> int:
     return (quota * (j + 1)) // n_slots if n_slots else 0
 
 
-class RerankSelector(Selector):
-    """The whole ranking (every candidate that survived the heavy ranker), laid out slot by slot."""
+class ChronologicalSelector(Selector):
+    """FOLLOWING: newest first (RecencyScorer's score), no rules, no ML."""
 
-    def select(self, query: Query, state: Any, cands: Candidates) -> Candidates:
-        if query.feed_type == "following":  # reverse-chronological: no rules, no ML
-            out = cands.take(np.argsort(-cands["score"], kind="stable"))
-            out["reasons"] = object_column([["chronological"] for _ in range(len(out))])
-            out["position"] = np.arange(1, len(out) + 1, dtype=np.int64)
-            return out
+    reads = ("score",)
+    writes = ("reasons", "position")
+
+    def select(self, query: Query, ctx: FunnelContext, cands: Candidates) -> Candidates:
+        out = cands.take(np.argsort(-cands["score"], kind="stable"))
+        out["reasons"] = object_column([["chronological"] for _ in range(len(out))])
+        out["position"] = np.arange(1, len(out) + 1, dtype=np.int64)
+        return out
+
+
+class RerankSelector(Selector):
+    """The whole ranking (every candidate that survived the heavy ranker), laid out slot by slot; ``ads``
+    and ``out_of_network`` switch rules 1 and 2 on (HOME) or off (EXPLORE)."""
+
+    reads = ("score",)   # and "light_score" for the exploration slots
+    writes = ("reasons", "position")
+
+    def __init__(self, ads: bool, out_of_network: bool):
+        self.ads, self.out_of_network = ads, out_of_network
+
+    def params(self) -> str:
+        return f"ads={self.ads}, out_of_network={self.out_of_network}"
+
+    def select(self, query: Query, ctx: FunnelContext, cands: Candidates) -> Candidates:
         rr = query.params.rerank
         limit = max(query.limit, 1)
-        cat = state.catalog
+        cat = ctx.catalog
         n = len(cands)
         score = cands["score"]
         is_ad = cands.source == AD
@@ -137,15 +163,13 @@ class RerankSelector(Selector):
         had_oon = bool(oon.any())  # the out-of-network rule applies only when there were such candidates
         fresh = (query.now_ms - cat.published_ms[cands.ids]) <= rr.fresh_hours * HOUR_MS
         author = cat.author[cands.ids]
-        ad_every = rr.ad_every if query.feed_type == "home" else 0
-        block = max(1, round(1 / rr.min_out_of_network)) if rr.min_out_of_network > 0 else 0
-        if query.feed_type != "home":
-            block = 0
+        ad_every = rr.ad_every if self.ads else 0
+        block = max(1, round(1 / rr.min_out_of_network)) if rr.min_out_of_network > 0 and self.out_of_network else 0
         q_block = math.ceil(rr.min_out_of_network * block) if block else 0
         block_oon = 0
         q_fresh = math.ceil(rr.fresh_fraction * limit)
         q_explore = rr.explore_slots if "light_score" in cands else 0
-        cold = cold_mask(query, state, cands) if q_explore else np.zeros(n, dtype=bool)
+        cold = cold_mask(query, ctx, cands) if q_explore else np.zeros(n, dtype=bool)
         light = cands["light_score"] if q_explore else None
         order: list[int] = []
         reasons: list[list[str]] = []

@@ -12,8 +12,8 @@ import pytest
 from core.config import load_config
 from serving.catalog import PostCatalog
 from serving.components import AD, IN_NETWORK, OUT_OF_NETWORK, Candidates, Query
-from serving.experiments import Params
-from serving.selectors import RerankSelector, TopKSelector
+from serving.ab_tests import Params
+from serving.selectors import ChronologicalSelector, RerankSelector, TopKSelector
 
 NOW = 1_768_780_800_000
 
@@ -46,7 +46,7 @@ def test_every_page_satisfies_the_rules(seed):
     cands = Candidates(ids, src, score=rng.normal(size=90).astype(np.float32),
                        light_score=rng.normal(size=90).astype(np.float32), bid=rng.random(90).astype(np.float32))
     q = _query(state.cfg)
-    out = RerankSelector().select(q, state, TopKSelector("score", "heavy_k", reserve_quotas=True).select(q, state, cands))
+    out = RerankSelector(ads=True, out_of_network=True).select(q, state, TopKSelector("score", "heavy_k", reserve_quotas=True, out_of_network=True).select(q, state, cands))
     assert len(set(out.ids.tolist())) == len(out)
     authors = state.catalog.author[out.ids]
     pos = out["position"]
@@ -81,7 +81,7 @@ def test_following_feed_is_chronological_and_untouched():
     state = _state(100, rng, 2)
     ids = np.arange(50)
     c = Candidates(ids, np.full(50, IN_NETWORK), score=(state.catalog.published_ms[ids] - NOW).astype(np.float32))
-    out = RerankSelector().select(_query(state.cfg, "following"), state, c)
+    out = ChronologicalSelector().select(_query(state.cfg, "following"), state, c)
     assert np.all(np.diff(state.catalog.published_ms[out.ids]) <= 0)
 
 
@@ -98,7 +98,7 @@ def test_exploration_slot_goes_to_the_best_cold_post_by_light_score():
     light = np.zeros(60, dtype=np.float32)
     light[8] = 3.0
     c = Candidates(ids, np.full(60, OUT_OF_NETWORK), score=score, light_score=light)
-    out = RerankSelector().select(_query(state.cfg), state, c)
+    out = RerankSelector(ads=True, out_of_network=True).select(_query(state.cfg), state, c)
     first_page = out.ids[:20].tolist()
     assert 8 in first_page and 7 not in first_page and 9 not in first_page
     assert "exploration" in out["reasons"][first_page.index(8)]
@@ -119,7 +119,7 @@ def test_author_diversity_discount_and_the_ranking_ends_before_breaking_a_rule()
     assert c["score"][0] == score[0] and c["score"][1] == pytest.approx(score[1] * rr.author_diversity_decay)
     assert c["score"][5] == pytest.approx(score[5] * rr.author_diversity_floor)  # floored
     assert c["score"][60] == score[60]  # another author's best is untouched
-    out = RerankSelector().select(q, state, c)
+    out = RerankSelector(ads=True, out_of_network=True).select(q, state, c)
     a = state.catalog.author[out.ids]
     runs = [len(r) for r in "".join("x" if v == 7 else "." for v in a).split(".") if r]
     assert max(runs) <= rr.max_consecutive_author

@@ -203,12 +203,12 @@ def test_interest_matching_post_from_unfollowed_author_reaches_explore(stub, ser
                            metadata=token(cfg, author))
     _embed(serving, pub.post_id)
     found, cursor = None, ""
-    for _ in range(10):  # scroll EXPLORE until it shows up (the ranker decides where)
-        page = _feed(stub, serving, u, pb.EXPLORE, cursor=cursor)
+    for _ in range(12):  # scroll EXPLORE until it shows up (the ranker decides where): past the end of one
+        page = _feed(stub, serving, u, pb.EXPLORE, cursor=cursor)  # ranking, the next request ranks the rest
         assert not page.degraded, list(page.degraded_reasons)
         found = next((it for it in page.items if it.post_id == pub.post_id), None)
         cursor = page.next_cursor
-        if found is not None or not cursor:
+        if found is not None:
             break
     dbg = stub.DebugRanking(pb.DebugRankingRequest(user_id=u, post_id=pub.post_id, feed_type=pb.EXPLORE),
                             metadata=token(cfg, 0, admin=True))
@@ -219,7 +219,7 @@ def test_interest_matching_post_from_unfollowed_author_reaches_explore(stub, ser
 def test_every_served_item_is_logged_with_a_resolvable_snapshot(stub, serving):
     u = _users(serving, 1, offset=70)[0]
     r = _feed(stub, serving, u)
-    serving.service.effects.drain()
+    serving.service.feeds.effects.drain()
     exposures = [e for e in (parse_event(x) for x in read_all(serving.state.events.reader(), idle_s=0.5))
                  if e.type == "exposure" and e.request_id == r.request_id]
     assert sorted(e.position for e in exposures) == [it.position for it in r.items]
@@ -322,7 +322,7 @@ def test_rate_limit_is_resource_exhausted(stub, serving):
 def test_debug_ranking_explains_a_post_in_the_current_ranking(stub, serving):
     u = _users(serving, 1, offset=110)[0]
     page = _feed(stub, serving, u, pb.EXPLORE, limit=5)
-    ranking = serving.service.rankings[page.request_id].cands
+    ranking = serving.service.feeds.rankings[page.request_id].cands
     post = int(ranking.ids[6])  # ranked, not served yet
     d = stub.DebugRanking(pb.DebugRankingRequest(user_id=u, post_id=post, feed_type=pb.EXPLORE),
                           metadata=token(serving.cfg, 0, admin=True))
@@ -369,7 +369,7 @@ def _metrics_port(serving) -> int:
 
 
 def test_experiment_assignments_are_returned_logged_and_applied(stub, serving):
-    from serving.experiments import Experiment, Experiments, Variant
+    from serving.ab_tests import Experiment, Experiments, Variant
 
     old = serving.service.experiments
     exps = Experiments([Experiment(name="no_ads", salt="t1", variants=[
@@ -383,7 +383,7 @@ def test_experiment_assignments_are_returned_logged_and_applied(stub, serving):
             v = r.experiments["no_ads"]
             seen_variants.add(v)
             assert any(it.source == pb.AD for it in r.items) == (v == "control"), v
-            serving.service.effects.drain()
+            serving.service.feeds.effects.drain()
         assert seen_variants == {"control", "ads_off"}
         logged = [parse_event(x) for x in read_all(serving.state.events.reader(), idle_s=0.5)]
         assert any(e.type == "exposure" and e.request_id == r.request_id and e.experiments == dict(r.experiments)
@@ -444,3 +444,50 @@ def test_access_log_is_structured_with_request_ids_and_deadlines_are_respected(s
                                          metadata=token(serving.cfg, u), timeout=1e-4))
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert _feed(stub, serving, u, pb.EXPLORE).items
+
+
+def _component_runs(serving) -> dict[tuple[str, str], float]:
+    return {(s.labels["pipeline"], s.labels["component"]): s.value
+            for m in serving.metrics.registry.collect() if m.name == "feedrank_component_runs"
+            for s in m.samples if s.name == "feedrank_component_runs_total"}
+
+
+def _ran(serving, before: dict) -> dict[str, list[str]]:
+    """pipeline -> the components run since ``before`` (each once: a count of 1 per component)."""
+    out: dict[str, list[str]] = {}
+    for (pipe, comp), n in _component_runs(serving).items():
+        d = n - before.get((pipe, comp), 0.0)
+        if d:
+            assert d == 1, f"{pipe}: {comp} ran {d} times"
+            out.setdefault(pipe, []).append(comp)
+    return {p: sorted(c) for p, c in out.items()}
+
+
+def test_the_runner_executes_exactly_the_declared_components(stub, serving):
+    """GetFeed (first page, cursor page, refresh), every feed type and DebugRanking run exactly the components
+    declared in serving.pipelines, side effects included: nothing hard-wired beside them, nothing skipped."""
+    from serving.pipelines import DEBUG, PAGE, PIPELINES, REFRESH
+
+    def names(comps) -> list[str]:
+        return sorted(c.name for c in comps)
+
+    u, v = _users(serving, 2, offset=200)
+    for feed, enum in (("home", pb.HOME), ("explore", pb.EXPLORE), ("following", pb.FOLLOWING)):
+        before = _component_runs(serving)
+        first = _feed(stub, serving, u, enum)
+        assert first.items and not first.from_cache
+        assert _ran(serving, before) == {PIPELINES[feed].name: names(PIPELINES[feed].components())}, feed
+    home = _feed(stub, serving, v, pb.HOME)
+    before = _component_runs(serving)
+    _feed(stub, serving, v, pb.HOME, cursor=home.next_cursor)   # a cursor page of the cached ranking
+    side_effects = names(PIPELINES["home"].side_effects)
+    assert _ran(serving, before) == {"PAGE": names(PAGE), "HOME": side_effects}
+    before = _component_runs(serving)
+    again = _feed(stub, serving, v, pb.HOME)                      # a refresh within the cache TTL
+    assert again.from_cache
+    assert _ran(serving, before) == {REFRESH["home"].name: names(REFRESH["home"].components())}
+    before = _component_runs(serving)
+    post = home.items[0].post_id
+    stub.DebugRanking(pb.DebugRankingRequest(user_id=v, post_id=post), metadata=token(serving.cfg, 0, admin=True))
+    traced = [c for c in PIPELINES["home"].components() if c not in PIPELINES["home"].side_effects]
+    assert _ran(serving, before) == {"DEBUG:HOME": names(traced), "DEBUG": names(DEBUG.components())}

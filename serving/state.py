@@ -195,7 +195,7 @@ class ServingState:
         """Post stats as of the batch export (what `feast materialize` loaded); the change stream brings the rest."""
         import pandas as pd
 
-        from features.feast_repo import POST_STATS_FLOAT, POST_STATS_INT
+        from core.schema import POST_STATS_FLOAT, POST_STATS_INT
 
         path = self.cfg.data_dir / "feast" / "post_stats.parquet"
         if not path.exists():
@@ -251,7 +251,7 @@ class ServingState:
 
     def refresh(self) -> None:
         """Trending list, topic trend and the ad inventory (cheap, once a second)."""
-        from features.feast_repo import POST_STATS_FLOAT
+        from core.schema import POST_STATS_FLOAT
 
         now = self.clock()
         window = int(self.cfg.candidates.trending_window_h * HOUR_MS)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from core.config import ConfigError, load_config
-from serving.experiments import Experiment, Experiments, Variant
+from serving.ab_tests import Experiment, Experiments, Variant
 
 
 def _many(n: int) -> Experiments:
