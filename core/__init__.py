@@ -48,11 +48,10 @@ def _isolate() -> None:
     sites = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
     if is_embedded(sys.path, sys.prefix, sys.base_prefix):
         sys.path[:] = embedded_sys_path(list(sys.path), sys.prefix, sys.base_prefix, sites)
-        # torch is another pybind11 extension: Feast 0.67 imports it whenever it is installed
-        # (feast/torch_wrapper.py), and its import in a task thread hung a feature-job operator's
-        # `open` once this session (py-spy: ExtensionFileLoader.create_module under feast's
-        # _import_torch, the job's start-up never finished). The jobs run their models in numpy, so the embedded interpreter has none:
-        # `import torch` raises ImportError there and Feast carries on without it.
+        # torch is another pybind11 extension whose import in a task thread can hang the same way, and
+        # Feast 0.67 imports it whenever it is installed (feast/torch_wrapper.py). The jobs run their
+        # models in numpy, so the embedded interpreter has none: `import torch` raises ImportError
+        # there and Feast carries on without it.
         sys.modules.setdefault("torch", None)  # type: ignore[assignment]
 
 

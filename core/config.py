@@ -111,6 +111,7 @@ class Kafka(_Section):
 
 class Flink(_Section):
     rest_port: Port
+    rpc_port: Port
     parallelism: PosInt
     taskmanagers: PosInt
     taskmanager_slots: PosInt

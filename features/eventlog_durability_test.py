@@ -26,7 +26,7 @@ TS = 1_767_571_200_000
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _events(prefix: str, n: int, start: int = 0) -> list[Engagement]:
+def engagement_events(prefix: str, n: int, start: int = 0) -> list[Engagement]:
     return [Engagement(event_id=f"{prefix}-{i}", user_id=i % 997, post_id=i % 10_007, action=Action.CLICK, ts=TS + i)
             for i in range(start, start + n)]
 
@@ -51,14 +51,14 @@ def _sealed(root: Path) -> tuple[list[str], int]:
 WRITER = r"""
 import random, sys, threading
 from features.eventlog import FileEventLog
-from features.eventlog_durability_test import _events
+from features.eventlog_durability_test import engagement_events
 log = FileEventLog(sys.argv[1], rotate_ms=int(sys.argv[2]), rotate_events=5000)
 out = threading.Lock()
 def burst(t):
     rng, i = random.Random(t), 0
     while True:
         n = rng.randint(1, 40)
-        evs = _events(f"w{t}", n, i)
+        evs = engagement_events(f"w{t}", n, i)
         i += n
         log.append_many(evs)
         with out:
@@ -123,7 +123,7 @@ def test_concurrent_appends_share_commits(tmp_path: Path):
 
     def run(t: int) -> None:
         for i in range(calls):
-            log.append_many(_events(f"g{t}", 1, i))
+            log.append_many(engagement_events(f"g{t}", 1, i))
 
     ths = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
     for th in ths:
@@ -154,7 +154,7 @@ def test_full_disk_is_an_error_then_recovers_without_loss(small_disk: Path):
             with lock:
                 if phase["name"] == "stop" or (phase["name"] == "full" and len(errors) >= 40):
                     return
-            evs = _events(f"d{t}-{phase['name']}", 50, i)
+            evs = engagement_events(f"d{t}-{phase['name']}", 50, i)
             i += 50
             try:
                 log.append_many(evs)
@@ -222,7 +222,7 @@ def test_events_stats_skips_and_counts_torn_lines_and_bad_bytes(tmp_path: Path):
     root = tmp_path / "events"
     seg = root / SEGMENTS_DIR
     seg.mkdir(parents=True)
-    good = [e.to_json().encode() for e in _events("s", 5)]
+    good = [e.to_json().encode() for e in engagement_events("s", 5)]
     (seg / "0000000000001-a.jsonl").write_bytes(
         good[0] + b"\n"
         + b'{"v":1,"type":"engagement","event_id":"torn' + b"\n"  # a torn line
@@ -247,12 +247,12 @@ def test_rotate_thread_survives_a_failing_seal(tmp_path: Path, caplog: pytest.Lo
     log = FileEventLog(tmp_path, rotate_ms=100)
     seg, away = tmp_path / SEGMENTS_DIR, tmp_path / "segments.away"
     seg.rename(away)
-    log.append_many(_events("r", 300))
+    log.append_many(engagement_events("r", 300))
     time.sleep(0.6)  # several failed attempts
     assert log._ticker.is_alive()
     assert any("cannot seal" in r.getMessage() for r in caplog.records)
     assert list((tmp_path / INPROGRESS_DIR).glob("*.jsonl")), "nothing was waiting to be sealed"
-    log.append_many(_events("r", 200, 300))  # still accepted: the data is durable in the in-progress file
+    log.append_many(engagement_events("r", 200, 300))  # still accepted: the data is durable in the in-progress file
     away.rename(seg)
     deadline = time.monotonic() + 3
     while list((tmp_path / INPROGRESS_DIR).glob("*.jsonl")):

@@ -205,4 +205,10 @@ def export(cfg: Config, world_dir: Path) -> dict[str, int]:
     write("author_stats", pd.DataFrame({
         "author_id": uids, "followers": world.follower_counts(), "impressions": a_imp, "clicks": a_clk,
         "ctr": rate(a_clk, a_imp).astype(np.float32)}))
+    for name, key in (("user_embedding", "user_id"), ("post_embedding", "post_id")):
+        if not (out / f"{name}.parquet").exists():  # pushed by the streaming jobs only: an empty batch source
+            import pyarrow as pa
+
+            pq.write_table(pa.table({key: pa.array([], pa.int64()), "embedding": pa.array([], pa.list_(pa.float32())),
+                                     TS: pa.array([], pa.timestamp("us", tz="UTC"))}), out / f"{name}.parquet")
     return n

@@ -19,7 +19,7 @@ KEY = "feedrank:snap:{}"
 
 class SnapshotStore:
     def __init__(self, cfg: Config):
-        from features.client import redis_client
+        from features.connection import redis_client
 
         self.redis = redis_client(cfg)
         self.ttl = int(cfg.serving.snapshot_ttl_s)

@@ -145,7 +145,7 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
         view = ""
 
         def open(self, ctx: Any) -> None:
-            from features.client import FeatureWriter
+            from features.writer import FeatureWriter
             from jobs import startup_stacks
 
             startup_stacks.begin(cfg, f"{self.view} operator")
@@ -163,7 +163,7 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
             operators open concurrently, and a short ``open`` keeps start-up quick and its stack dump
             (jobs/startup_stacks.py) about start-up alone. ``<view>_warming`` / ``<view>_warmed`` count its
             starts and ends, so `feedrank jobs run` restarts a job stuck in it (as one stuck in ``open``)."""
-            from features.client import PROGRESS_KEY
+            from features.progress import PROGRESS_KEY
             from jobs import startup_stacks
 
             key = PROGRESS_KEY.format(job=JOB)
@@ -181,7 +181,7 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
         def mark_opened(self) -> None:
             """``<view>_opened`` counts completed opens: restarts are visible, and `feedrank jobs run` restarts
             a job whose operators never finish opening (a PyFlink thread-mode start-up hang, seen intermittently)."""
-            from features.client import PROGRESS_KEY
+            from features.progress import PROGRESS_KEY
             from jobs import startup_stacks
 
             self.writer.redis.hincrby(PROGRESS_KEY.format(job=JOB), f"{self.view}_opened", 1)

@@ -14,13 +14,15 @@ from pathlib import Path
 import psutil
 import pytest
 
-from features.client import FeatureClient, read_progress
+from features.online_store import FeatureClient
+
+from features.progress import read_progress
 from features.eventlog import KafkaEventLog, open_configured_event_log
 from core.events import Followed, PostPublished
 from jobs import flinkenv
 from runtime import stack
 from core.services import free_port
-from jobs.feature_job_test import T, _eng, _exp, _wait
+from jobs.feature_job_test import T, engagement_event, exposure_event, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.flink, pytest.mark.kafka]
 POST_COLS = [f"post_stats:{n}" for n in ("impressions", "clicks", "likes", "negatives", "long_dwells", "clicks_1h")]
@@ -59,18 +61,18 @@ def test_features_on_kafka_exact_values_then_kill_9_and_resume(make_cfg, tmp_pat
     try:
         log = open_configured_event_log(cfg)
         assert isinstance(log, KafkaEventLog) and log.partitions == 4
-        click1 = _eng("c1", 1, 7, "click", T + 1_000)
+        click1 = engagement_event("c1", 1, 7, "click", T + 1_000)
         # partitions are ordered only within themselves: the post (author 11's partition) is published
         # and known to the job before anyone's engagement with it, as in life
         log.append(PostPublished(event_id="pub7", ts=T, post_id=7, author_id=11, topic=3, content_type="video",
                                  text="red fox"))
         proc = _start_job(env, job_log)
-        _wait("the published post", lambda: read_progress(cfg, "features").get("post_events", 0) >= 1, timeout=180)
+        wait_until("the published post", lambda: read_progress(cfg, "features").get("post_events", 0) >= 1, timeout=180)
         log.append_many([
-            _exp("x1", 1, 7, 1, T + 100), _exp("x2", 2, 7, 2, T + 200), _exp("x3", 3, 7, 3, T + 300),
-            click1, _eng("c2", 2, 7, "click", T + 2_000), _eng("l1", 1, 7, "like", T + 2_500),
-            _eng("h3", 3, 7, "hide", T + 3_000), _eng("d2", 2, 7, "dwell", T + 4_000, dwell=40_000),
-            _eng("d3", 3, 7, "dwell", T + 4_100, dwell=1_000), _eng("v3", 3, 7, "view", T + 4_200),
+            exposure_event("x1", 1, 7, 1, T + 100), exposure_event("x2", 2, 7, 2, T + 200), exposure_event("x3", 3, 7, 3, T + 300),
+            click1, engagement_event("c2", 2, 7, "click", T + 2_000), engagement_event("l1", 1, 7, "like", T + 2_500),
+            engagement_event("h3", 3, 7, "hide", T + 3_000), engagement_event("d2", 2, 7, "dwell", T + 4_000, dwell=40_000),
+            engagement_event("d3", 3, 7, "dwell", T + 4_100, dwell=1_000), engagement_event("v3", 3, 7, "view", T + 4_200),
             Followed(event_id="f1", ts=T + 5_000, user_id=1, author_id=11),
         ])
         log.append(click1)  # a producer retry: the same event id again, in another message
@@ -85,37 +87,37 @@ def test_features_on_kafka_exact_values_then_kill_9_and_resume(make_cfg, tmp_pat
                 return got if got["impressions"][0] == imps and got["clicks"][0] == clicks else {}
             return check
 
-        got = _wait("post 7 stats from Kafka", post7(3, 2), timeout=180)
+        got = wait_until("post 7 stats from Kafka", post7(3, 2), timeout=180)
         assert [got[k][0] for k in ("impressions", "clicks", "likes", "negatives", "long_dwells", "clicks_1h")] == \
             [3, 2, 1, 1, 1, 2]
-        u1 = _wait("user 1", lambda: (lambda u: u if u["clicks"] == 1 else None)(client.user(1)))
+        u1 = wait_until("user 1", lambda: (lambda u: u if u["clicks"] == 1 else None)(client.user(1)))
         assert u1["topic_clicks"][3] == pytest.approx(1.0)
-        prog = _wait("dedupe count", lambda: (lambda p: p if p.get("dedupe_duplicates") == 1 else None)(
+        prog = wait_until("dedupe count", lambda: (lambda p: p if p.get("dedupe_duplicates") == 1 else None)(
             read_progress(cfg, "features")))
         assert prog["post_events"] >= 12
         # events on every partition: the Kafka source's per-partition watermarks all advance
-        log.append_many([_exp(f"hb{i}", 100 + i, 8, 1, T + 600_000 + i) for i in range(8)])
+        log.append_many([exposure_event(f"hb{i}", 100 + i, 8, 1, T + 600_000 + i) for i in range(8)])
 
         # a checkpoint that holds phase 1, then phase 2 is processed, then kill -9 of the JVM
-        _wait("the heartbeats", lambda: read_progress(cfg, "features").get("post_events", 0) >= 21)
+        wait_until("the heartbeats", lambda: read_progress(cfg, "features").get("post_events", 0) >= 21)
         seen = time.time()
-        ck1 = _wait("a checkpoint after phase 1", lambda: (lambda c: c if c and c.stat().st_mtime > seen + 0.5 else None)(
+        ck1 = wait_until("a checkpoint after phase 1", lambda: (lambda c: c if c and c.stat().st_mtime > seen + 0.5 else None)(
             flinkenv.latest_checkpoint(cfg, "features")))
-        log.append_many([_exp(f"y{i}", 10 + i, 7, 4, T + 10_000 + i) for i in range(4)] + [_eng("c4", 4, 7, "click", T + 11_000)])
-        _wait("phase 2", post7(7, 3))
+        log.append_many([exposure_event(f"y{i}", 10 + i, 7, 4, T + 10_000 + i) for i in range(4)] + [engagement_event("c4", 4, 7, "click", T + 11_000)])
+        wait_until("phase 2", post7(7, 3))
         before_kill = flinkenv.latest_checkpoint(cfg, "features")
         jvm = _kill_jvm(proc)
         proc = None
         assert not psutil.pid_exists(jvm) or psutil.Process(jvm).status() == psutil.STATUS_ZOMBIE
 
         # events while the job is down, including repeats of ids it has seen before
-        log.append_many([_exp(f"z{i}", 30 + i, 7, 6, T + 13_000 + i) for i in range(2)]
-                        + [_exp("x1", 1, 7, 1, T + 100), _eng("c4", 4, 7, "click", T + 11_000)])
+        log.append_many([exposure_event(f"z{i}", 30 + i, 7, 6, T + 13_000 + i) for i in range(2)]
+                        + [exposure_event("x1", 1, 7, 1, T + 100), engagement_event("c4", 4, 7, "click", T + 11_000)])
         restored = flinkenv.latest_checkpoint(cfg, "features")
         assert restored is not None and restored.parent.parent == flinkenv.checkpoint_root(cfg, "features")
         proc = _start_job(env, job_log)
         try:
-            _wait("the resumed job", post7(9, 3), timeout=180)
+            wait_until("the resumed job", post7(9, 3), timeout=180)
         except AssertionError:
             raise AssertionError(f"post 7 and progress after the resume: {observed}; job log: {job_log.read_text()[-1500:]}")
         assert f"resuming from checkpoint {restored}" in job_log.read_text(), job_log.read_text()[-3000:]

@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from features.client import FeatureClient, IndexDeltaFollower, read_progress
+from features.change_streams import IndexDeltaFollower
+
+from features.online_store import FeatureClient
+
+from features.progress import read_progress
 from features.eventlog import open_configured_event_log
 from core.events import Engagement, Exposure, PostPublished
 from runtime import stack

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from features.client import FeatureClient, read_progress
+from features.online_store import FeatureClient
+
+from features.progress import read_progress
 from features.eventlog import open_configured_event_log
 from core.events import Engagement, Exposure, Feedback, Followed, PostPublished
 from runtime import stack
@@ -17,16 +19,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.flink]
 T = 1_767_571_200_000  # 2026-01-05
 
 
-def _exp(eid: str, user: int, post: int, pos: int, ts: int) -> Exposure:
+def exposure_event(eid: str, user: int, post: int, pos: int, ts: int) -> Exposure:
     return Exposure(event_id=eid, ts=ts, request_id=f"r{user}", user_id=user, post_id=post, author_id=11, position=pos,
                     feed_type="home", source="in_network")
 
 
-def _eng(eid: str, user: int, post: int, action: str, ts: int, dwell: int | None = None) -> Engagement:
+def engagement_event(eid: str, user: int, post: int, action: str, ts: int, dwell: int | None = None) -> Engagement:
     return Engagement(event_id=eid, ts=ts, user_id=user, post_id=post, action=action, dwell_ms=dwell)
 
 
-def _wait(what, check, timeout: float = 90.0):
+def wait_until(what, check, timeout: float = 90.0):
     t0 = time.monotonic()
     last = None
     while time.monotonic() - t0 < timeout:
@@ -49,13 +51,13 @@ def test_features_job_exact_values_dedupe_and_restart(make_cfg):
     job = None
     try:
         log = open_configured_event_log(cfg)
-        click1 = _eng("c1", 1, 7, "click", T + 1_000)
+        click1 = engagement_event("c1", 1, 7, "click", T + 1_000)
         log.append_many([
             PostPublished(event_id="pub7", ts=T, post_id=7, author_id=11, topic=3, content_type="video", text="red fox"),
-            _exp("x1", 1, 7, 1, T + 100), _exp("x2", 2, 7, 2, T + 200), _exp("x3", 3, 7, 3, T + 300),
-            click1, _eng("c2", 2, 7, "click", T + 2_000), _eng("l1", 1, 7, "like", T + 2_500),
-            _eng("h3", 3, 7, "hide", T + 3_000), _eng("d2", 2, 7, "dwell", T + 4_000, dwell=40_000),
-            _eng("d3", 3, 7, "dwell", T + 4_100, dwell=1_000), _eng("v3", 3, 7, "view", T + 4_200),
+            exposure_event("x1", 1, 7, 1, T + 100), exposure_event("x2", 2, 7, 2, T + 200), exposure_event("x3", 3, 7, 3, T + 300),
+            click1, engagement_event("c2", 2, 7, "click", T + 2_000), engagement_event("l1", 1, 7, "like", T + 2_500),
+            engagement_event("h3", 3, 7, "hide", T + 3_000), engagement_event("d2", 2, 7, "dwell", T + 4_000, dwell=40_000),
+            engagement_event("d3", 3, 7, "dwell", T + 4_100, dwell=1_000), engagement_event("v3", 3, 7, "view", T + 4_200),
             Followed(event_id="f1", ts=T + 5_000, user_id=1, author_id=11),
             Feedback(event_id="fb3", ts=T + 5_100, user_id=3, action="see_less", target="topic", topic=5),
         ])
@@ -70,35 +72,35 @@ def test_features_job_exact_values_dedupe_and_restart(make_cfg):
             got = client.posts([7], post_cols)
             return got if got["impressions"][0] == 3 and got["clicks"][0] == 2 and got["long_dwells"][0] == 1 else {}
 
-        got = _wait("post 7 stats", post7)
+        got = wait_until("post 7 stats", post7)
         assert [got[k][0] for k in ("impressions", "clicks", "likes", "comments", "shares", "negatives", "long_dwells",
                                     "clicks_5m", "clicks_1h")] == [3, 2, 1, 0, 0, 1, 1, 2, 2]
         assert got["ctr"][0] == pytest.approx((2 + 2) / (3 + 20))
 
-        u1 = _wait("user 1", lambda: (lambda u: u if u["clicks"] == 1 else None)(client.user(1)))
+        u1 = wait_until("user 1", lambda: (lambda u: u if u["clicks"] == 1 else None)(client.user(1)))
         assert u1["topic_clicks"][3] == pytest.approx(1.0) and sum(u1["topic_clicks"]) == pytest.approx(1.0)
         assert u1["ctype_clicks"] == pytest.approx([0.0, 0.0, 1.0])  # video
         # the hide of post 7 (topic 3) and the topic-level "see less" of topic 5 (a Feedback event)
-        u3 = _wait("user 3", lambda: (lambda u: u if u["negatives"] == 2 else None)(client.user(3)))
+        u3 = wait_until("user 3", lambda: (lambda u: u if u["negatives"] == 2 else None)(client.user(3)))
         assert u3["topic_negative"][3] == pytest.approx(0.5) and u3["topic_negative"][5] == pytest.approx(0.5)
         assert u3["clicks"] == 0
-        topic = _wait("topic 3", lambda: (lambda t: t if t["clicks_5m"][0] == 2 else None)(
+        topic = wait_until("topic 3", lambda: (lambda t: t if t["clicks_5m"][0] == 2 else None)(
             client.store.get_online_features(["topic_stats:clicks_5m", "topic_stats:clicks_1h"],
                                              entity_rows=[{"topic_id": 3}]).to_dict()))
         assert topic["clicks_1h"][0] == 2
-        prog = _wait("dedupe counts", lambda: (lambda p: p if p.get("dedupe_invalid") == 1 else None)(
+        prog = wait_until("dedupe counts", lambda: (lambda p: p if p.get("dedupe_invalid") == 1 else None)(
             read_progress(cfg, "features")))
         assert prog["dedupe_duplicates"] == 1
 
         # a checkpoint that holds all of the above, then more events with a failure in the middle
         seen = time.time()
-        _wait("a checkpoint after phase 1", lambda: [p for p in _checkpoints(cfg) if p.stat().st_mtime > seen + 1])
-        log.append_many([_exp(f"y{i}", 10 + i, 7, 4, T + 10_000 + i) for i in range(4)]
-                        + [_eng("c4", 4, 7, "click", T + 11_000), _exp("boom", 20, 7, 5, T + 12_000)]
-                        + [_exp(f"z{i}", 30 + i, 7, 6, T + 13_000 + i) for i in range(2)]
-                        + [_exp("x1", 1, 7, 1, T + 100)])  # a repeat of a phase-1 id
+        wait_until("a checkpoint after phase 1", lambda: [p for p in _checkpoints(cfg) if p.stat().st_mtime > seen + 1])
+        log.append_many([exposure_event(f"y{i}", 10 + i, 7, 4, T + 10_000 + i) for i in range(4)]
+                        + [engagement_event("c4", 4, 7, "click", T + 11_000), exposure_event("boom", 20, 7, 5, T + 12_000)]
+                        + [exposure_event(f"z{i}", 30 + i, 7, 6, T + 13_000 + i) for i in range(2)]
+                        + [exposure_event("x1", 1, 7, 1, T + 100)])  # a repeat of a phase-1 id
         log.flush()
-        got = _wait("post 7 after the restart", lambda: (lambda g: g if g["impressions"][0] >= 10 else None)(
+        got = wait_until("post 7 after the restart", lambda: (lambda g: g if g["impressions"][0] >= 10 else None)(
             client.posts([7], post_cols)))
         assert (cfg.data_dir / "flink" / "fault-boom.done").exists(), "the injected failure did not fire"
         time.sleep(3)  # anything double counted by the replay would show up by now

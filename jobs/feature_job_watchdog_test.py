@@ -12,12 +12,12 @@ from collections import Counter
 
 import pytest
 
-from features.client import FeatureClient
+from features.online_store import FeatureClient
 from features.eventlog import open_configured_event_log
 from runtime import stack
 from runtime.procs import stop_group
 from jobs.feature_job import STALL_WARM_UP_ONCE
-from jobs.feature_job_test import _wait
+from jobs.feature_job_test import wait_until
 from sim.eventgen import synthetic_events
 
 pytestmark = [pytest.mark.slow, pytest.mark.flink]
@@ -43,11 +43,11 @@ def test_a_job_stuck_at_its_first_element_is_restarted(make_cfg, tmp_path):
         proc = subprocess.Popen([sys.executable, "-m", "feedrank.cli", "jobs", "run", "features", "--seconds", "240"],
                                 env=env, stdout=open(out, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
         client = FeatureClient(cfg)
-        _wait("the restart", lambda: "did not get ready" in out.read_text(), timeout=180)
+        wait_until("the restart", lambda: "did not get ready" in out.read_text(), timeout=180)
         assert marker.exists()  # it hung in the warm-up, and was found there
         text = out.read_text()
         assert "_warmed) in time: restarting it in a fresh JVM (attempt 2 of 3)" in text, text[-3000:]
-        got = _wait(f"post {post}'s impressions after the restart",
+        got = wait_until(f"post {post}'s impressions after the restart",
                     lambda: client.posts([post], ["post_stats:impressions"])["impressions"][0] == n_exp, timeout=240)
         assert got
     finally:

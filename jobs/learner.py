@@ -85,7 +85,8 @@ def _functions(cfg: Config) -> dict[str, Any]:
         """Keyed by (user, post): joins an exposure with the engagements that follow it."""
 
         def open(self, ctx: Any) -> None:
-            from features.client import PROGRESS_KEY, redis_client
+            from features.connection import redis_client
+            from features.progress import PROGRESS_KEY
 
             self.state = ctx.get_state(ValueStateDescriptor("attr", Types.PICKLED_BYTE_ARRAY()))
             self.redis, self.key = redis_client(cfg), PROGRESS_KEY.format(job=JOB)
@@ -148,7 +149,8 @@ def _functions(cfg: Config) -> dict[str, Any]:
                 startup_stacks.end("learner operator")
 
         def _open(self, ctx: Any) -> None:
-            from features.client import PROGRESS_KEY, redis_client
+            from features.connection import redis_client
+            from features.progress import PROGRESS_KEY
             from features.snapshots import SnapshotStore
             from models.online import OnlineLearner
             from models.store import ModelStore
@@ -294,7 +296,7 @@ def build(env: Any, cfg: Config) -> Any:
 
 def read_decisions(cfg: Config, n: int = 1000) -> list[dict]:
     """The learner's decisions, oldest first."""
-    from features.client import redis_client
+    from features.connection import redis_client
 
     return [json.loads(x) for x in reversed(redis_client(cfg).lrange(DECISIONS, 0, n - 1))]
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from features.eventlog import open_configured_event_log
-from features.client import read_progress
+from features.progress import read_progress
 from core.events import Exposure
 from features.snapshots import SnapshotStore
 from core.schema import HEAVY_FEATURES, HEAD_NAMES

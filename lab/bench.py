@@ -217,9 +217,9 @@ def isolated_config(cfg: Config, name: str, events: str = "file", **overrides: s
     return load_config(env)
 
 
-def _wait_progress(cfg: Config, key: str, target: float, timeout_s: float, step=None) -> tuple[float, list[tuple[float, dict]]]:
+def wait_progress(cfg: Config, key: str, target: float, timeout_s: float, step=None) -> tuple[float, list[tuple[float, dict]]]:
     """Poll the feature job's progress until ``key`` reaches ``target``; (seconds, samples)."""
-    from features.client import read_progress
+    from features.progress import read_progress
 
     t0 = time.monotonic()
     samples = []
@@ -291,9 +291,9 @@ def bench_features(cfg: Config, n: int = 300_000, seed: int = 7, progress=None, 
         log.close()
         t_submit = time.monotonic()
         job = features.run_embedded(bcfg)
-        _, s0 = _wait_progress(bcfg, "post_events", 1, 180)
-        _, s1 = _wait_progress(bcfg, "post_events", n, 900, step=lambda f: step("feature job: post operator", f))
-        _, s2 = _wait_progress(bcfg, "user_events", forwarded, 300, step=lambda f: step("feature job: user operator", f))
+        _, s0 = wait_progress(bcfg, "post_events", 1, 180)
+        _, s1 = wait_progress(bcfg, "post_events", n, 900, step=lambda f: step("feature job: post operator", f))
+        _, s2 = wait_progress(bcfg, "user_events", forwarded, 300, step=lambda f: step("feature job: user operator", f))
         final = s2[-1][1]
         rates = feature_job_rates(s0 + s1 + s2, n, forwarded)
         return {
@@ -333,7 +333,9 @@ def bench_freshness(cfg: Config, probes: int = 200, background_eps: float = 2000
     """
     import threading
 
-    from features.client import FeatureClient, PostStatsCache
+    from features.change_streams import PostStatsCache
+
+    from features.online_store import FeatureClient
     from features.eventlog import open_configured_event_log
     from core.events import Engagement
     from runtime import stack
@@ -349,7 +351,7 @@ def bench_freshness(cfg: Config, probes: int = 200, background_eps: float = 2000
         log = open_configured_event_log(bcfg)
         job = features.run_embedded(bcfg)
         log.append_many(list(synthetic_events(100, 1, prefix="warm")))
-        _wait_progress(bcfg, "post_events", 100, 180)
+        wait_progress(bcfg, "post_events", 100, 180)
         cache = PostStatsCache(bcfg, capacity=1 << 17).start()
         client = FeatureClient(bcfg)
         sent = [0]
@@ -369,7 +371,7 @@ def bench_freshness(cfg: Config, probes: int = 200, background_eps: float = 2000
         th = threading.Thread(target=background, daemon=True)
         th.start()
         # measure the steady state: the job has drained the warm-up and keeps pace with the load
-        from features.client import read_progress
+        from features.progress import read_progress
 
         t_warm = time.monotonic()
         while time.monotonic() - t_warm < 120:

@@ -63,7 +63,7 @@ def run_all(cfg: Config, rps: tuple[float, ...] = (20.0, 50.0, 100.0, 150.0), se
     summary = {"at": stamp, "machine": bench.machine(), "results": paths,
                "errors": {k: v["error"] for k, v in results.items() if "error" in v}}
     path = out_dir / f"summary-{stamp}.md"
-    png = _plot(results, out_dir / f"summary-{stamp}.png")
+    png = plot(results, out_dir / f"summary-{stamp}.png")
     path.write_text(markdown(summary, results, png))
     (out_dir / f"summary-{stamp}.json").write_text(json.dumps({**summary, "headline": headline(results)}, indent=2))
     return path, results
@@ -120,7 +120,7 @@ def markdown(summary: dict[str, Any], results: dict[str, Any], png: str | None) 
     return "\n".join(lines)
 
 
-def _plot(results: dict[str, Any], path: Path) -> str | None:
+def plot(results: dict[str, Any], path: Path) -> str | None:
     serve = {k: v for k, v in results.items() if k.startswith("serve-") and "error" not in v}
     if not serve:
         return None

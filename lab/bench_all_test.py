@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lab.bench_all import _plot, headline, markdown
+from lab.bench_all import plot, headline, markdown
 
 
 def _serve(p50: float, p99: float) -> dict:
@@ -21,7 +21,7 @@ def test_headline_and_markdown_quote_the_given_results(tmp_path):
     assert h["serve-small"]["20 rps"]["p99_ms"] == 21.0 and h["serve-small"]["50 rps"]["p50_ms"] == 15.0
     assert h["retrieval"]["recall_vs_exact"] == 0.984 and h["features"]["events_per_s"] == 6116.5
     assert "model-delay" not in h
-    png = _plot(results, tmp_path / "s.png")
+    png = plot(results, tmp_path / "s.png")
     assert png == "s.png" and (tmp_path / "s.png").stat().st_size > 1000
     summary = {"at": "20261121-000000", "results": {k: f"/x/{k}.json" for k in results if "error" not in results[k]},
                "machine": {"cpus": 2, "memory_gb": 23.5, "platform": "Linux", "python": "3.11.7"},

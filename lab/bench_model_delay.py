@@ -55,7 +55,7 @@ def bench_model_delay(cfg: Config, world_dir: Path, users: int = 300, minutes: f
     from serving.client import GrpcFeedApi
     from serving.server import Server
     from sim.clients import Population, WallClock
-    from lab.trend_shift_experiment import _wait_progress, shutdown
+    from lab.trend_shift_experiment import wait_progress, shutdown
     from sim.world import TrendShift, World
 
     step = progress or (lambda s, f: None)
@@ -78,7 +78,7 @@ def bench_model_delay(cfg: Config, world_dir: Path, users: int = 300, minutes: f
         exe = str(Path(sys.executable).parent / "feedrank")
         step("starting the online learner", 0.0)
         procs.start("learner", [exe, "jobs", "run", "learner"], child_env(bcfg, **LEARNER))
-        _wait_progress(bcfg, {"learner": "opened"}, procs)
+        wait_progress(bcfg, {"learner": "opened"}, procs)
         world = World.load(world_dir)
         clock = WallClock(world.end_ms, speed=1.0)
         sim0, wall0 = clock.now_ms(), time.time()

@@ -38,7 +38,7 @@ from core.config import Config
 Step = Callable[[str, float], None]
 
 
-def _cache_dir(cfg: Config, world_dir: Path, tt_version: str) -> Path:
+def index_cache_dir(cfg: Config, world_dir: Path, tt_version: str) -> Path:
     return cfg.data_dir / "bench" / "serve-cache" / f"{world_dir.name}-{tt_version}"
 
 
@@ -58,7 +58,7 @@ def build_world_index(cfg: Config, world_dir: Path, step: Step) -> tuple[Path, s
     tt = store.current("two_tower")
     if tt is None:
         raise RuntimeError("no two_tower model: run `feedrank train` first")
-    out = _cache_dir(cfg, world_dir, tt)
+    out = index_cache_dir(cfg, world_dir, tt)
     if (out / "index.faiss").exists():
         return out, tt
     tmp = out.with_name(out.name + ".tmp")
@@ -97,7 +97,7 @@ def prune_index_caches(cfg: Config, world_dir: Path, keep: Path) -> list[Path]:
     two_tower rebuilds its own. The world's Feast export is kept."""
     removed = []
     for d in sorted(keep.parent.glob(f"{world_dir.name}-*")):
-        if d not in (keep, _cache_dir(cfg, world_dir, "feast")):
+        if d not in (keep, index_cache_dir(cfg, world_dir, "feast")):
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
     return removed
@@ -119,7 +119,7 @@ def prepare(cfg: Config, bcfg: Config, world_dir: Path, step: Step) -> dict[str,
                                       feature_schema_hash=ck.feature_schema_hash, extra=ck.extra, promote=True).version
     versions["retrieval"] = dst.publish("retrieval", {n: index_dir / n for n in ("index.faiss", "post_emb.npy", "params.json")},
                                         parent=versions["two_tower"], promote=True).version
-    feast_cache = _cache_dir(cfg, world_dir, "feast")
+    feast_cache = index_cache_dir(cfg, world_dir, "feast")
     if not (feast_cache / "post_stats.parquet").exists():
         step("Feast export of the world", 0.0)
         export(bcfg, world_dir)
@@ -133,7 +133,7 @@ def load_user_rows(bcfg: Config, step: Step) -> int:
     """The world's user_topic rows into the online store (Feast layout), as materialization would."""
     import pandas as pd
 
-    from features.client import FeatureWriter
+    from features.writer import FeatureWriter
     from features.feast_repo import apply
 
     apply(bcfg)
@@ -159,7 +159,7 @@ def _free_ports(n: int) -> int:
     raise RuntimeError("no run of free ports for the metrics endpoints")
 
 
-def _scrape(ports: list[int]) -> dict[str, float]:
+def scrape_metrics(ports: list[int]) -> dict[str, float]:
     """{metric{labels}: value} of the histogram buckets/counts we need, summed over the workers."""
     out: dict[str, float] = {}
     for port in ports:
@@ -177,7 +177,7 @@ def _scrape_one(port: int, out: dict[str, float]) -> None:
             out[key] = out.get(key, 0.0) + float(val)
 
 
-def _stage_quantiles(before: dict, after: dict, qs=(0.5, 0.99)) -> dict[str, dict[str, float]]:
+def stage_quantiles(before: dict, after: dict, qs=(0.5, 0.99)) -> dict[str, dict[str, float]]:
     """Per-stage quantiles (ms) from histogram bucket deltas (linear within a bucket)."""
     import re
 
@@ -340,7 +340,7 @@ def serving_stack(cfg: Config, scale: str, workers: int = 0, step: Step | None =
             try:
                 h = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
                 if h.status == health_pb2.HealthCheckResponse.SERVING:
-                    _scrape(mports)
+                    scrape_metrics(mports)
                     break
             except (grpc.RpcError, OSError):
                 time.sleep(0.5)
@@ -378,10 +378,10 @@ def bench_serve(cfg: Config, scale: str = "large", rps_levels: tuple[float, ...]
         run_load(address, bcfg.serving.jwt_secret, users[:2000], 10.0, 5.0, seed=99)  # warm-up, not reported
         for i, rps in enumerate(rps_levels):
             step(f"load {rps:g} RPS", 0.0)
-            before = _scrape(mports)
+            before = scrape_metrics(mports)
             res = run_load(address, bcfg.serving.jwt_secret, users, rps, seconds, seed=i)
-            after = _scrape(mports)
-            res["stages"] = _stage_quantiles(before, after)
+            after = scrape_metrics(mports)
+            res["stages"] = stage_quantiles(before, after)
             res["candidates_per_request"] = {k: round(v / max(res["requests"], 1), 1) for k, v in
                                              _counter_delta(before, after, "feedrank_candidates_total").items()}
             res["cache"] = _counter_delta(before, after, "feedrank_result_cache_total")

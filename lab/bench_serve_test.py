@@ -2,14 +2,14 @@
 
 from pathlib import Path
 
-from lab.bench_serve import _cache_dir, prune_index_caches
+from lab.bench_serve import index_cache_dir, prune_index_caches
 
 
 def test_only_the_current_towers_index_and_the_feast_export_stay_cached(make_cfg):
     cfg = make_cfg()
     world = Path("/worlds/large-42")
-    dirs = {v: _cache_dir(cfg, world, v) for v in ("v1", "v2", "v3", "feast")}
-    other_world = _cache_dir(cfg, Path("/worlds/small-42"), "v1")
+    dirs = {v: index_cache_dir(cfg, world, v) for v in ("v1", "v2", "v3", "feast")}
+    other_world = index_cache_dir(cfg, Path("/worlds/small-42"), "v1")
     for d in [*dirs.values(), other_world]:
         d.mkdir(parents=True)
         (d / "index.faiss").write_bytes(b"x")

@@ -178,7 +178,7 @@ def _wait_healthy(address: str, procs: ProcessGroup, console: Console, timeout: 
 
 def _wait_jobs(cfg: Config, procs: ProcessGroup, console: Console, timeout: float = 240.0) -> None:
     """Until both jobs report progress (their JVMs are up and the pipelines run)."""
-    from features.client import read_progress
+    from features.progress import read_progress
 
     t0 = time.time()
     with console.status("waiting for the PyFlink jobs"):
@@ -188,10 +188,10 @@ def _wait_jobs(cfg: Config, procs: ProcessGroup, console: Console, timeout: floa
                 console.print(f"feature job and learner running after {time.time() - t0:.0f} s")
                 return
             time.sleep(1.0)
-    raise RuntimeError(f"the PyFlink jobs did not report progress in {timeout:.0f} s\n" + _job_diagnostics(cfg, procs))
+    raise RuntimeError(f"the PyFlink jobs did not report progress in {timeout:.0f} s\n" + job_diagnostics(cfg, procs))
 
 
-def _job_diagnostics(cfg: Config, procs: ProcessGroup) -> str:
+def job_diagnostics(cfg: Config, procs: ProcessGroup) -> str:
     """What a stuck job said: the tail of its console, the last warnings of its JVM log, and the
     Python stacks of an operator whose open did not return (jobs/startup_stacks.py)."""
     from runtime.procs import tail
@@ -215,7 +215,8 @@ def _job_diagnostics(cfg: Config, procs: ProcessGroup) -> str:
 def _clients(cfg: Config, wdir: Path, users: int, minutes: float, address: str, procs: ProcessGroup,
              console: Console) -> dict[str, Any]:
     """Simulated clients in real time against the server, a trend shift at the midpoint, freshness probes."""
-    from features.client import PostStatsCache, redis_client
+    from features.change_streams import PostStatsCache
+    from features.connection import redis_client
     from serving.client import GrpcFeedApi
     from serving.state import SERVING_CLOCK
     from sim.clients import Population, WallClock
@@ -315,7 +316,7 @@ def _clients(cfg: Config, wdir: Path, users: int, minutes: float, address: str, 
 
 def _drain(cfg: Config, run: dict[str, Any], console: Console, timeout: float = 60.0) -> None:
     """Give the jobs up to ``timeout`` to catch up with the run's last events before reading their counters."""
-    from features.client import read_progress
+    from features.progress import read_progress
 
     if not run["stats"].actions.get("click"):
         return
@@ -372,8 +373,8 @@ def rerank_constraints(exposures: list[Any], page: int, max_run: int, min_oon: f
 
 
 def _collect(cfg: Config, run: dict[str, Any], meta: dict, seconds: float) -> dict[str, Any]:
-    from features.client import read_progress
-    from lab.bench_serve import _scrape, _stage_quantiles
+    from features.progress import read_progress
+    from lab.bench_serve import scrape_metrics, stage_quantiles
     from jobs.learner import read_decisions
 
     st = run["stats"]
@@ -383,7 +384,7 @@ def _collect(cfg: Config, run: dict[str, Any], meta: dict, seconds: float) -> di
     learner = read_progress(cfg, "learner")
     features = read_progress(cfg, "features")
     try:
-        stages = _stage_quantiles({}, _scrape([cfg.serving.metrics_port]))
+        stages = stage_quantiles({}, scrape_metrics([cfg.serving.metrics_port]))
     except OSError:
         stages = {}
     probes = np.array(run["probes"]) * 1000 if run["probes"] else np.array([np.inf])

@@ -84,8 +84,8 @@ def shutdown(api: Any, server: Any, procs: Any) -> None:
     procs.stop()
 
 
-def _wait_progress(cfg: Config, jobs: dict[str, str], procs: Any, timeout: float = 300.0) -> None:
-    from features.client import read_progress
+def wait_progress(cfg: Config, jobs: dict[str, str], procs: Any, timeout: float = 300.0) -> None:
+    from features.progress import read_progress
 
     t0 = time.time()
     while time.time() - t0 < timeout:
@@ -93,15 +93,16 @@ def _wait_progress(cfg: Config, jobs: dict[str, str], procs: Any, timeout: float
         if all(read_progress(cfg, job).get(key) for job, key in jobs.items()):
             return
         time.sleep(1.0)
-    from lab.demo import _job_diagnostics
+    from lab.demo import job_diagnostics
 
-    raise RuntimeError(f"the PyFlink jobs did not start in {timeout:.0f} s\n" + _job_diagnostics(cfg, procs))
+    raise RuntimeError(f"the PyFlink jobs did not start in {timeout:.0f} s\n" + job_diagnostics(cfg, procs))
 
 
 def run_arm(cfg: Config, arm: str, world_dir: Path, users: int, minutes: float, speed: float, seed: int,
             topic: int, boost: float, bucket_min: float, step: Step) -> dict[str, Any]:
     """One arm on a fresh event log, Redis state and model-store copy (``cfg``'s stack must be up)."""
-    from features.client import read_progress, redis_client
+    from features.connection import redis_client
+    from features.progress import read_progress
     from lab.bench_serve import load_user_rows
     from runtime.procs import ProcessGroup, child_env
     from jobs.learner import read_decisions
@@ -132,7 +133,7 @@ def run_arm(cfg: Config, arm: str, world_dir: Path, users: int, minutes: float, 
         if arm == "online":
             procs.start("learner", [exe, "jobs", "run", "learner"], env)
             wait["learner"] = "opened"
-        _wait_progress(acfg, wait, procs)
+        wait_progress(acfg, wait, procs)
         clock = WallClock(world.end_ms, speed=speed)
         t0_ms = clock.now_ms()
         shift_at = t0_ms + int(minutes * 30_000)

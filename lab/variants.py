@@ -22,7 +22,7 @@ def pipelines_for(variant: str) -> dict[str, Any] | None:
     from serving.pipelines import FILTERS, PIPELINES, RANKING, SIDE_EFFECTS
     from serving.query_hydrators import UserQueryHydrator
     from serving.selectors import RerankSelector, ScoreOrderSelector
-    from serving.sources import AdSource, AnnSource, FollowGraphSource, TrendingSource
+    from serving.candidate_sources import AdSource, AnnSource, FollowGraphSource, TrendingSource
 
     user = [UserQueryHydrator(fan_out_cache=True)]
     if variant in ("V2_full_funnel", "V2_without_light_ranker"):
@@ -84,7 +84,7 @@ def run_variant(cfg: Config, variant: str, world_dir: Path, users: int, minutes:
     if variant == "V0_chronological":
         api: Any = ChronologicalFeed(world, open_configured_event_log(cfg))
     else:
-        from features.client import redis_client
+        from features.connection import redis_client
         from serving.server import Server
 
         r = redis_client(cfg)

@@ -139,7 +139,7 @@ def load_numpy_towers(store: Any, version: str | None = None) -> NumpyTowers:
     return NumpyTowers.from_npz(str(path / "towers.npz"))
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
+def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(x, -30, 30)))
 
 
@@ -174,7 +174,7 @@ class NumpyHeavy:
         if "position.weight" not in self.arrays:
             return np.ones(len(positions))
         w = self.arrays["position.weight"][:, 0]
-        return _sigmoid(w[np.clip(np.asarray(positions, dtype=np.int64), 0, MAX_POSITION)].astype(np.float64))
+        return sigmoid(w[np.clip(np.asarray(positions, dtype=np.int64), 0, MAX_POSITION)].astype(np.float64))
 
     def normalized(self, x: np.ndarray, clip_sigma: float | None = None) -> np.ndarray:
         """[n, F] standardised features. ``clip_sigma`` clips features to mean +- k sigma of the

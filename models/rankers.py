@@ -21,7 +21,7 @@ from torch import nn
 
 from core.schema import HEAD_NAMES
 
-from models.inference import MAX_POSITION, NumpyHeavy, _sigmoid  # noqa: F401  (re-exported)
+from models.inference import MAX_POSITION, NumpyHeavy, sigmoid  # noqa: F401  (re-exported)
 
 
 def _standardize_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -87,6 +87,7 @@ def write_cluster_conf(cfg: Config) -> Path:
         "env.pid.dir": str(d["pid"]),
         "env.log.dir": str(d["log"]),
         "jobmanager.rpc.address": "localhost",
+        "jobmanager.rpc.port": str(cfg.flink.rpc_port),
         "jobmanager.bind-host": "localhost",
         "jobmanager.memory.process.size": cfg.flink.jobmanager_memory,
         "taskmanager.bind-host": "localhost",

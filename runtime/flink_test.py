@@ -23,7 +23,9 @@ def test_cluster_runs_submitted_jobs_restarts_a_stuck_one_and_stops_cleanly(make
     then audits the log; the feature job on the same cluster writes Feast; `flink down` leaves nothing."""
     from collections import Counter
 
-    from features.client import FeatureClient, read_progress
+    from features.online_store import FeatureClient
+
+    from features.progress import read_progress
     from features.eventlog import open_configured_event_log
     from runtime import stack
     from jobs.startup_stacks import read_dumps
@@ -144,11 +146,11 @@ def test_readme_flink_commands_as_a_user_types_them(make_cfg, tmp_path):
 
     import numpy as np
 
-    from features.client import FeatureClient
+    from features.online_store import FeatureClient
     from features.eventlog import KafkaEventLog, open_configured_event_log
     from core.schema import HEAVY_FEATURES
     from core.services import free_port
-    from jobs.feature_job_test import T, _exp
+    from jobs.feature_job_test import T, exposure_event
     from models import rankers
     from models.store import ModelStore
     from sim.eventgen import synthetic_events
@@ -210,7 +212,7 @@ def test_readme_flink_commands_as_a_user_types_them(make_cfg, tmp_path):
             time.sleep(0.5)
         restored = flinkenv.latest_checkpoint(cfg, "features")
         assert restored is not None and restored.parent.name == ids["feature_job.py"]
-        log.append_many([_exp(f"again{i}", 10 + i, post, 2, T + 10_000 + i) for i in range(5)])
+        log.append_many([exposure_event(f"again{i}", 10 + i, post, 2, T + 10_000 + i) for i in range(5)])
         r = _shell(".venv/bin/feedrank flink submit jobs/feature_job.py", env)
         print(r.stderr)
         resumed, _ = _submitted(r, "feature_job.py")

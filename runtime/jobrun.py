@@ -24,7 +24,7 @@ def run_streaming_job(cfg: Config, job: str, seconds: float, resume: bool = True
     """Run the ``features`` or ``learner`` job on a local MiniCluster until ``seconds`` pass (0: until
     Ctrl-C) and return its progress; ``say`` gets the status lines. Raises JobRunError when the job
     cannot start, fails, or ends by itself (a streaming job never should)."""
-    from features.client import read_progress
+    from features.progress import read_progress
     from jobs import flinkenv
 
     # jobs/feature_job.py, not jobs/features.py: `flink run -py jobs/<job>.py` puts jobs/ first

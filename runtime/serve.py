@@ -19,7 +19,7 @@ from typing import Callable
 from core.config import Config
 from core.corpus import Corpus
 from core.services import ServiceError
-from features.client import redis_client
+from features.connection import redis_client
 from serving.state import SERVING_CLOCK
 
 log = logging.getLogger("feedrank.serving")

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from core.events import CONTENT_TYPES
-from features.client import StreamFollower
+from features.change_streams import StreamFollower
 
 
 log = logging.getLogger("feedrank.serving")

@@ -33,11 +33,11 @@ from serving.protos import pb
 
 if TYPE_CHECKING:
     from core.config import Config
-    from features.client import PostStatsCache
+    from features.change_streams import PostStatsCache
     from features.eventlog import EventLog
     from features.snapshots import SnapshotStore
     from serving.catalog import FollowGraph, PostCatalog
-    from serving.models import ModelLoader, Models
+    from serving.model_loader import ModelLoader, Models
     from serving.state import RedisGuard
 
 # Source codes: the proto's Source enum values, named as the events name them (core.events.Source)

@@ -2,7 +2,7 @@
 
 The formulas are :mod:`features.vectors`, the ones training uses; the inputs are the
 streaming feature job's online values. Post statistics come from the
-in-process :class:`~features.client.PostStatsCache`, post attributes and embeddings
+in-process :class:`~features.change_streams.PostStatsCache`, post attributes and embeddings
 from the :class:`~serving.catalog.PostCatalog`; the one user's Feast rows were read
 with the request.
 """

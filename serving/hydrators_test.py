@@ -14,7 +14,7 @@ from core.config import load_config
 from core.schema import EMB_DIM, HEAVY_NAMES, LIGHT_NAMES, N_CTYPES, N_TOPICS, POST_STATS_INT
 from core.corpus import Corpus
 from core.units import HOUR_MS
-from features.client import PostStatsCache
+from features.change_streams import PostStatsCache
 from features.offline import History
 from features.vectors import rate
 from serving.catalog import FollowGraph, PostCatalog

@@ -22,7 +22,7 @@ from serving.scorers import (AuthorDiversityScorer, FeedbackFatigueScorer, Heavy
                              OriginalBoostScorer, PolicyDemotionScorer, RecencyScorer)
 from serving.selectors import ChronologicalSelector, RerankSelector, TopKSelector
 from serving.side_effects import ExposureLogSideEffect, SeenSideEffect
-from serving.sources import (AdSource, AnnSource, CachedRankingSource, DebugPostSource, FollowGraphSource,
+from serving.candidate_sources import (AdSource, AnnSource, CachedRankingSource, DebugPostSource, FollowGraphSource,
                              TrendingSource)
 
 FILTERS = [OwnPostFilter(), HiddenFilter(), PreviouslySeenFilter(), PolicyFilter()]

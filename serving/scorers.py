@@ -42,7 +42,7 @@ class HeavyRankerScorer(Scorer):
     writes = ("heads", "score")
 
     def score(self, query: Query, ctx: FunnelContext, cands: Candidates) -> None:
-        from serving.models import score_heavy
+        from serving.model_loader import score_heavy
 
         models = ctx.models
         model = models.heavy

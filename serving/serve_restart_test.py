@@ -67,7 +67,7 @@ def test_workers_survive_a_redis_restart_and_a_kill(served_world, tmp_path):
 
         stack.down(cfg)
         stack.up(cfg)
-        from features.client import redis_client
+        from features.connection import redis_client
 
         redis_client(cfg).delete(SERVING_CLOCK)  # as a restart without persistence would leave it
         workers = [c for c in psutil.Process(proc.pid).children() if "serve" in " ".join(c.cmdline())]

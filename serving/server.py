@@ -103,7 +103,7 @@ class Server:
         from grpc_reflection.v1alpha import reflection
 
         from serving.ab_tests import Experiments
-        from serving.models import ModelLoader
+        from serving.model_loader import ModelLoader
 
         torch.set_num_threads(1)
         faiss.omp_set_num_threads(1)

@@ -14,7 +14,7 @@ from core.events import parse_event
 from core.schema import HEAD_NAMES, HEAVY_NAMES
 from features.snapshots import SnapshotStore
 from serving.conftest import token
-from serving.models import score_heavy
+from serving.model_loader import score_heavy
 from serving.protos import pb
 
 pytestmark = pytest.mark.slow
@@ -35,7 +35,7 @@ def _feed(stub, serving, user: int, feed=pb.HOME, cursor: str = "", limit: int =
 def _embed(serving, post_id: int) -> None:
     """The feature job's new-post path on the logged PostPublished: post tower -> Feast + index delta."""
     from features import realtime as rt
-    from features.client import FeatureWriter
+    from features.writer import FeatureWriter
     from features.feast_repo import apply
     from jobs.feature_job import PostEmbedder
 

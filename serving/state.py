@@ -3,7 +3,7 @@
 Read path per request (one Redis round trip): the fan-out candidate cache, the seen set,
 negative feedback, author affinity and the user's Feast rows (``user_topic``,
 ``user_embedding``). Everything about candidates is in memory (:mod:`serving.catalog`,
-:class:`features.client.PostStatsCache`). Redis failures never fail a request: a
+:class:`features.change_streams.PostStatsCache`). Redis failures never fail a request: a
 circuit breaker skips Redis for ``REDIS_RETRY_S`` after an error, the last good user
 features are reused, and the request is flagged degraded.
 """
@@ -150,10 +150,11 @@ def _ids(values: list[bytes]) -> np.ndarray:
 
 
 class ServingState:
-    """Shared by every request of one replica; models and indexes are swapped atomically by :mod:`serving.models`."""
+    """Shared by every request of one replica; models and indexes are swapped atomically by :mod:`serving.model_loader`."""
 
     def __init__(self, cfg: Config, clock: Callable[[], int] | None = None, bootstrap_dir: str | Path | None = None):
-        from features.client import OnlineStoreReader, PostStatsCache
+        from features.change_streams import PostStatsCache
+        from features.online_store import OnlineStoreReader
         from features.eventlog import open_configured_event_log
         from features.feast_repo import apply
         from features.snapshots import SnapshotStore
@@ -172,7 +173,7 @@ class ServingState:
         self.topic_trend = np.zeros(N_TOPICS, dtype=np.float32)
         self.events = open_configured_event_log(cfg)
         self.snapshots = SnapshotStore(cfg)
-        from features.client import redis_client
+        from features.connection import redis_client
 
         # blocking reads: own connection. From the start of the retained streams: changes made before this
         # replica started (after the bootstrap export) are replayed; applying one twice is a no-op.
@@ -183,8 +184,8 @@ class ServingState:
         self._recent = np.zeros(0, dtype=np.int64)
         self._recent_at: int | None = None
         self._recent_n = 0
-        self.models: Any = None  # serving.models.Models, set by the loader
-        self.loader: Any = None  # serving.models.ModelLoader
+        self.models: Any = None  # serving.model_loader.Models, set by the loader
+        self.loader: Any = None  # serving.model_loader.ModelLoader
         self.fanout = self.redis.client.register_script(FANOUT_LUA)
         self.signal_check = self.redis.client.register_script(SIGNAL_CHECK_LUA)
         self._stop = threading.Event()

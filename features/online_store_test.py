@@ -5,7 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from features.client import FeatureWriter, OnlineStoreReader, redis_client
+from features.connection import redis_client
+
+from features.online_store import OnlineStoreReader
+
+from features.writer import FeatureWriter
 from features.feast_repo import apply
 from runtime import stack
 
@@ -39,7 +43,7 @@ def test_reader_and_writer_match_get_online_features(cfg):
 def test_hand_encoded_values_are_byte_identical_to_protobuf():
     from feast.protos.feast.types.Value_pb2 import FloatList, Value
 
-    from features.client import encode_values
+    from features.online_store import encode_values
 
     ints = [0, 1, 127, 128, 300, 2**40 + 5, 2**63 - 1, -1, -(2**63)]
     assert encode_values("i", np.array(ints)) == [Value(int64_val=v).SerializeToString() for v in ints]

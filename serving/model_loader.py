@@ -20,7 +20,7 @@ import numpy as np
 
 from core.config import Config
 
-log = logging.getLogger("feedrank.serving.models")
+log = logging.getLogger("feedrank.serving.model_loader")
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ class ModelLoader:
         return self.models
 
     def _start_delta(self, version: str) -> None:
-        from features.client import IndexDeltaFollower
+        from features.change_streams import IndexDeltaFollower
 
         self.delta = IndexDeltaFollower(self.cfg, _DeltaSink(self), version)
 
