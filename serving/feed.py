@@ -14,8 +14,6 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
-
 import numpy as np
 
 from core.config import Config

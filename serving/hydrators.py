@@ -84,7 +84,6 @@ class HeavyFeatureHydrator(FeatureHydrator):
     def hydrate(self, query: Query, ctx: FunnelContext, cands: Candidates) -> None:
         u, cat = query.user, ctx.catalog
         ids = cands.ids
-        n = ids.size
         s = _stats(ctx, ids)
         ue = u.embedding if u.embedding is not None else np.zeros(cat.emb.shape[1], dtype=np.float32)
         extra = vectors.heavy_extra(
