@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from features.eventlog import INPROGRESS_DIR, RS, SEGMENTS_DIR, EventLogError, FileEventLog
+from features.eventlog import RS, EventLogError
+
+from features.eventlog_file import INPROGRESS_DIR, SEGMENTS_DIR, FileEventLog
 from core.events import Action, Engagement
 
 TS = 1_767_571_200_000
@@ -50,7 +52,7 @@ def _sealed(root: Path) -> tuple[list[str], int]:
 # append_many returned (acknowledged), exactly what a serving worker answers OK after.
 WRITER = r"""
 import random, sys, threading
-from features.eventlog import FileEventLog
+from features.eventlog_file import FileEventLog
 from features.eventlog_durability_test import engagement_events
 log = FileEventLog(sys.argv[1], rotate_ms=int(sys.argv[2]), rotate_events=5000)
 out = threading.Lock()

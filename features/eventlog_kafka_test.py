@@ -8,7 +8,11 @@ from collections import Counter
 
 import pytest
 
-from features.eventlog import EventLogError, FileEventLog, KafkaEventLog, open_event_log, read_all
+from features.eventlog import EventLogError, open_event_log, read_all
+
+from features.eventlog_file import FileEventLog
+
+from features.eventlog_kafka import KafkaEventLog
 from runtime import stack
 from core.services import free_port
 from sim.eventgen import synthetic_events

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from features.eventlog import FileEventLog, open_event_log, read_all
+from features.eventlog import open_event_log, read_all
+
+from features.eventlog_file import FileEventLog
 from core.events import Engagement, InvalidEvent
 from sim.eventgen import synthetic_events
 
@@ -74,7 +76,7 @@ def test_crashed_writer_is_recovered_without_loss(tmp_path: Path):
     """A writer killed after sync() loses nothing: the next writer seals its file."""
     code = (
         "import os, time, sys\n"
-        "from features.eventlog import FileEventLog\n"
+        "from features.eventlog_file import FileEventLog\n"
         "from sim.eventgen import synthetic_events\n"
         f"log = FileEventLog({str(tmp_path)!r}, rotate_ms=600000)\n"
         "log.append_many(synthetic_events(777, seed=3))\n"

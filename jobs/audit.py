@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from core.config import Config
+from core.units import HOUR_MS
 
 
 def validate_line(line: str) -> tuple[str, str, str]:
@@ -32,7 +33,7 @@ def validate_line(line: str) -> tuple[str, str, str]:
         return eid, "invalid", e.reason
 
 
-DEDUP_RETENTION_MS = 3_600_000  # an event_id is remembered this long
+DEDUP_RETENTION_MS = HOUR_MS  # an event_id is remembered this long
 SUMMARY_EVERY = 5000  # events between two summaries (also emitted every 500 ms of processing time)
 
 

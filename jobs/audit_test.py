@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from features.eventlog import FileEventLog
+from features.eventlog_file import FileEventLog
 from jobs.audit import run_embedded, validate_line
 
 pytestmark = [pytest.mark.flink, pytest.mark.slow]

@@ -17,7 +17,8 @@ import pytest
 from features.online_store import FeatureClient
 
 from features.progress import read_progress
-from features.eventlog import KafkaEventLog, open_configured_event_log
+from features.eventlog import open_configured_event_log
+from features.eventlog_kafka import KafkaEventLog
 from core.events import Followed, PostPublished
 from jobs import flinkenv
 from runtime import stack

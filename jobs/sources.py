@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from core.config import Config
-from features.eventlog import SEGMENTS_DIR
+from features.eventlog_file import SEGMENTS_DIR
 
 
 class MissingConnector(RuntimeError):
@@ -66,7 +66,7 @@ def event_records(env: Any, cfg: Config, name: str = "events", job: str = "event
     kafka://: Flink's KafkaSource from the earliest offset (a restored checkpoint's offsets win),
     offsets committed to the group ``feedrank-<job>`` on every checkpoint (for lag monitoring),
     and watermarks per partition from the message timestamps (each bundle's latest event time:
-    ``features.eventlog.KafkaEventLog``), bounded by ``streaming.out_of_orderness_ms``. Idle
+    ``features.eventlog_kafka.KafkaEventLog``), bounded by ``streaming.out_of_orderness_ms``. Idle
     partitions hold the watermark back unless ``events.kafka_source_idle_ms`` > 0.
     """
     from pyflink.common import Duration, Types, WatermarkStrategy

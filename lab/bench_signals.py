@@ -78,7 +78,7 @@ def bench_event_log(root: Path, threads: tuple[int, ...] = (1, 8, 32), seconds: 
                     fsync: bool = True, log_class: Any = None) -> list[dict[str, Any]]:
     """Appends of ``per_call`` events from each of ``threads`` threads, closed loop, on a fresh log
     per level. ``log_class`` swaps the implementation (an older FileEventLog, for before/after)."""
-    from features.eventlog import FileEventLog
+    from features.eventlog_file import FileEventLog
     from core.events import Action, Engagement
 
     cls = log_class or FileEventLog
@@ -195,7 +195,8 @@ def bench_signals(cfg: Config, scale: str = "small", concurrency: tuple[int, ...
             "grpc": levels, "accepted_total": accepted[1]}
     uri = bcfg.resolve_uri(bcfg.events.uri)
     if uri.startswith("file://"):  # the server closed (sealed) its log: what it accepted must all be there
-        from features.eventlog import FileEventLog, read_all
+        from features.eventlog import read_all
+        from features.eventlog_file import FileEventLog
 
         log = FileEventLog(uri[len("file://"):])  # also seals a worker's file the terminate left behind
         result["events_in_log"] = len(read_all(log.reader(), idle_s=0.5))  # == accepted_total

@@ -420,7 +420,7 @@ def _collect(cfg: Config, run: dict[str, Any], meta: dict, seconds: float) -> di
 def _event_log_figures(cfg: Config) -> dict[str, Any]:
     """The transport, and on Kafka what the broker itself records: messages in the topic and how far
     each Flink job's consumer group has committed (on its checkpoints)."""
-    from features.eventlog import topic_offsets
+    from features.eventlog_kafka import topic_offsets
     from jobs.sources import kafka_group
 
     uri = cfg.events.uri

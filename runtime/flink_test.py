@@ -147,7 +147,8 @@ def test_readme_flink_commands_as_a_user_types_them(make_cfg, tmp_path):
     import numpy as np
 
     from features.online_store import FeatureClient
-    from features.eventlog import KafkaEventLog, open_configured_event_log
+    from features.eventlog import open_configured_event_log
+    from features.eventlog_kafka import KafkaEventLog
     from core.schema import HEAVY_FEATURES
     from core.services import free_port
     from jobs.feature_job_test import T, exposure_event

@@ -145,7 +145,7 @@ def kafka_service(cfg: Config) -> Service:
     def health() -> bool:
         from confluent_kafka.admin import AdminClient
 
-        from features.eventlog import KAFKA_LOG
+        from features.eventlog_kafka import KAFKA_LOG
 
         md = AdminClient({"bootstrap.servers": f"{host}:{port}"}, logger=KAFKA_LOG).list_topics(timeout=1.0)
         return bool(md.brokers)
@@ -169,7 +169,13 @@ class KafkaService(Service):
                                f"process feedrank did not start; set FEEDRANK_KAFKA_CONTROLLER_PORT")
         if self.pid() is None:
             format_storage(self.cfg)
-        return super().start()
+        try:
+            return super().start()
+        except ServiceError as e:  # the broker logs through log4j2 to its own file: say what it said
+            server_log = self.log_dir / "kafka-server.log"
+            lines = server_log.read_text(errors="replace").splitlines() if server_log.exists() else []
+            why = [ln for ln in lines if " ERROR " in ln or "Exception" in ln][-5:] or lines[-5:]
+            raise ServiceError(f"{e} {server_log}: {' | '.join(why)[-1500:]}") from None
 
 
 def tool_argv(cfg: Config, tool: str, *args: str) -> list[str]:

@@ -108,14 +108,14 @@ def up(cfg: Config) -> list[tuple[str, str]]:
         results.append((svc.name, svc.start()))
     uri = cfg.resolve_uri(cfg.events.uri)
     if uri.startswith("file://"):
-        from features.eventlog import FileEventLog
+        from features.eventlog_file import FileEventLog
 
         log = FileEventLog(uri[len("file://"):])  # creates the layout and seals orphans
         recovered = log.recover()
         log.close()
         results.append(("event-log", f"ready at {uri}" + (f" (sealed {recovered} orphaned segments)" if recovered else "")))
     else:
-        from features.eventlog import ensure_topic
+        from features.eventlog_kafka import ensure_topic
 
         u = urlparse(uri)
         ensure_topic(f"{u.hostname}:{u.port}", u.path.strip("/"), cfg.events.kafka_partitions,

@@ -70,7 +70,8 @@ def _metric(server, name: str, labels: dict[str, str] | None = None) -> float:
 
 
 def _read_topic(cfg) -> list[dict]:
-    from features.eventlog import KafkaEventLog, read_all
+    from features.eventlog import read_all
+    from features.eventlog_kafka import KafkaEventLog
 
     reader = KafkaEventLog(cfg.events.uri, create_topic=False).reader()
     try:

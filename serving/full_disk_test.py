@@ -11,7 +11,9 @@ from pathlib import Path
 
 import grpc
 
-from features.eventlog import FileEventLog, read_all
+from features.eventlog import read_all
+
+from features.eventlog_file import FileEventLog
 from core.events import parse_event
 from serving.conftest import running_server, token
 from serving.protos import pb, rpc

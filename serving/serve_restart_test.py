@@ -94,7 +94,9 @@ def test_a_worker_killed_in_a_burst_loses_no_acknowledged_signal(served_world, t
     file is sealed by the surviving worker)."""
     import threading
 
-    from features.eventlog import FileEventLog, read_all
+    from features.eventlog import read_all
+
+    from features.eventlog_file import FileEventLog
     from core.events import parse_event
 
     port = free_port()

@@ -8,7 +8,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from features.eventlog import FileEventLog, read_all
+from features.eventlog import read_all
+
+from features.eventlog_file import FileEventLog
 from core.events import PostPublished, parse_event
 from sim.chronological import ChronologicalFeed
 from sim.clients import Population, SimClock
