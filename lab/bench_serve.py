@@ -34,6 +34,7 @@ from typing import Any, Callable
 import numpy as np
 
 from core.config import Config
+from runtime.procs import tail
 
 Step = Callable[[str, float], None]
 
@@ -336,7 +337,8 @@ def serving_stack(cfg: Config, scale: str, workers: int = 0, step: Step | None =
         mports = [mport + i for i in range(n_workers)]
         while True:  # every worker must be up: each serves its own metrics endpoint once SERVING
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited ({proc.returncode}); see {bcfg.data_dir / 'serve.log'}")
+                raise RuntimeError(f"server exited ({proc.returncode}); the end of {bcfg.data_dir / 'serve.log'}:\n"
+                                   f"{tail(bcfg.data_dir / 'serve.log')}")
             try:
                 h = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
                 if h.status == health_pb2.HealthCheckResponse.SERVING:

@@ -214,7 +214,8 @@ class ProcessGroup:
     def check(self) -> None:
         for name, p in self.procs.items():
             if p.poll() is not None:
-                raise RuntimeError(f"{name} exited ({p.returncode}); see {self.log_dir / (name + '.log')}")
+                log = self.log_dir / (name + ".log")
+                raise RuntimeError(f"{name} exited ({p.returncode}); the end of {log}:\n{tail(log)}")
 
     def stop(self) -> None:
         for p in self.procs.values():  # SIGINT first: the jobs cancel themselves cleanly
