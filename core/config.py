@@ -124,6 +124,22 @@ class Flink(_Section):
     task_cancellation_timeout_s: PosFloat
 
 
+class Lake(_Section):
+    uri: str
+    partition_commit_delay_s: NonNegInt
+    negatives_per_positive: PosFloat
+    attribution_window_s: PosInt
+    validation_fraction: Fraction
+    interest_days: PosInt
+
+    @field_validator("uri")
+    @classmethod
+    def _lake_uri(cls, v: str) -> str:
+        if not v.startswith("file://") or not v[len("file://"):]:
+            raise ValueError("must be file://<dir> (e.g. file://var/lake)")
+        return v
+
+
 class ModelStore(_Section):
     uri: str
     retention_hours: PosFloat
@@ -352,6 +368,7 @@ class Config(_Section):
     kafka: Kafka
     flink: Flink
     model_store: ModelStore
+    lake: Lake
     candidates: Candidates
     retrieval: Retrieval
     training: Training

@@ -8,6 +8,7 @@ malformed event is rejected once, at the edge, with a reason a person can act on
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from enum import Enum
@@ -142,6 +143,42 @@ class Exposure(BaseEvent):
     snapshot_id: str | None = None
 
 
+class FeaturesServed(BaseEvent):
+    """The exact feature rows the heavy ranker scored for one served page, logged with its exposures (one
+    append): training reads what was served, never features recomputed later. ``rows`` is base64 of
+    float32 little-endian, row-major, ``len(post_ids) x n_features``, in the order of ``feature_schema``
+    (its :func:`core.schema.schema_hash`). The exposures carry ``snapshot_id``."""
+
+    type: Literal["features_served"] = "features_served"
+    request_id: Annotated[str, Field(min_length=1, max_length=128)]
+    snapshot_id: Annotated[str, Field(min_length=1, max_length=160)]
+    user_id: Id
+    post_ids: Annotated[list[Id], Field(min_length=1, max_length=1_000)]
+    feature_schema: Annotated[str, Field(min_length=1, max_length=64)]
+    n_features: Annotated[int, Field(ge=1, le=10_000)]
+    rows: Annotated[str, Field(max_length=16_000_000)]
+
+    @model_validator(mode="after")
+    def _shape(self) -> "FeaturesServed":
+        if len(self.rows) != 4 * ((4 * len(self.post_ids) * self.n_features + 2) // 3):
+            raise ValueError(f"rows: {len(self.rows)} base64 characters is not {len(self.post_ids)} x {self.n_features} float32")
+        return self
+
+    @staticmethod
+    def encode_rows(x: Any) -> str:
+        import numpy as np
+
+        return base64.b64encode(np.ascontiguousarray(x, dtype="<f4").tobytes()).decode("ascii")
+
+    @staticmethod
+    def decode_rows(rows: str | bytes, n_features: int) -> Any:
+        """The float32 matrix of ``rows`` (base64 text, or the lake's raw bytes)."""
+        import numpy as np
+
+        raw = base64.b64decode(rows) if isinstance(rows, str) else rows
+        return np.frombuffer(raw, dtype="<f4").reshape(-1, n_features)
+
+
 _DWELL = Action.DWELL.value
 
 
@@ -183,10 +220,11 @@ class Feedback(BaseEvent):
 
 
 Event = Annotated[
-    Union[PostPublished, Followed, Unfollowed, Exposure, Engagement, Feedback], Field(discriminator="type")
+    Union[PostPublished, Followed, Unfollowed, Exposure, Engagement, Feedback, FeaturesServed], Field(discriminator="type")
 ]
 EVENT_TYPES: dict[str, type[BaseEvent]] = {
-    c.model_fields["type"].default: c for c in (PostPublished, Followed, Unfollowed, Exposure, Engagement, Feedback)
+    c.model_fields["type"].default: c
+    for c in (PostPublished, Followed, Unfollowed, Exposure, Engagement, Feedback, FeaturesServed)
 }
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(Event)
 

@@ -50,9 +50,17 @@ def compact(line: str) -> Compact | str:
         return e.reason
 
 
+#: event types the real-time features do not read (the served feature rows: for the lake and training)
+SKIPPED = frozenset({"features_served"})
+_SKIP_MARKS = tuple(f'"type":"{t}"' for t in SKIPPED)
+
+
 def compact_many(lines: list[str]) -> list[Compact | str]:
-    """:func:`compact` of a bundle's events, validated together (core.events.parse_events)."""
-    return [ev.reason if isinstance(ev, InvalidEvent) else compact_event(ev) for ev in parse_events(lines)]
+    """:func:`compact` of a bundle's events, validated together (core.events.parse_events); events of
+    the :data:`SKIPPED` types are left out (before validation when written canonically: they are large)."""
+    lines = [ln for ln in lines if not any(m in ln for m in _SKIP_MARKS)]
+    return [ev.reason if isinstance(ev, InvalidEvent) else compact_event(ev) for ev in parse_events(lines)
+            if isinstance(ev, InvalidEvent) or ev.type not in SKIPPED]
 
 
 def compact_event(ev: Any) -> Compact:

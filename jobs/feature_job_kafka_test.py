@@ -29,10 +29,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.flink, pytest.mark.kafka]
 POST_COLS = [f"post_stats:{n}" for n in ("impressions", "clicks", "likes", "negatives", "long_dwells", "clicks_1h")]
 
 
-def _start_job(env: dict[str, str], log: Path) -> subprocess.Popen:
-    """`feedrank jobs run features` as a user starts it: its own process (and gateway JVM)."""
+def _start_job(env: dict[str, str], log: Path, job: str = "features") -> subprocess.Popen:
+    """`feedrank jobs run <job>` as a user starts it: its own process (and gateway JVM)."""
     out = open(log, "ab")
-    return subprocess.Popen([sys.executable, "-m", "feedrank.cli", "jobs", "run", "features"], env=env, stdout=out,
+    return subprocess.Popen([sys.executable, "-m", "feedrank.cli", "jobs", "run", job], env=env, stdout=out,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
 
 

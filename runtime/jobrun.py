@@ -21,7 +21,7 @@ class JobRunError(RuntimeError):
 
 def run_streaming_job(cfg: Config, job: str, seconds: float, resume: bool = True,
                       say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the ``features`` or ``learner`` job on a local MiniCluster until ``seconds`` pass (0: until
+    """Run the ``features``, ``learner`` or ``lake`` job on a local MiniCluster until ``seconds`` pass (0: until
     Ctrl-C) and return its progress; ``say`` gets the status lines. Raises JobRunError when the job
     cannot start, fails, or ends by itself (a streaming job never should)."""
     from features.progress import read_progress
@@ -45,8 +45,9 @@ def run_streaming_job(cfg: Config, job: str, seconds: float, resume: bool = True
     except (ServiceError, RuntimeError) as e:
         raise JobRunError(str(e)) from None
     say(f"{job} job submitted to a local MiniCluster (JVM log in {os.environ['FLINK_LOG_DIR']}); Ctrl-C stops it")
-    keys = (("post_events", "user_events", "topic_events", "dedupe_duplicates", "dedupe_invalid") if job == "features"
-            else ("examples", "steps", "promoted", "rejected", "rolled_back", "current"))
+    keys = {"features": ("post_events", "user_events", "topic_events", "dedupe_duplicates", "dedupe_invalid"),
+            "lake": ("exposures", "engagements", "features_served", "posts", "follows", "feedback", "invalid")}.get(
+        job, ("examples", "steps", "promoted", "rejected", "rolled_back", "current"))
     t0 = time.monotonic()
     failed: str | None = None
     started = False

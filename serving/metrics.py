@@ -46,6 +46,9 @@ class Metrics:
         self.exposures_unlogged = Counter("feedrank_exposures_unlogged_total",
                                           "Exposure events not written after every retry (or not queued)",
                                           registry=r)
+        self.exposures_without_features = Counter(
+            "feedrank_exposures_without_features_total",
+            "Exposures logged without their served feature rows (pages ranked without the heavy ranker)", registry=r)
         self._versions: dict[str, str] = {}
 
     def set_models(self, versions: dict[str, str]) -> None:

@@ -15,10 +15,12 @@ import logging
 import queue
 import threading
 import time
+from typing import Any
 
 from features.eventlog import EventLogError
 from serving.components import Candidates, FunnelContext, Query, SideEffect
 from serving.metrics import Metrics
+from serving.side_effects import ExposureLogSideEffect
 
 log = logging.getLogger("feedrank.serving.side_effects")
 
@@ -46,11 +48,11 @@ class SideEffectWorker:
                   reason, exc_info=exc_info,
                   extra={"fields": {"request_id": query.request_id, "user_id": query.user_id, effect.unit: len(page)}})
 
-    def _apply(self, effect: SideEffect, query: Query, page: Candidates) -> int:
+    def _apply(self, effect: SideEffect, query: Query, page: Candidates) -> tuple[int, Any]:
         payload = effect.prepare(query, self.ctx, page)
         for attempt in range(1, self.attempts + 1):
             try:
-                return effect.apply(self.ctx, payload)
+                return effect.apply(self.ctx, payload), payload
             except effect.retry_on as e:
                 if attempt >= self.attempts:
                     raise
@@ -69,9 +71,11 @@ class SideEffectWorker:
                 return
             effect, query, page = item
             try:
-                n = self._apply(effect, query, page)
+                n, payload = self._apply(effect, query, page)
                 if effect.unit == "exposures":
                     self.metrics.exposures.inc(n)
+                    if isinstance(effect, ExposureLogSideEffect) and (missing := effect.without_features(payload)):
+                        self.metrics.exposures_without_features.inc(missing)
             except EventLogError as e:
                 self.metrics.event_log_errors.labels("GetFeed").inc()
                 self._lost(effect, query, page, f"event log unavailable after {self.attempts} attempts: {e}")

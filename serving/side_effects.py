@@ -6,14 +6,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from core.events import Exposure, FeedType, Source
+from core.events import BaseEvent, Exposure, FeaturesServed, FeedType, Source
+from core.schema import HEAVY_FEATURES, schema_hash
 from features.eventlog import EventLogError
 from serving.components import SOURCE_NAMES, Candidates, FunnelContext, Query, SideEffect
 
+HEAVY_SCHEMA_HASH = schema_hash(HEAVY_FEATURES)
+
 
 class ExposureLogSideEffect(SideEffect):
-    """Every served item -> an Exposure event (position, source, model version, experiments) carrying the id
-    of a snapshot of the exact feature rows the heavy ranker scored, stored for the online learner.
+    """Every served item -> an Exposure event (position, source, model version, experiments), and the exact
+    feature rows the heavy ranker scored -> one FeaturesServed event, appended together (the served-data lake
+    keeps both; training never recomputes features). The rows also go to a Redis snapshot for the online
+    learner; the exposures carry its id. A page served without rows (a degraded ranking) is counted in
+    ``feedrank_exposures_without_features_total``.
 
     The events are built once (``prepare``) and an :class:`EventLogError` append is retried by the worker
     with the same events (same event ids, so a consumer drops a copy that did land), at most
@@ -25,28 +31,38 @@ class ExposureLogSideEffect(SideEffect):
     retry_on = (EventLogError,)
     unit = "exposures"
 
-    def prepare(self, query: Query, ctx: FunnelContext, page: Candidates) -> list[Exposure]:
+    def prepare(self, query: Query, ctx: FunnelContext, page: Candidates) -> list[BaseEvent]:
         if not len(page):
             return []
         snapshot_id = None
+        events: list[BaseEvent] = []
         if "x" in page:
             snapshot_id = f"{query.request_id}:{int(page['position'][0])}"
+            events.append(FeaturesServed(request_id=query.request_id, snapshot_id=snapshot_id, user_id=query.user_id,
+                                         post_ids=page.ids.tolist(), feature_schema=HEAVY_SCHEMA_HASH,
+                                         n_features=int(page["x"].shape[1]), rows=FeaturesServed.encode_rows(page["x"]),
+                                         ts=query.now_ms))
             try:
                 ctx.redis.run(lambda r: ctx.snapshots.put(snapshot_id, page.ids, page["x"]))
-            except Exception:  # noqa: BLE001 - exposures are logged even when snapshots cannot be stored
-                snapshot_id = None
+            except Exception:  # noqa: BLE001 - the rows are in the event log; the online learner skips this page
+                pass
         authors = ctx.catalog.author[page.ids]
-        return [
+        return events + [
             Exposure(request_id=query.request_id, user_id=query.user_id, post_id=int(p), author_id=int(a),
                      position=int(pos), feed_type=FeedType(query.feed_type), source=Source(SOURCE_NAMES[int(s)]),
                      model_version=query.model_version, experiments=query.experiments, snapshot_id=snapshot_id,
                      ts=query.now_ms)
             for p, a, pos, s in zip(page.ids.tolist(), authors.tolist(), page["position"].tolist(), page.source.tolist())]
 
-    def apply(self, ctx: FunnelContext, payload: list[Exposure]) -> int:
+    def apply(self, ctx: FunnelContext, payload: list[BaseEvent]) -> int:
         if payload:
             ctx.events.append_many(payload)
-        return len(payload)
+        return sum(1 for e in payload if isinstance(e, Exposure))
+
+    @staticmethod
+    def without_features(payload: list[BaseEvent]) -> int:
+        """Exposures of the payload whose feature rows are not logged."""
+        return sum(1 for e in payload if isinstance(e, Exposure) and e.snapshot_id is None)
 
 
 class SeenSideEffect(SideEffect):

@@ -91,17 +91,18 @@ def token(user_id: int, admin: bool = typer.Option(False), ttl_s: float = typer.
 
 @jobs_app.command("run")
 def jobs_run(
-    job: str = typer.Argument(..., help="audit | features | learner"),
+    job: str = typer.Argument(..., help="audit | features | learner | lake"),
     expect: int = typer.Option(None, help="audit: stop after this many events (default: when idle); "
                                           "exit 1 if fewer arrive"),
     idle: float = typer.Option(10.0, help="audit: stop after this many seconds without new events, counted "
                                           "from the job's first output (until then: flink.startup_timeout_s)"),
-    seconds: float = typer.Option(0.0, help="features/learner: stop after this long (0 = until Ctrl-C)"),
-    fresh: bool = typer.Option(False, "--fresh", help="features/learner: ignore retained checkpoints and start from "
+    seconds: float = typer.Option(0.0, help="features/learner/lake: stop after this long (0 = until Ctrl-C)"),
+    fresh: bool = typer.Option(False, "--fresh", help="features/learner/lake: ignore retained checkpoints and start from "
                                                       "the beginning of the event log"),
 ) -> None:
     """Run a PyFlink job embedded (local MiniCluster, thread mode).
 
+    lake archives the event log as Parquet under lake.uri (features/lake.py: the tables).
     audit prints its counts as JSON; it exits 1 (one line, no JSON) when it read no event within
     flink.startup_timeout_s ("no events in <uri> within N s", or the job did not start) and when
     --expect events did not all arrive: 0 events is never a result. features and learner run until
@@ -110,7 +111,7 @@ def jobs_run(
     from core.services import ServiceError
 
     cfg = load_cfg()
-    if job in ("features", "learner"):
+    if job in ("features", "learner", "lake"):
         from runtime.jobrun import JobRunError, run_streaming_job
 
         try:
@@ -119,7 +120,7 @@ def jobs_run(
             fail(str(e))
         return
     if job != "audit":
-        fail(f"unknown job {job!r} (available: audit, features, learner)")
+        fail(f"unknown job {job!r} (available: audit, features, learner, lake)")
     from jobs.audit import run_embedded
 
     try:

@@ -1,0 +1,186 @@
+"""The served-data lake: what serving logged, as Parquet tables partitioned by event date and hour.
+
+Written by the lake job (``jobs/lake.py``, PyFlink) from the event log, read by the batch pipelines and
+training. Layout: ``<lake.uri>/<table>/dt=YYYY-MM-DD/hr=HH/part-*.parquet`` (UTC event time). Files
+appear complete (Flink commits them with its checkpoints; in-progress files start with ``.`` and are
+ignored). A producer's retry can log an event twice with one ``event_id``: readers drop the repeats
+(:func:`read_table` does). Each table's columns are declared once here, with their Flink SQL types;
+every table also has ``event_time`` (TIMESTAMP, for Feast's offline store) and the partition columns.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from core.config import Config
+
+PARTITIONS = ("dt", "hr")
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    sql: str  # Flink SQL type
+    doc: str
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    event_types: tuple[str, ...]  # the event types archived into it
+    columns: tuple[Column, ...]
+    doc: str
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+
+def _c(name: str, sql: str, doc: str) -> Column:
+    return Column(name, sql, doc)
+
+
+_ID = (_c("event_id", "STRING", "unique per event; repeats are producer retries"),
+       _c("ts", "BIGINT", "event time, epoch ms"))
+
+TABLES: dict[str, Table] = {t.name: t for t in (
+    Table("exposures", ("exposure",), _ID + (
+        _c("request_id", "STRING", "the GetFeed request that served it"),
+        _c("user_id", "BIGINT", ""), _c("post_id", "BIGINT", ""), _c("author_id", "BIGINT", "null if unknown"),
+        _c("position", "INT", "1-based position on the feed (across pages)"),
+        _c("feed_type", "STRING", "home | explore | following"),
+        _c("source", "STRING", "in_network | out_of_network | ad | trending"),
+        _c("model_version", "STRING", "heavy ranker version that scored it"),
+        _c("experiments", "STRING", "JSON object experiment -> variant"),
+        _c("snapshot_id", "STRING", "the features_served row with its feature vector; null if served without"),
+    ), "every item served, at its position"),
+    Table("engagements", ("engagement",), _ID + (
+        _c("user_id", "BIGINT", ""), _c("post_id", "BIGINT", ""),
+        _c("action", "STRING", "view | click | like | comment | share | dwell | hide | not_interested | see_less"),
+        _c("dwell_ms", "BIGINT", "dwell only"), _c("author_id", "BIGINT", ""), _c("position", "INT", "as the client saw it"),
+        _c("request_id", "STRING", ""),
+    ), "what users did with posts"),
+    Table("features_served", ("features_served",), _ID + (
+        _c("request_id", "STRING", ""), _c("snapshot_id", "STRING", "key of the exposures' snapshot_id"),
+        _c("user_id", "BIGINT", ""), _c("post_ids", "ARRAY<BIGINT>", "the page's posts, row order"),
+        _c("feature_schema", "STRING", "core.schema.schema_hash of the heavy features"),
+        _c("n_features", "INT", "columns per row"),
+        _c("rows", "BYTES", "float32 little-endian, row-major len(post_ids) x n_features: the exact served rows"),
+    ), "the feature rows the heavy ranker scored, one row per page"),
+    Table("posts", ("post_published",), _ID + (
+        _c("post_id", "BIGINT", ""), _c("author_id", "BIGINT", ""), _c("topic", "INT", ""),
+        _c("content_type", "STRING", "text | image | video"), _c("is_original", "BOOLEAN", ""),
+        _c("original_post_id", "BIGINT", "reposts only"), _c("policy_flagged", "BOOLEAN", ""), _c("text", "STRING", ""),
+    ), "published posts"),
+    Table("follows", ("followed", "unfollowed"), _ID + (
+        _c("user_id", "BIGINT", ""), _c("author_id", "BIGINT", ""), _c("followed", "BOOLEAN", "false: an unfollow"),
+    ), "follow-graph changes"),
+    Table("feedback", ("feedback",), _ID + (
+        _c("user_id", "BIGINT", ""), _c("action", "STRING", "hide | not_interested | see_less"),
+        _c("target", "STRING", "author | topic"), _c("author_id", "BIGINT", ""), _c("topic", "INT", ""),
+    ), "negative feedback on authors and topics (on posts: engagements)"),
+)}
+TABLE_OF_TYPE = {t: tab.name for tab in TABLES.values() for t in tab.event_types}
+
+
+def row_of(table: str, ev: Any) -> tuple:
+    """The table row (its declared columns, in order) of a validated event."""
+    if table == "exposures":
+        return (ev.event_id, ev.ts, ev.request_id, ev.user_id, ev.post_id, ev.author_id, ev.position, ev.feed_type,
+                ev.source, ev.model_version, json.dumps(ev.experiments, sort_keys=True), ev.snapshot_id)
+    if table == "engagements":
+        return (ev.event_id, ev.ts, ev.user_id, ev.post_id, ev.action, ev.dwell_ms, ev.author_id, ev.position, ev.request_id)
+    if table == "features_served":
+        import base64
+
+        return (ev.event_id, ev.ts, ev.request_id, ev.snapshot_id, ev.user_id, list(ev.post_ids), ev.feature_schema,
+                ev.n_features, base64.b64decode(ev.rows))
+    if table == "posts":
+        return (ev.event_id, ev.ts, ev.post_id, ev.author_id, ev.topic, ev.content_type, ev.is_original,
+                ev.original_post_id, ev.policy_flagged, ev.text)
+    if table == "follows":
+        return (ev.event_id, ev.ts, ev.user_id, ev.author_id, ev.type == "followed")
+    if table == "feedback":
+        return (ev.event_id, ev.ts, ev.user_id, ev.action, ev.target, ev.author_id, ev.topic)
+    raise KeyError(table)
+
+
+def lake_dir(cfg: Config) -> Path:
+    return Path(cfg.resolve_uri(cfg.lake.uri)[len("file://"):])
+
+
+def partition(ts_ms: int) -> tuple[str, str]:
+    """(dt, hr) of an event time, UTC."""
+    t = dt.datetime.fromtimestamp(ts_ms / 1000, tz=dt.timezone.utc)
+    return t.strftime("%Y-%m-%d"), t.strftime("%H")
+
+
+def days(end: str, n: int) -> list[str]:
+    """The ``n`` dates ending with ``end`` (YYYY-MM-DD), oldest first."""
+    d = dt.date.fromisoformat(end)
+    return [(d - dt.timedelta(days=i)).isoformat() for i in range(n - 1, -1, -1)]
+
+
+def files(cfg: Config, table: str, dates: Iterable[str] | None = None) -> list[Path]:
+    """The committed Parquet files of ``table`` (of the given dates, else all), oldest partition first."""
+    root = lake_dir(cfg) / table
+    parts = [root / f"dt={d}" for d in dates] if dates is not None else sorted(root.glob("dt=*"))
+    return [f for p in parts for f in sorted(p.glob("hr=*/*")) if f.is_file() and not f.name.startswith((".", "_"))]
+
+
+def read_table(cfg: Config, table: str, dates: Iterable[str] | None = None, columns: list[str] | None = None,
+               where: Callable[[Any], Any] | None = None, unique: bool = True) -> Any:
+    """One table of the lake as a pyarrow Table, repeats of an event_id dropped (the first kept; ``unique``
+    False keeps them), with the partition columns; an empty table with the declared schema when nothing is
+    committed."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs = files(cfg, table, dates)
+    if not fs:
+        return empty(table, columns)
+    parts = []
+    for f in fs:
+        t = pq.read_table(f, columns=None if columns is None else sorted(set(columns) | {"event_id"}))
+        for k in PARTITIONS:  # from the path: dt=…/hr=…/part-…
+            v = next(p.name.split("=", 1)[1] for p in f.parents if p.name.startswith(f"{k}="))
+            t = t.append_column(k, pa.array([v] * t.num_rows, type=pa.string()))
+        parts.append(t)
+    t = pa.concat_tables(parts, promote_options="default")
+    if where is not None:
+        t = t.filter(where(t))
+    return dedupe(t) if unique else t
+
+
+def dedupe(t: Any) -> Any:
+    """Rows of the first occurrence of each event_id."""
+    import numpy as np
+    import pyarrow as pa
+
+    ids = t.column("event_id").to_numpy(zero_copy_only=False)
+    _, first = np.unique(ids, return_index=True)
+    return t.take(pa.array(np.sort(first))) if first.size < len(ids) else t
+
+
+def empty(table: str, columns: list[str] | None = None) -> Any:
+    import pyarrow as pa
+
+    types = {"STRING": pa.string(), "BIGINT": pa.int64(), "INT": pa.int32(), "BOOLEAN": pa.bool_(),
+             "BYTES": pa.binary(), "ARRAY<BIGINT>": pa.list_(pa.int64())}
+    cols = [c for c in TABLES[table].columns if columns is None or c.name in columns or c.name == "event_id"]
+    return pa.schema([(c.name, types[c.sql]) for c in cols]).empty_table()
+
+
+def describe() -> str:
+    """The lake's schema as Markdown (README "The lake")."""
+    out = []
+    for t in TABLES.values():
+        out.append(f"**{t.name}** ({', '.join(t.event_types)}): {t.doc}\n")
+        out.append("| column | type | |\n|---|---|---|")
+        out += [f"| `{c.name}` | {c.sql} | {c.doc} |" for c in t.columns]
+        out.append("| `event_time` | TIMESTAMP(3) | `ts` as a timestamp (UTC) |\n| `dt`, `hr` | partition | UTC date and hour of `ts` |\n")
+    return "\n".join(out)
