@@ -11,10 +11,22 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from core.events import NEGATIVE_ACTIONS
+
 N_TOPICS = 24
 N_CTYPES = 3
 EMB_DIM = 128
 HEAD_NAMES = ("click", "like", "comment", "share", "long_dwell", "negative")
+NEGATIVE_ACTION_NAMES = frozenset(a.value for a in NEGATIVE_ACTIONS)
+
+
+def head_labels(engagements: list[tuple[str, int, int]], long_dwell_ms: int) -> tuple[int, ...]:
+    """The six head labels (HEAD_NAMES order) of one exposure from its attributed (action, ts, dwell_ms)
+    engagements: the online learner and the batch training sets label with this one function."""
+    acts = {a for a, _, _ in engagements}
+    long_dwell = any(a == "dwell" and d >= long_dwell_ms for a, _, d in engagements)
+    return (int("click" in acts), int("like" in acts), int("comment" in acts), int("share" in acts),
+            int(long_dwell), int(bool(acts & NEGATIVE_ACTION_NAMES)))
 
 
 @dataclass(frozen=True)

@@ -146,6 +146,9 @@ def read_table(cfg: Config, table: str, dates: Iterable[str] | None = None, colu
     parts = []
     for f in fs:
         t = pq.read_table(f, columns=None if columns is None else sorted(set(columns) | {"event_id"}))
+        if "event_time" in t.column_names:  # Flink writes INT96 (read as ns), write_rows milliseconds
+            i = t.column_names.index("event_time")
+            t = t.set_column(i, "event_time", t.column(i).cast(pa.timestamp("ms")))
         for k in PARTITIONS:  # from the path: dt=…/hr=…/part-…
             v = next(p.name.split("=", 1)[1] for p in f.parents if p.name.startswith(f"{k}="))
             t = t.append_column(k, pa.array([v] * t.num_rows, type=pa.string()))
@@ -166,13 +169,46 @@ def dedupe(t: Any) -> Any:
     return t.take(pa.array(np.sort(first))) if first.size < len(ids) else t
 
 
-def empty(table: str, columns: list[str] | None = None) -> Any:
+def arrow_schema(table: str, columns: list[str] | None = None) -> Any:
+    """The table's columns (as the lake job writes them) as a pyarrow schema, ``event_time`` included."""
     import pyarrow as pa
 
     types = {"STRING": pa.string(), "BIGINT": pa.int64(), "INT": pa.int32(), "BOOLEAN": pa.bool_(),
              "BYTES": pa.binary(), "ARRAY<BIGINT>": pa.list_(pa.int64())}
-    cols = [c for c in TABLES[table].columns if columns is None or c.name in columns or c.name == "event_id"]
-    return pa.schema([(c.name, types[c.sql]) for c in cols]).empty_table()
+    cols = [(c.name, types[c.sql]) for c in TABLES[table].columns] + [("event_time", pa.timestamp("ms"))]
+    return pa.schema([c for c in cols if columns is None or c[0] in columns or c[0] == "event_id"])
+
+
+def empty(table: str, columns: list[str] | None = None) -> Any:
+    return arrow_schema(table, columns).empty_table()
+
+
+def write_rows(cfg: Config, table: str, rows: list[tuple], writer: str = "import") -> list[Path]:
+    """Append rows (:func:`row_of` tuples) to the lake as the lake job would: one new Parquet file per
+    (dt, hr) partition. For seeding the lake from another source (the simulator's history, an import);
+    the streaming path is the lake job."""
+    import uuid
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = TABLES[table].names
+    schema = arrow_schema(table)
+    by: dict[tuple[str, str], list[tuple]] = {}
+    for r in rows:
+        by.setdefault(partition(r[1]), []).append(r)
+    out = []
+    for (d, h), rs in sorted(by.items()):
+        cols = {n: [r[i] for r in rs] for i, n in enumerate(names)}
+        cols["event_time"] = [r[1] for r in rs]
+        part = lake_dir(cfg) / table / f"dt={d}" / f"hr={h}"
+        part.mkdir(parents=True, exist_ok=True)
+        f = part / f"part-{writer}-{uuid.uuid4().hex[:12]}.parquet"
+        tmp = part / f".{f.name}.inprogress"  # readers skip dot files: a file appears complete
+        pq.write_table(pa.table(cols, schema=schema), tmp, compression="snappy")
+        tmp.rename(f)
+        out.append(f)
+    return out
 
 
 def describe() -> str:

@@ -125,6 +125,7 @@ def sink_ddl(cfg: Config, table: str) -> str:
   'path' = '{(lake_dir(cfg) / table).as_uri()}',
   'format' = 'parquet',
   'parquet.compression' = 'SNAPPY',
+  'parquet.utc-timezone' = 'true',
   'sink.partition-commit.trigger' = 'process-time',
   'sink.partition-commit.delay' = '{cfg.lake.partition_commit_delay_s} s',
   'sink.partition-commit.policy.kind' = 'success-file'

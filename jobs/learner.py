@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from core.config import Config
+from core.schema import head_labels
 
 log = logging.getLogger("feedrank.jobs.learner")
 JOB = "learner"
@@ -57,15 +58,6 @@ def parse(line: str) -> tuple | None:
     if ev.type == "engagement":
         return (ENGAGEMENT, ev.event_id, ev.ts, ev.user_id, ev.post_id, ev.action, ev.dwell_ms or 0, 0, "", "")
     return None
-
-
-def labels(engagements: list[tuple[str, int, int]], long_dwell_ms: int) -> tuple[int, ...]:
-    """Six head labels (HEAD_NAMES order) from (action, ts, dwell_ms) engagements."""
-    acts = {a for a, _, _ in engagements}
-    long_dwell = any(a == "dwell" and d >= long_dwell_ms for a, _, d in engagements)
-    negative = bool(acts & {"hide", "not_interested", "see_less"})
-    return (int("click" in acts), int("like" in acts), int("comment" in acts), int("share" in acts),
-            int(long_dwell), int(negative))
 
 
 def _functions(cfg: Config) -> dict[str, Any]:
@@ -120,7 +112,7 @@ def _functions(cfg: Config) -> dict[str, Any]:
             user, post = (int(x) for x in key.split(":"))
             s["eng"] = [g for g in s["eng"] if g[1] > until]
             s["exp"] = None
-            return (user, post, ts, pos, snap, ver, labels(mine, cfg.heads.long_dwell_ms))
+            return (user, post, ts, pos, snap, ver, head_labels(mine, cfg.heads.long_dwell_ms))
 
         def on_timer(self, timestamp: int, ctx: Any):
             self._count("attr_timers")

@@ -6,6 +6,7 @@ from feedrank.cli import stack_commands  # noqa: F401  up, down, status, flink, 
 from feedrank.cli import sim_commands  # noqa: F401  sim
 from feedrank.cli import serve_commands  # noqa: F401  serve, token, jobs
 from feedrank.cli import model_commands  # noqa: F401  train, eval, models
+from feedrank.cli import batch_commands  # noqa: F401  batch
 from feedrank.cli import lab_commands  # noqa: F401  bench, demo
 from feedrank.cli.common import app
 

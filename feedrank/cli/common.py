@@ -33,6 +33,8 @@ app.add_typer(events_app, name="events")
 app.add_typer(models_app, name="models")
 app.add_typer(bench_app, name="bench")
 app.add_typer(feast_app, name="feast")
+batch_app = typer.Typer(help="Batch pipelines (Apache Beam) over the served-data lake.", no_args_is_help=True)
+app.add_typer(batch_app, name="batch")
 # soft_wrap: an error is one line however narrow the terminal (or its absence: 80 columns) is
 console = Console(stderr=True, soft_wrap=True)
 

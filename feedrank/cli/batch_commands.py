@@ -1,0 +1,57 @@
+"""`feedrank batch run training-set|features --date D`: the Apache Beam pipelines over the lake."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from typing import Optional
+
+import typer
+
+from feedrank.cli.common import batch_app, fail, load_cfg
+
+
+def window_days(window: str) -> int:
+    """'7d' or '7' -> 7."""
+    m = re.fullmatch(r"\s*(\d+)\s*d?\s*", window)
+    if not m or int(m.group(1)) < 1:
+        fail(f"--window {window!r}: a number of days, e.g. 7d")
+    return int(m.group(1))
+
+
+def lake_date(date: Optional[str]) -> str:
+    if date is None:
+        return (dt.datetime.now(dt.timezone.utc).date() - dt.timedelta(days=1)).isoformat()
+    try:
+        return dt.date.fromisoformat(date).isoformat()
+    except ValueError:
+        fail(f"--date {date!r}: expected YYYY-MM-DD")
+        raise
+
+
+@batch_app.command("run")
+def batch_run(
+    pipeline: str = typer.Argument(..., help="training-set | features"),
+    date: Optional[str] = typer.Option(None, help="The last day (UTC, YYYY-MM-DD) of the window; default yesterday"),
+    window: str = typer.Option("1d", help="Days of exposures ending with --date (training-set)"),
+    runner: str = typer.Option("DirectRunner", help="Beam runner: DirectRunner (local processes), FlinkRunner, DataflowRunner"),
+    workers: int = typer.Option(2, help="DirectRunner: worker processes"),
+    option: list[str] = typer.Option([], "--option", help="Extra Beam pipeline option, e.g. --option=--flink_master=localhost:8081"),
+) -> None:
+    """Run a batch pipeline over the lake (lake.uri) and print what it wrote as JSON."""
+    cfg = load_cfg()
+    d = lake_date(date)
+    if pipeline == "training-set":
+        from jobs.training_set import run
+
+        meta = run(cfg, d, window_days(window), runner=runner, workers=workers, extra_options=option)
+        if meta["counts"]["exposures"] == 0:
+            fail(f"no exposures in the lake for {', '.join(meta['dates'])} ({cfg.lake.uri}): is `feedrank jobs run lake` running?")
+        print(json.dumps(meta))
+    elif pipeline == "features":
+        from jobs.batch_features import run as run_features
+
+        print(json.dumps(run_features(cfg, d, runner=runner, workers=workers, extra_options=option)))
+    else:
+        fail(f"unknown pipeline {pipeline!r}: training-set | features")
