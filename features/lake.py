@@ -220,3 +220,38 @@ def describe() -> str:
         out += [f"| `{c.name}` | {c.sql} | {c.doc} |" for c in t.columns]
         out.append("| `event_time` | TIMESTAMP(3) | `ts` as a timestamp (UTC) |\n| `dt`, `hr` | partition | UTC date and hour of `ts` |\n")
     return "\n".join(out)
+
+
+def training_set_dir(cfg: Config, date: str, window_days: int) -> Path:
+    """Where ``feedrank batch run training-set --date D --window Nd`` writes (jobs/training_set.py)."""
+    return lake_dir(cfg) / "training_sets" / f"{date}-{window_days}d"
+
+
+def read_training_set(path: Path, split: str) -> dict[str, Any]:
+    """One split (train | validation) of a training set as arrays: ``x`` (the served rows), ``y`` (one column
+    per head), ``position``, ``weight``, ``t``, ``users``, ``posts``, and the ``feature_schema`` hashes found."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from core.schema import HEAD_NAMES
+
+    fs = sorted((path / split).glob("*.parquet"))
+    if not fs:
+        raise FileNotFoundError(f"no {split} split in {path}: run `feedrank batch run training-set` first")
+    t = pa.concat_tables([pq.read_table(f) for f in fs])
+    n = t.num_rows
+    flat = t.column("x").combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    return {"x": flat.reshape(n, -1) if n else np.zeros((0, 0), np.float32),
+            "y": np.stack([t.column(h).to_numpy().astype(np.float32) for h in HEAD_NAMES], axis=1),
+            "position": t.column("position").to_numpy().astype(np.int64), "weight": t.column("weight").to_numpy(),
+            "t": t.column("ts").to_numpy(), "users": t.column("user_id").to_numpy(), "posts": t.column("post_id").to_numpy(),
+            "feature_schema": sorted(set(t.column("feature_schema").to_pylist()))}
+
+
+def schema_hash() -> str:
+    """Hash of every table's columns and types: a model trained from the lake records it."""
+    import hashlib
+
+    text = "|".join(f"{t.name}:" + ",".join(f"{c.name}:{c.sql}" for c in t.columns) for t in TABLES.values())
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -46,9 +46,9 @@ def arrow_schema() -> Any:
 
 
 def out_dir(cfg: Config, date: str, window_days: int) -> Path:
-    from features.lake import lake_dir
+    from features.lake import training_set_dir
 
-    return lake_dir(cfg) / "training_sets" / f"{date}-{window_days}d"
+    return training_set_dir(cfg, date, window_days)
 
 
 class Attribute:

@@ -55,20 +55,23 @@ class LightRanker:
         return cls(z["w"], float(z["b"]), z["mean"], z["std"])
 
     @classmethod
-    def fit(cls, x: np.ndarray, y: np.ndarray, epochs: int = 30, l2: float = 1e-4, seed: int = 0) -> "LightRanker":
-        """Logistic regression by full-batch L-BFGS on standardised features."""
+    def fit(cls, x: np.ndarray, y: np.ndarray, epochs: int = 30, l2: float = 1e-4, seed: int = 0,
+            weight: np.ndarray | None = None) -> "LightRanker":
+        """Logistic regression by full-batch L-BFGS on standardised features; ``weight`` per example (e.g.
+        the inverse of a negative down-sampling rate) or None."""
         torch.manual_seed(seed)
         x = np.asarray(x, dtype=np.float32)
         mean, std = _standardize_stats(x)
         xt = torch.from_numpy((x - mean) / std)
         yt = torch.from_numpy(y.astype(np.float32))
+        wt = None if weight is None else torch.from_numpy(np.asarray(weight, dtype=np.float32) / float(np.mean(weight)))
         w = torch.zeros(x.shape[1], requires_grad=True)
         b = torch.zeros(1, requires_grad=True)
         opt = torch.optim.LBFGS([w, b], lr=0.5, max_iter=epochs, line_search_fn="strong_wolfe")
 
         def closure():
             opt.zero_grad()
-            loss = F.binary_cross_entropy_with_logits(xt @ w + b, yt) + l2 * (w * w).sum()
+            loss = F.binary_cross_entropy_with_logits(xt @ w + b, yt, weight=wt) + l2 * (w * w).sum()
             loss.backward()
             return loss
 
@@ -154,19 +157,22 @@ class HeavyRanker(nn.Module):
             return torch.sigmoid(self.position(torch.from_numpy(np.asarray(positions, dtype=np.int64)))).numpy().ravel()
 
 
-def _bce_from_logprob(logp: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy given log p (log1p(-p) computed stably)."""
+def _bce_from_logprob(logp: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    """Binary cross-entropy given log p (log1p(-p) computed stably), weighted per example if ``w``."""
     log1mp = torch.log1p(-torch.exp(torch.clamp(logp, max=-1e-6)))
-    return -(y * logp + (1 - y) * log1mp).mean()
+    loss = -(y * logp + (1 - y) * log1mp)
+    return (loss * w).mean() if w is not None else loss.mean()
 
 
 def train_heavy(model: HeavyRanker, x: np.ndarray, y: np.ndarray, position: np.ndarray, epochs: int = 3,
                 batch: int = 2048, lr: float = 2e-3, seed: int = 0, progress=None,
-                head_weights: np.ndarray | None = None) -> list[float]:
+                head_weights: np.ndarray | None = None, weight: np.ndarray | None = None) -> list[float]:
+    """Adam on the weighted sum of the heads' losses; ``weight`` per example (normalised to mean 1) or None."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.float32))
     pt = torch.from_numpy(np.asarray(position, dtype=np.int64))
+    wt = None if weight is None else torch.from_numpy(np.asarray(weight, dtype=np.float32) / float(np.mean(weight)))
     hw = torch.from_numpy(np.ones(len(HEAD_NAMES), dtype=np.float32) if head_weights is None else head_weights)
     # the position tower must travel several logits from its prior: give it its own step size
     pos_params = list(model.position.parameters()) if model.position is not None else []
@@ -182,7 +188,8 @@ def train_heavy(model: HeavyRanker, x: np.ndarray, y: np.ndarray, position: np.n
         for s in range(steps):
             idx = perm[s * batch: (s + 1) * batch]
             logp = model.training_logprobs(xt[idx], pt[idx])
-            loss = sum(hw[j] * _bce_from_logprob(logp[:, j], yt[idx, j]) for j in range(len(HEAD_NAMES)))
+            wi = None if wt is None else wt[idx]
+            loss = sum(hw[j] * _bce_from_logprob(logp[:, j], yt[idx, j], wi) for j in range(len(HEAD_NAMES)))
             opt.zero_grad()
             loss.backward()
             opt.step()

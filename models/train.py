@@ -114,7 +114,7 @@ def ranking_rows(data: SimData, model: TwoTower, post_emb: np.ndarray, rows: np.
 
 def fit_light(train: dict) -> LightRanker:
     n = len(LIGHT_FEATURES)
-    return LightRanker.fit(train["x"][:, :n], train["y"][:, 0])
+    return LightRanker.fit(train["x"][:, :n], train["y"][:, 0], weight=train.get("weight"))
 
 
 def heavy_input_mask(masked: list[str]) -> np.ndarray:
@@ -137,7 +137,7 @@ def fit_heavy(train: dict, position_aware: bool = True, epochs: int = 3, seed: i
     lo, hi = bounds(HEAVY_FEATURES)
     m.set_normalization(mean.astype(np.float32), np.where(std < 1e-6, 1.0, std).astype(np.float32), lo, hi)
     t0 = time.perf_counter()
-    losses = rankers.train_heavy(m, x, train["y"], train["position"], epochs=epochs, seed=seed,
+    losses = rankers.train_heavy(m, x, train["y"], train["position"], epochs=epochs, seed=seed, weight=train.get("weight"),
                                  progress=lambda f: progress("heavy" + ("" if position_aware else " (position-blind)"), f))
     return m, {"train_loss": [round(v, 4) for v in losses], "rows": int(x.shape[0]),
                "seconds": round(time.perf_counter() - t0, 1), "masked": list(masked or [])}

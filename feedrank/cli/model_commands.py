@@ -19,8 +19,14 @@ def train(
     data: Optional[Path] = typer.Option(None, help="Simulated world directory (default: var/sim/<scale>-<seed>)"),
     heavy_rows: Optional[int] = typer.Option(None, help="Training impressions sampled for the rankers (default: training.heavy_rows)"),
     epochs: Optional[int] = typer.Option(None, help="Two-tower epochs (default: training.two_tower_epochs)"),
+    from_lake: bool = typer.Option(False, "--from-lake", help="light | heavy: train on a training set built from the "
+                                   "served-data lake (feedrank batch run training-set) instead of the simulator"),
+    window: str = typer.Option("7d", help="--from-lake: days of exposures ending with --date"),
+    date: Optional[str] = typer.Option(None, help="--from-lake: the window's last day (UTC, YYYY-MM-DD; default yesterday)"),
+    workers: int = typer.Option(2, help="--from-lake: Beam DirectRunner processes for the training set"),
 ) -> None:
-    """Train models on the simulator's logs (time-based split) and publish + promote them."""
+    """Train models on the simulator's logs (time-based split), or with --from-lake on what serving logged,
+    and publish + promote them."""
     import torch
 
     from models.train import train_all
@@ -29,6 +35,28 @@ def train(
         fail(f"unknown model {what!r}: two-tower | light | heavy | all")
     cfg = load_cfg()
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    if from_lake:
+        from feedrank.cli.batch_commands import lake_date, window_days
+        from jobs.training_set import run as build_training_set
+        from models.lake_training import LakeTrainingError, train_from_lake
+
+        if what not in ("light", "heavy", "all"):
+            fail("--from-lake trains light and heavy (all = both); the two-tower from the lake is not built yet")
+        d, n = lake_date(date), window_days(window)
+        console.print(f"building the training set of {n} day(s) ending {d} from {cfg.lake.uri} (Apache Beam) …")
+        meta = build_training_set(cfg, d, n, workers=workers)
+        console.print(f"  {meta['counts']['exposures']} exposures -> {meta['splits']['train']['rows']} train / "
+                      f"{meta['splits']['validation']['rows']} validation rows in {meta['seconds']} s")
+        from features.lake import training_set_dir
+
+        try:
+            with progress_bars() as prog:
+                out = train_from_lake(cfg, "both" if what == "all" else what, training_set_dir(cfg, d, n),
+                                      progress=StageProgress(prog))
+        except LakeTrainingError as e:
+            fail(str(e))
+        print(json.dumps(out, default=str))
+        return
     d = resolve_world(cfg, data)
     with progress_bars() as prog:
         out = train_all(cfg, str(d), what, tt_epochs=epochs, heavy_rows=heavy_rows, progress=StageProgress(prog))
