@@ -23,7 +23,9 @@ TS = "event_timestamp"
 #: Real-time views (written by the streaming feature job through their PushSource).
 PUSHED_VIEWS = ("user_topic", "user_embedding", "post_embedding", "post_stats", "topic_stats")
 #: Batch views (materialized from the offline Parquet sources).
-BATCH_VIEWS = ("user_profile", "post_content", "author_stats")
+BATCH_VIEWS = ("user_profile", "post_content", "author_stats", "user_interest")
+#: Redis key the batch features pipeline sets ("<date>:<unix time>") after materialising: serving reloads on change
+BATCH_FEATURES_KEY = "feedrank:batch:features"
 TOPIC_STATS_FLOAT = ("clicks_5m", "clicks_1h", "clicks_per_hour_longrun", "trend")
 
 
@@ -73,9 +75,32 @@ def definitions(data_dir: Path) -> dict[str, Any]:
                            + [Field(name=n, dtype=Float32) for n in POST_STATS_FLOAT]),
         # real-time: per-topic click velocity and trend (last hour vs long-run rate)
         "topic_stats": view("topic_stats", topic, 7, [Field(name=n, dtype=Float32) for n in TOPIC_STATS_FLOAT]),
+        # batch (jobs/batch_features.py from the lake; `feast export` from a simulated world)
         "author_stats": view("author_stats", author, 30, [
             Field(name="followers", dtype=Int64), Field(name="impressions", dtype=Int64),
-            Field(name="clicks", dtype=Int64), Field(name="ctr", dtype=Float32)]),
+            Field(name="clicks", dtype=Int64), Field(name="negatives", dtype=Int64), Field(name="ctr", dtype=Float32),
+            Field(name="negative_rate", dtype=Float32)]),
+        # batch: the user's 30-day interest (shares of positive engagements) over topics, content types, authors
+        "user_interest": view("user_interest", user, 30, [
+            Field(name="positive_engagements", dtype=Int64), Field(name="negative_feedback", dtype=Int64),
+            Field(name="topic_interest", dtype=f32s), Field(name="ctype_interest", dtype=f32s),
+            Field(name="top_authors", dtype=Array(Int64)), Field(name="top_author_share", dtype=f32s)]),
+    }
+
+
+def batch_schemas() -> dict[str, Any]:
+    """The Parquet schemas of the batch views the lake's batch pipeline writes (jobs/batch_features.py)."""
+    import pyarrow as pa
+
+    ts = pa.timestamp("ms", tz="UTC")
+    return {
+        "user_interest": pa.schema([("user_id", pa.int64()), (TS, ts), ("positive_engagements", pa.int64()),
+                                    ("negative_feedback", pa.int64()), ("topic_interest", pa.list_(pa.float32())),
+                                    ("ctype_interest", pa.list_(pa.float32())), ("top_authors", pa.list_(pa.int64())),
+                                    ("top_author_share", pa.list_(pa.float32()))]),
+        "author_stats": pa.schema([("author_id", pa.int64()), (TS, ts), ("impressions", pa.int64()),
+                                   ("clicks", pa.int64()), ("negatives", pa.int64()), ("ctr", pa.float32()),
+                                   ("negative_rate", pa.float32()), ("followers", pa.int64())]),
     }
 
 
@@ -202,9 +227,13 @@ def export(cfg: Config, world_dir: Path) -> dict[str, int]:
         "trend": topic_trend(t1h, longrun).astype(np.float32)}))
     a_imp = hist.author["impressions"].before(uids, np.full(uids.size, t))
     a_clk = hist.author["clicks"].before(uids, np.full(uids.size, t))
+    a_neg = hist.author["negative"].before(uids, np.full(uids.size, t))
     write("author_stats", pd.DataFrame({
         "author_id": uids, "followers": world.follower_counts(), "impressions": a_imp, "clicks": a_clk,
-        "ctr": rate(a_clk, a_imp).astype(np.float32)}))
+        "negatives": a_neg.astype(np.int64), "ctr": rate(a_clk, a_imp).astype(np.float32),
+        "negative_rate": rate(a_neg, a_imp, prior=0.0).astype(np.float32)}))
+    if not (out / "user_interest.parquet").exists():  # computed from the lake: `feedrank batch run features`
+        pq.write_table(batch_schemas()["user_interest"].empty_table(), out / "user_interest.parquet")
     for name, key in (("user_embedding", "user_id"), ("post_embedding", "post_id")):
         if not (out / f"{name}.parquet").exists():  # pushed by the streaming jobs only: an empty batch source
             import pyarrow as pa

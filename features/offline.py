@@ -111,7 +111,8 @@ class History:
         }
         i_author = world.post_author[i_post]
         self.author = {"impressions": CountIndex(i_author, i_ts),
-                       "clicks": CountIndex(world.post_author[e_post[click]], e_ts[click])}
+                       "clicks": CountIndex(world.post_author[e_post[click]], e_ts[click]),
+                       "negative": CountIndex(world.post_author[e_post[neg]], e_ts[neg])}
         self.user_topic_clicks = CountIndex(e_user[click] * T + topic_e[click], e_ts[click])
         self.user_topic_neg = CountIndex(e_user[neg] * T + topic_e[neg], e_ts[neg])
         self.user_ctype = CountIndex(e_user[click] * N_CTYPES + world.post_ctype[e_post[click]], e_ts[click])

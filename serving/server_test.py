@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from features.eventlog import read_all
-from core.events import parse_event
-from core.schema import HEAD_NAMES, HEAVY_NAMES
+from core.events import FeaturesServed, parse_event
+from core.schema import HEAD_NAMES, HEAVY_FEATURES, HEAVY_NAMES, schema_hash
 from features.snapshots import SnapshotStore
 from serving.conftest import token
 from serving.model_loader import score_heavy
@@ -233,6 +233,46 @@ def test_every_served_item_is_logged_with_a_resolvable_snapshot(stub, serving):
         assert row.shape == (len(HEAVY_NAMES),)
         again = score_heavy(serving.state.models.heavy, row[None, :])[0]
         np.testing.assert_allclose(again, heads[e.post_id], atol=1e-2)  # float16 storage
+    # the same rows, exact (float32), in the event log for the lake: one FeaturesServed event per page
+    served = [e for e in (parse_event(x) for x in read_all(serving.state.events.reader(), idle_s=0.5))
+              if e.type == "features_served" and e.request_id == r.request_id]
+    assert len(served) == 1 and served[0].snapshot_id == exposures[0].snapshot_id
+    fs = served[0]
+    assert fs.post_ids == [it.post_id for it in sorted(r.items, key=lambda it: it.position)]
+    x = FeaturesServed.decode_rows(fs.rows, fs.n_features)
+    assert fs.feature_schema == schema_hash(HEAVY_FEATURES) and x.shape == (len(r.items), len(HEAVY_NAMES))
+    for i, p in enumerate(fs.post_ids):
+        np.testing.assert_allclose(score_heavy(serving.state.models.heavy, x[i:i + 1])[0], heads[p], rtol=1e-5, atol=1e-6)
+
+
+def test_batch_author_ctr_reaches_serving_from_the_online_store(serving):
+    """`feedrank batch run features` materialises author_stats and sets the batch key: serving reloads."""
+    from features.connection import redis_client
+    from features.feast_repo import BATCH_FEATURES_KEY, feature_store
+
+    import pandas as pd
+
+    st = serving.state
+    author = int(st.catalog.author[0])
+    before = float(st.author_ctr[author])
+    store = feature_store(serving.cfg)
+    path = serving.cfg.data_dir / "feast" / "author_stats.parquet"
+    old = pd.read_parquet(path)
+    try:
+        df = old.copy()
+        df.loc[df.author_id == author, "ctr"] = 0.777
+        df["event_timestamp"] = pd.Timestamp.now(tz="UTC")
+        df.to_parquet(path, index=False)
+        store.materialize_incremental(end_date=pd.Timestamp.now(tz="UTC").to_pydatetime(), feature_views=["author_stats"])
+        assert float(st.author_ctr[author]) == before  # materialised, but no batch run announced yet
+        redis_client(serving.cfg).set(BATCH_FEATURES_KEY, "2026-01-05:1")
+        deadline = time.monotonic() + 10
+        while st.batch_version != b"2026-01-05:1" and time.monotonic() < deadline:  # the refresh thread, or:
+            st.refresh_batch_features()
+        assert st.author_ctr[author] == pytest.approx(0.777) and before != pytest.approx(0.777)
+        assert st.refresh_batch_features() is False  # the same batch run: nothing to do
+    finally:
+        old.to_parquet(path, index=False)
 
 
 def test_signals_are_logged_and_bad_input_is_invalid_argument(stub, serving):

@@ -22,6 +22,8 @@ import numpy as np
 from core.config import Config
 from core.schema import N_TOPICS
 from core.units import HOUR_MS, MINUTE_MS
+from features.feast_repo import BATCH_FEATURES_KEY
+from features.vectors import PRIOR_CTR
 from serving.catalog import (ChangeFollower, FollowGraph, PostCatalog, follow_change, load_bootstrap, post_change,
                              record_follow, record_post)
 from serving.components import UserContext
@@ -170,6 +172,7 @@ class ServingState:
         self.stats = PostStatsCache(cfg)
         self._load_stats_export()
         self.author_ctr = self._author_ctr()
+        self.batch_version: bytes | None = None
         self.topic_trend = np.zeros(N_TOPICS, dtype=np.float32)
         self.events = open_configured_event_log(cfg)
         self.snapshots = SnapshotStore(cfg)
@@ -218,7 +221,7 @@ class ServingState:
         if not path.exists():
             return np.zeros(0, dtype=np.float32)
         df = pd.read_parquet(path, columns=["author_id", "ctr"])
-        out = np.full(int(df.author_id.max()) + 1, 0.1, dtype=np.float32)
+        out = np.full(int(df.author_id.max()) + 1, PRIOR_CTR, dtype=np.float32)
         out[df.author_id.to_numpy()] = df.ctr.to_numpy()
         return out
 
@@ -243,16 +246,43 @@ class ServingState:
             log.exception("closing the event log")
 
     def _refresh_loop(self, every_s: float) -> None:
+        last_error = ""
         while not self._stop.is_set():
             try:
                 self.refresh()
-            except Exception as e:  # noqa: BLE001 - keep serving on last good values
-                log.debug("refresh failed: %s", e)
+                self.refresh_batch_features()
+                last_error = ""
+            except Exception as e:  # noqa: BLE001 - keep serving on last good values; say so once per cause
+                if str(e) != last_error:
+                    log.warning("refresh failed (serving on the last good trending, topic trend, ads and author CTR): %s", e)
+                last_error = str(e)
             self._stop.wait(every_s)
+
+    def refresh_batch_features(self) -> bool:
+        """When a batch run (`feedrank batch run features`) has materialised new author stats into the online
+        store, reload every author's CTR from it (in chunks, on this background thread); True if reloaded."""
+        version = self.redis.run(lambda r: r.get(BATCH_FEATURES_KEY))
+        if version is None or version == self.batch_version or "author_stats" not in self.feast.views:
+            return False
+        n = int(self.catalog.author[: self.catalog.n].max()) + 1 if self.catalog.n else 0
+        ctr = np.full(max(n, self.author_ctr.size), PRIOR_CTR, dtype=np.float32)
+        ctr[: self.author_ctr.size] = self.author_ctr
+        found = 0
+        for lo in range(0, n, 10_000):
+            ids = list(range(lo, min(n, lo + 10_000)))
+            rows = self.redis.run(lambda r: self.feast.read(r, "author_stats", ids))
+            for a, row in zip(ids, rows):
+                if row and row.get("ctr") is not None:
+                    ctr[a] = row["ctr"]
+                    found += 1
+        self.author_ctr = ctr
+        self.batch_version = version
+        log.info("author CTR of %d authors reloaded from the online store (batch run %s)", found, version.decode())
+        return True
 
     def refresh(self) -> None:
         """Trending list, topic trend and the ad inventory (cheap, once a second)."""
-        from core.schema import POST_STATS_FLOAT
+        from core.schema import POST_STATS_FLOAT, POST_STATS_INT
 
         now = self.clock()
         window = int(self.cfg.candidates.trending_window_h * HOUR_MS)
@@ -267,7 +297,7 @@ class ServingState:
             pub = self.catalog.published_ms[ids]
             with self.stats.lock:
                 score = (self.stats.floats[ids, POST_STATS_FLOAT.index("trending_score")]
-                         + 0.01 * np.log1p(self.stats.ints[ids, 8]))  # ties: more clicks in the last hour
+                         + 0.01 * np.log1p(self.stats.ints[ids, POST_STATS_INT.index("clicks_1h")]))  # ties: more clicks in the last hour
             score = np.where((pub > now - window) & (pub <= now), score, -np.inf)
             k = min(self.cfg.candidates.trending_k, int(np.isfinite(score).sum()))
             if k > 0:
