@@ -124,7 +124,11 @@ def _varint(v: int) -> bytes:
 def encode_values(kind: str, col: Any, int_cache: dict[int, bytes] | None = None) -> list[bytes]:
     """Feast ValueProto bytes of every row of one column, identical to ``Value(...).SerializeToString()``
     (checked by online_store_test): int64_val (field 4, varint), float_val (6, fixed32), bool_val (7),
-    float_list_val (16: a FloatList with its packed field 1)."""
+    float_list_val (16: a FloatList with its packed field 1); int64 lists (batch views only) through the proto."""
+    if kind == "il":
+        from feast.protos.feast.types.Value_pb2 import Int64List, Value
+
+        return [Value(int64_list_val=Int64List(val=[int(x) for x in r])).SerializeToString() for r in col]
     if kind == "fl":
         try:
             a = np.asarray(col, dtype="<f4")
@@ -168,6 +172,8 @@ def _value_kind(dtype: Any) -> str:
         return "b"
     if dtype == Array(Float32):
         return "fl"
+    if dtype == Array(Int64):
+        return "il"
     raise ValueError(f"unsupported feature type {dtype}")
 
 
