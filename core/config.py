@@ -140,6 +140,15 @@ class Lake(_Section):
         return v
 
 
+class Shadow(_Section):
+    window_s: PosInt
+    min_pages: PosInt
+    min_positives: PosInt
+    auc_tolerance: Annotated[float, Field(ge=0, le=1)]
+    ndcg_tolerance: Annotated[float, Field(ge=0, le=1)]
+    ndcg_k: PosInt
+
+
 class ModelStore(_Section):
     uri: str
     retention_hours: PosFloat
@@ -369,6 +378,7 @@ class Config(_Section):
     flink: Flink
     model_store: ModelStore
     lake: Lake
+    shadow: Shadow
     candidates: Candidates
     retrieval: Retrieval
     training: Training

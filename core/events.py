@@ -179,6 +179,28 @@ class FeaturesServed(BaseEvent):
         return np.frombuffer(raw, dtype="<f4").reshape(-1, n_features)
 
 
+class ShadowScored(BaseEvent):
+    """A served page scored by a shadow candidate beside the model that served it: both models' P(head)
+    for the page's posts (base64 float32, ``len(post_ids) x 6``, HEAD order), for the shadow evaluation."""
+
+    type: Literal["shadow_scored"] = "shadow_scored"
+    request_id: Annotated[str, Field(min_length=1, max_length=128)]
+    user_id: Id
+    post_ids: Annotated[list[Id], Field(min_length=1, max_length=1_000)]
+    positions: Annotated[list[Annotated[int, Field(ge=1, le=10_000)]], Field(min_length=1, max_length=1_000)]
+    current_version: Annotated[str, Field(min_length=1, max_length=64)]
+    candidate_version: Annotated[str, Field(min_length=1, max_length=64)]
+    current: Annotated[str, Field(max_length=200_000)]
+    candidate: Annotated[str, Field(max_length=200_000)]
+
+    @model_validator(mode="after")
+    def _shape(self) -> "ShadowScored":
+        n = 4 * ((4 * len(self.post_ids) * 6 + 2) // 3)
+        if len(self.positions) != len(self.post_ids) or len(self.current) != n or len(self.candidate) != n:
+            raise ValueError(f"positions, current and candidate must cover the {len(self.post_ids)} posts (6 heads each)")
+        return self
+
+
 _DWELL = Action.DWELL.value
 
 
@@ -220,11 +242,12 @@ class Feedback(BaseEvent):
 
 
 Event = Annotated[
-    Union[PostPublished, Followed, Unfollowed, Exposure, Engagement, Feedback, FeaturesServed], Field(discriminator="type")
+    Union[PostPublished, Followed, Unfollowed, Exposure, Engagement, Feedback, FeaturesServed, ShadowScored],
+    Field(discriminator="type")
 ]
 EVENT_TYPES: dict[str, type[BaseEvent]] = {
     c.model_fields["type"].default: c
-    for c in (PostPublished, Followed, Unfollowed, Exposure, Engagement, Feedback, FeaturesServed)
+    for c in (PostPublished, Followed, Unfollowed, Exposure, Engagement, Feedback, FeaturesServed, ShadowScored)
 }
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(Event)
 

@@ -71,6 +71,14 @@ TABLES: dict[str, Table] = {t.name: t for t in (
         _c("n_features", "INT", "columns per row"),
         _c("rows", "BYTES", "float32 little-endian, row-major len(post_ids) x n_features: the exact served rows"),
     ), "the feature rows the heavy ranker scored, one row per page"),
+    Table("shadow_scores", ("shadow_scored",), _ID + (
+        _c("request_id", "STRING", ""), _c("user_id", "BIGINT", ""), _c("post_ids", "ARRAY<BIGINT>", "the page's posts"),
+        _c("positions", "ARRAY<INT>", "their positions"),
+        _c("current_version", "STRING", "the heavy version that served the page"),
+        _c("candidate_version", "STRING", "the shadow candidate"),
+        _c("current", "BYTES", "float32 len(post_ids) x 6: the served model's P(head)"),
+        _c("candidate", "BYTES", "float32 len(post_ids) x 6: the candidate's P(head)"),
+    ), "served pages scored by a shadow candidate beside the serving model"),
     Table("posts", ("post_published",), _ID + (
         _c("post_id", "BIGINT", ""), _c("author_id", "BIGINT", ""), _c("topic", "INT", ""),
         _c("content_type", "STRING", "text | image | video"), _c("is_original", "BOOLEAN", ""),
@@ -99,6 +107,11 @@ def row_of(table: str, ev: Any) -> tuple:
 
         return (ev.event_id, ev.ts, ev.request_id, ev.snapshot_id, ev.user_id, list(ev.post_ids), ev.feature_schema,
                 ev.n_features, base64.b64decode(ev.rows))
+    if table == "shadow_scores":
+        import base64
+
+        return (ev.event_id, ev.ts, ev.request_id, ev.user_id, list(ev.post_ids), list(ev.positions), ev.current_version,
+                ev.candidate_version, base64.b64decode(ev.current), base64.b64decode(ev.candidate))
     if table == "posts":
         return (ev.event_id, ev.ts, ev.post_id, ev.author_id, ev.topic, ev.content_type, ev.is_original,
                 ev.original_post_id, ev.policy_flagged, ev.text)
@@ -174,7 +187,7 @@ def arrow_schema(table: str, columns: list[str] | None = None) -> Any:
     import pyarrow as pa
 
     types = {"STRING": pa.string(), "BIGINT": pa.int64(), "INT": pa.int32(), "BOOLEAN": pa.bool_(),
-             "BYTES": pa.binary(), "ARRAY<BIGINT>": pa.list_(pa.int64())}
+             "BYTES": pa.binary(), "ARRAY<BIGINT>": pa.list_(pa.int64()), "ARRAY<INT>": pa.list_(pa.int32())}
     cols = [(c.name, types[c.sql]) for c in TABLES[table].columns] + [("event_time", pa.timestamp("ms"))]
     return pa.schema([c for c in cols if columns is None or c[0] in columns or c[0] == "event_id"])
 
@@ -255,3 +268,22 @@ def schema_hash() -> str:
 
     text = "|".join(f"{t.name}:" + ",".join(f"{c.name}:{c.sql}" for c in t.columns) for t in TABLES.values())
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def attribute(exposures: list[dict], engagements: list[dict], window_ms: int) -> list[list[tuple[str, int, int]]]:
+    """For exposures of one (user, post), sorted by time, the (action, ts, dwell_ms) engagements that belong
+    to each: an engagement belongs to the exposure of its request when it names one (and came after it),
+    else to the latest exposure before it, and only within ``window_ms`` after that exposure. The training
+    sets and the shadow evaluation attribute with this one rule."""
+    import bisect
+
+    starts = [r["ts"] for r in exposures]
+    by_request = {r["request_id"]: i for i, r in enumerate(exposures)}
+    got: list[list[tuple[str, int, int]]] = [[] for _ in exposures]
+    for e in engagements:
+        i = by_request.get(e.get("request_id") or "")
+        if i is None or e["ts"] < exposures[i]["ts"]:
+            i = bisect.bisect_right(starts, e["ts"]) - 1
+        if i >= 0 and e["ts"] - exposures[i]["ts"] <= window_ms:
+            got[i].append((e["action"], e["ts"], e.get("dwell_ms") or 0))
+    return got

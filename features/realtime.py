@@ -50,8 +50,8 @@ def compact(line: str) -> Compact | str:
         return e.reason
 
 
-#: event types the real-time features do not read (the served feature rows: for the lake and training)
-SKIPPED = frozenset({"features_served"})
+#: event types the real-time features do not read (served feature rows and shadow scores: for the lake)
+SKIPPED = frozenset({"features_served", "shadow_scored"})
 _SKIP_MARKS = tuple(f'"type":"{t}"' for t in SKIPPED)
 
 

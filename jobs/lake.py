@@ -31,7 +31,8 @@ def _types() -> dict[str, Any]:
     from pyflink.common import Types
 
     return {"STRING": Types.STRING(), "BIGINT": Types.LONG(), "INT": Types.INT(), "BOOLEAN": Types.BOOLEAN(),
-            "BYTES": Types.PRIMITIVE_ARRAY(Types.BYTE()), "ARRAY<BIGINT>": Types.BASIC_ARRAY(Types.LONG())}
+            "BYTES": Types.PRIMITIVE_ARRAY(Types.BYTE()), "ARRAY<BIGINT>": Types.BASIC_ARRAY(Types.LONG()),
+            "ARRAY<INT>": Types.BASIC_ARRAY(Types.INT())}
 
 
 def row_type(table: str) -> Any:

@@ -11,7 +11,7 @@ import numpy as np
 import psutil
 import pytest
 
-from core.events import Engagement, FeaturesServed, Feedback, Followed, PostPublished, Unfollowed
+from core.events import Engagement, FeaturesServed, Feedback, Followed, PostPublished, ShadowScored, Unfollowed
 from core.services import free_port
 from features import lake
 from features.eventlog import open_configured_event_log
@@ -65,12 +65,16 @@ def test_lake_exact_rows_partitions_then_kill_9_and_resume_exactly_once(make_cfg
             Followed(event_id="f1", ts=T + 2, user_id=1, author_id=11), Unfollowed(event_id="u1", ts=T + 3, user_id=1, author_id=11),
             Feedback(event_id="fb1", ts=T + 4, user_id=2, action="see_less", target="topic", topic=4),
             fs1, *exps1, fs2, *exps2,
+            ShadowScored(event_id="sh1", ts=T + 100, request_id="r1", user_id=1, post_ids=[7, 8, 9], positions=[1, 2, 3],
+                         current_version="v1", candidate_version="v2", current=FeaturesServed.encode_rows(np.ones((3, 6))),
+                         candidate=FeaturesServed.encode_rows(np.full((3, 6), 0.5))),
             engagement_event("c1", 1, 7, "click", T + 1_000), engagement_event("d1", 1, 8, "dwell", T + 2_000, dwell=40_000),
         ]
         log.append_many(phase1)
         log.append(engagement_event("c1", 1, 7, "click", T + 1_000))  # a producer retry: the same event id again
         proc = _lake_job(cfg, job_log)
-        want = {"posts": 2, "follows": 2, "feedback": 1, "features_served": 2, "exposures": 5, "engagements": 3}
+        want = {"posts": 2, "follows": 2, "feedback": 1, "features_served": 2, "exposures": 5, "engagements": 3,
+                "shadow_scores": 1}
         wait_until("phase 1 in the lake", lambda: all(_count(cfg, t) >= n for t, n in want.items()), timeout=240)
         time.sleep(3)  # one more checkpoint: nothing more may appear
         assert {t: _count(cfg, t) for t in want} == want
@@ -95,6 +99,9 @@ def test_lake_exact_rows_partitions_then_kill_9_and_resume_exactly_once(make_cfg
         assert eng.num_rows == 2 and _count(cfg, "engagements") == 3  # the retry, dropped by the reader
         assert {r["event_id"]: r["dwell_ms"] for r in eng.to_pylist()} == {"c1": None, "d1": 40_000}
         assert lake.read_table(cfg, "feedback").to_pylist()[0]["topic"] == 4
+        sh = lake.read_table(cfg, "shadow_scores").to_pylist()[0]
+        assert sh["positions"] == [1, 2, 3] and sh["candidate_version"] == "v2"
+        assert np.array_equal(FeaturesServed.decode_rows(sh["candidate"], 6), np.full((3, 6), 0.5, dtype=np.float32))
 
         # phase 2 processed and committed, phase 3 processed but maybe not, then kill -9
         log.append_many([exposure_event(f"y{i}", 10 + i, 7, 4, T + 10_000 + i) for i in range(40)])

@@ -17,7 +17,6 @@ Negatives are kept by a hash of the event id, so a rerun gives the same set.
 
 from __future__ import annotations
 
-import bisect
 import json
 import time
 import zlib
@@ -28,6 +27,7 @@ import numpy as np
 
 from core.config import Config
 from core.schema import HEAD_NAMES, head_labels
+from features.lake import attribute
 
 EXAMPLE_FIELDS = ("event_id", "ts", "request_id", "user_id", "post_id", "author_id", "position", "feed_type",
                   "source", "model_version", "experiments", "snapshot_id")
@@ -62,15 +62,7 @@ class Attribute:
         exps = sorted(g["exposures"], key=lambda r: (r["ts"], r["position"]))
         if not exps:
             return
-        starts = [r["ts"] for r in exps]
-        by_request = {r["request_id"]: i for i, r in enumerate(exps)}
-        got: list[list[tuple[str, int, int]]] = [[] for _ in exps]
-        for e in g["engagements"]:
-            i = by_request.get(e.get("request_id") or "")
-            if i is None or e["ts"] < exps[i]["ts"]:
-                i = bisect.bisect_right(starts, e["ts"]) - 1
-            if i >= 0 and e["ts"] - exps[i]["ts"] <= self.window_ms:
-                got[i].append((e["action"], e["ts"], e.get("dwell_ms") or 0))
+        got = attribute(exps, g["engagements"], self.window_ms)
         for r, engs in zip(exps, got):
             ex = {k: r.get(k) for k in EXAMPLE_FIELDS}
             ex.update(zip(HEAD_NAMES, head_labels(engs, self.long_dwell_ms)))

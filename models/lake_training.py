@@ -56,8 +56,10 @@ def _auc(y: np.ndarray, s: np.ndarray) -> float | None:
 
 
 def train_from_lake(cfg: Config, which: str, set_dir: Path, store: ModelStore | None = None,
-                    epochs: int | None = None, seed: int = 0, progress: Progress = _quiet) -> dict[str, Any]:
-    """Fit ``light`` or ``heavy`` (or ``both``) on the training set in ``set_dir``; publish and promote."""
+                    epochs: int | None = None, seed: int = 0, progress: Progress = _quiet,
+                    promote_heavy: bool = True) -> dict[str, Any]:
+    """Fit ``light`` or ``heavy`` (or ``both``) on the training set in ``set_dir``; publish and promote (the
+    heavy ranker only if ``promote_heavy``: otherwise it is a candidate for shadow scoring)."""
     store = store or ModelStore.from_config(cfg)
     meta, train, valid = load(set_dir)
     win = window(meta, set_dir, len(train["x"]))
@@ -77,6 +79,6 @@ def train_from_lake(cfg: Config, which: str, set_dir: Path, store: ModelStore | 
         heavy, hm = fit_heavy(train, True, epochs or cfg.training.heavy_epochs, seed, progress, cfg.training.heavy_masked)
         if len(valid["x"]):
             hm["validation_click_auc"] = _auc(valid["y"][:, 0], heavy_predict(heavy, valid["x"])[:, 0])
-        ck = publish_heavy(cfg, store, heavy, win, hm)
+        ck = publish_heavy(cfg, store, heavy, win, hm, promote=promote_heavy)
         out["heavy"] = {"version": ck.version, **hm}
     return out

@@ -46,7 +46,8 @@ def run_streaming_job(cfg: Config, job: str, seconds: float, resume: bool = True
         raise JobRunError(str(e)) from None
     say(f"{job} job submitted to a local MiniCluster (JVM log in {os.environ['FLINK_LOG_DIR']}); Ctrl-C stops it")
     keys = {"features": ("post_events", "user_events", "topic_events", "dedupe_duplicates", "dedupe_invalid"),
-            "lake": ("exposures", "engagements", "features_served", "posts", "follows", "feedback", "invalid")}.get(
+            "lake": ("exposures", "engagements", "features_served", "shadow_scores", "posts", "follows", "feedback",
+                     "invalid")}.get(
         job, ("examples", "steps", "promoted", "rejected", "rolled_back", "current"))
     t0 = time.monotonic()
     failed: str | None = None

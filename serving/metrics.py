@@ -49,6 +49,12 @@ class Metrics:
         self.exposures_without_features = Counter(
             "feedrank_exposures_without_features_total",
             "Exposures logged without their served feature rows (pages ranked without the heavy ranker)", registry=r)
+        self.shadow_active = Gauge("feedrank_shadow_active", "1 while a shadow heavy candidate scores HOME pages",
+                                   registry=r)
+        self.shadow_pages = Counter("feedrank_shadow_pages_scored_total", "Served pages scored by the shadow candidate",
+                                    registry=r)
+        self.shadow_decisions = Gauge("feedrank_shadow_decisions", "Shadow decisions recorded in Redis, by decision "
+                                      "(promote, reject): models.shadow", ["decision"], registry=r)
         self._versions: dict[str, str] = {}
 
     def set_models(self, versions: dict[str, str]) -> None:

@@ -88,6 +88,7 @@ class ModelLoader:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.delta: Any = None
+        self.shadow_version: str | None = None  # a heavy candidate every HOME page is also scored by
 
     # ------------------------------------------------------------------ loading
     def _load_light(self, version: str | None = None) -> tuple[Any, str]:
@@ -172,6 +173,24 @@ class ModelLoader:
             log.info("hot reload: %s -> %s", changed, new.versions())
         return changed
 
+    def poll_shadow(self) -> str | None:
+        """The shadow candidate named in Redis (models.shadow), loaded beside the live model; None if none or
+        it cannot be loaded (said once)."""
+        from models.shadow import SHADOW_KEY
+
+        try:
+            raw = self.state.redis.run(lambda r: r.hget(SHADOW_KEY, "version"))
+            version = raw.decode() if raw else None
+            if version is not None and version != self.shadow_version:
+                self.heavy_for(version)  # load it now, off the request path
+                log.info("shadow scoring with heavy %s", version)
+        except Exception as e:  # noqa: BLE001 - shadowing never affects serving
+            if self.shadow_version is not None:
+                log.warning("shadow scoring stopped: %s", e)
+            version = None
+        self.shadow_version = version
+        return version
+
     def poll_delta(self) -> int:
         try:
             return self.delta.poll(block_ms=None) if self.delta else 0
@@ -206,6 +225,7 @@ class ModelLoader:
                 if tick >= self.cfg.model_store.poll_interval_s:
                     tick = 0.0
                     self.poll()
+                    self.poll_shadow()
 
         self._thread = threading.Thread(target=loop, name="model-loader", daemon=True)
         self._thread.start()

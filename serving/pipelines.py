@@ -21,7 +21,7 @@ from serving.query_hydrators import UserQueryHydrator
 from serving.scorers import (AuthorDiversityScorer, FeedbackFatigueScorer, HeavyRankerScorer, LightRankerScorer,
                              OriginalBoostScorer, PolicyDemotionScorer, RecencyScorer)
 from serving.selectors import ChronologicalSelector, RerankSelector, TopKSelector
-from serving.side_effects import ExposureLogSideEffect, SeenSideEffect
+from serving.side_effects import ExposureLogSideEffect, SeenSideEffect, ShadowScoreSideEffect
 from serving.candidate_sources import (AdSource, AnnSource, CachedRankingSource, DebugPostSource, FollowGraphSource,
                              TrendingSource)
 
@@ -41,27 +41,29 @@ def ranking(*, ads: bool, out_of_network: bool) -> list:
 
 RANKING = ranking(ads=True, out_of_network=True)                    # HOME's
 SIDE_EFFECTS = [SeenSideEffect(), ExposureLogSideEffect()]          # seen before the response, exposures after
+HOME_SIDE_EFFECTS = [*SIDE_EFFECTS, ShadowScoreSideEffect()]        # ...and a shadow candidate's scores, when one runs
 
 
-def refresh(name: str, *, ads: bool, out_of_network: bool) -> Pipeline:
+def refresh(name: str, *, ads: bool, out_of_network: bool, side_effects: list) -> Pipeline:
     return Pipeline(name, [UserQueryHydrator(fan_out_cache=False)], [CachedRankingSource(fail_open=False)],
                     [PreviouslySeenFilter(), HiddenFilter()],
                     [HeadRescorer(2, [LightFeatureHydrator(), HeavyFeatureHydrator(), HeavyRankerScorer(), *ADJUSTMENTS]),
                      RerankSelector(ads=ads, out_of_network=out_of_network)],
-                    SIDE_EFFECTS)
+                    side_effects)
 
 
 PIPELINES = {
     "home": Pipeline("HOME", [UserQueryHydrator(fan_out_cache=True)],
-                     [FollowGraphSource(), AnnSource(), TrendingSource(), AdSource()], FILTERS, RANKING, SIDE_EFFECTS),
+                     [FollowGraphSource(), AnnSource(), TrendingSource(), AdSource()], FILTERS, RANKING,
+                     HOME_SIDE_EFFECTS),
     "explore": Pipeline("EXPLORE", [UserQueryHydrator(fan_out_cache=False)], [AnnSource(), TrendingSource()],
                         [*FILTERS, OutOfNetworkOnlyFilter()], ranking(ads=False, out_of_network=False), SIDE_EFFECTS),
     "following": Pipeline("FOLLOWING", [UserQueryHydrator(fan_out_cache=True)], [FollowGraphSource()], FILTERS,
                           [RecencyScorer(), TopKSelector("score", "light_k"), ChronologicalSelector()], SIDE_EFFECTS),
 }
 REFRESH = {  # FOLLOWING is never refreshed from the cache: it is cheap and must show new posts at once
-    "home": refresh("HOME-REFRESH", ads=True, out_of_network=True),
-    "explore": refresh("EXPLORE-REFRESH", ads=False, out_of_network=False),
+    "home": refresh("HOME-REFRESH", ads=True, out_of_network=True, side_effects=HOME_SIDE_EFFECTS),
+    "explore": refresh("EXPLORE-REFRESH", ads=False, out_of_network=False, side_effects=SIDE_EFFECTS),
 }
 DEBUG = Pipeline("DEBUG", [], [DebugPostSource(fail_open=False)], [],
                  [LightFeatureHydrator(), HeavyFeatureHydrator(), HeavyRankerScorer()])

@@ -5,6 +5,7 @@ inventory when none exists, warms the funnel up, then reports SERVING."""
 from __future__ import annotations
 
 import gc
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from serving.metrics import Metrics
 from serving.protos import pb
 from serving.service import FeedService, access
 from serving.state import ADS_KEY, RedisUnavailable, ServingState
+
+log = logging.getLogger("feedrank.serving")
 
 
 # ---------------------------------------------------------------------------- server
@@ -170,8 +173,20 @@ class Server:
             funnel.run(home, q, self.state, hydrate_query=False)
 
     def _watch_models(self) -> None:
+        from models.shadow import DECISION_COUNTS
+
+        tick = 0
         while not self._stop.wait(1.0):
             self.metrics.set_models(self.loader.models.versions())
+            self.metrics.shadow_active.set(1 if self.loader.shadow_version else 0)
+            tick += 1
+            if tick % 5 == 0:
+                try:
+                    counts = self.state.redis.run(lambda r: r.hgetall(DECISION_COUNTS))
+                    for k, v in counts.items():
+                        self.metrics.shadow_decisions.labels(k.decode()).set(int(v))
+                except Exception as e:  # noqa: BLE001 - the gauge keeps its last value; the health check reports Redis
+                    log.warning("shadow decision counts unavailable: %s", e)
 
     @property
     def address(self) -> str:

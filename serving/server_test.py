@@ -531,3 +531,35 @@ def test_the_runner_executes_exactly_the_declared_components(stub, serving):
     stub.DebugRanking(pb.DebugRankingRequest(user_id=v, post_id=post), metadata=token(serving.cfg, 0, admin=True))
     traced = [c for c in PIPELINES["home"].components() if c not in PIPELINES["home"].side_effects]
     assert _ran(serving, before) == {"DEBUG:HOME": names(traced), "DEBUG": names(DEBUG.components())}
+
+
+def test_a_shadow_candidate_scores_served_home_pages_beside_the_serving_model(stub, serving):
+    """`feedrank models shadow start V`: every HOME page is also scored by V after the response; both models'
+    P(head) are logged; what is served does not change."""
+    from models import shadow
+    from models.store import ModelStore
+
+    store = ModelStore.from_config(serving.cfg)
+    cur = store.current("heavy")
+    _, path = store.fetch("heavy", cur)
+    cand = store.publish("heavy", {f.name: f for f in path.iterdir() if f.is_file() and f.name not in ("meta.json", "_COMPLETE")},
+                         parent=cur).version
+    u = _users(serving, 1, offset=90)[0]
+    try:
+        shadow.start(serving.cfg, store, cand)
+        assert serving.loader.poll_shadow() == cand
+        r = _feed(stub, serving, u)
+        assert r.model_version == cur  # still served by the current model
+        serving.service.feeds.effects.drain()
+        got = [e for e in (parse_event(x) for x in read_all(serving.state.events.reader(), idle_s=0.5))
+               if e.type == "shadow_scored" and e.request_id == r.request_id]
+        assert len(got) == 1 and got[0].current_version == cur and got[0].candidate_version == cand
+        items = sorted(r.items, key=lambda it: it.position)
+        assert got[0].post_ids == [it.post_id for it in items] and got[0].positions == [it.position for it in items]
+        served = np.array([[getattr(it.heads, h) for h in HEAD_NAMES] for it in items], dtype=np.float32)
+        np.testing.assert_allclose(FeaturesServed.decode_rows(got[0].current, 6), served, rtol=1e-6)
+        # the candidate is a copy of the serving model: its scores of the same rows are the same
+        np.testing.assert_allclose(FeaturesServed.decode_rows(got[0].candidate, 6), served, rtol=1e-4, atol=1e-6)
+    finally:
+        shadow.stop(serving.cfg)
+        serving.loader.poll_shadow()

@@ -72,6 +72,8 @@ class SideEffectWorker:
             effect, query, page = item
             try:
                 n, payload = self._apply(effect, query, page)
+                if effect.unit == "pages":
+                    self.metrics.shadow_pages.inc(n)
                 if effect.unit == "exposures":
                     self.metrics.exposures.inc(n)
                     if isinstance(effect, ExposureLogSideEffect) and (missing := effect.without_features(payload)):

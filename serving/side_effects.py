@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from core.events import BaseEvent, Exposure, FeaturesServed, FeedType, Source
+from core.events import BaseEvent, Exposure, FeaturesServed, FeedType, ShadowScored, Source
 from core.schema import HEAVY_FEATURES, schema_hash
 from features.eventlog import EventLogError
 from serving.components import SOURCE_NAMES, Candidates, FunnelContext, Query, SideEffect
@@ -73,3 +73,31 @@ class SeenSideEffect(SideEffect):
         if len(page):
             ctx.record_seen(query.user_id, page.ids.tolist(), query.now_ms)
         return len(page)
+
+
+class ShadowScoreSideEffect(SideEffect):
+    """When a shadow candidate is set (``feedrank models shadow start``), the page's served rows are scored by
+    it after the response, beside the serving model's P(head), and both are logged as a ShadowScored event
+    (models.shadow evaluates them against the engagements that follow). Nothing served changes."""
+
+    reads = ("x", "heads", "position")
+    asynchronous = True
+    retry_on = (EventLogError,)
+    unit = "pages"
+
+    def prepare(self, query: Query, ctx: FunnelContext, page: Candidates) -> list[BaseEvent]:
+        from serving.model_loader import score_heavy
+
+        version = ctx.loader.shadow_version
+        if version is None or not len(page) or "x" not in page or version == query.model_version or not query.model_version:
+            return []
+        cand = score_heavy(ctx.loader.heavy_for(version), page["x"])
+        return [ShadowScored(request_id=query.request_id, user_id=query.user_id, post_ids=page.ids.tolist(),
+                             positions=page["position"].astype(int).tolist(), current_version=query.model_version,
+                             candidate_version=version, current=FeaturesServed.encode_rows(page["heads"]),
+                             candidate=FeaturesServed.encode_rows(cand), ts=query.now_ms)]
+
+    def apply(self, ctx: FunnelContext, payload: list[BaseEvent]) -> int:
+        if payload:
+            ctx.events.append_many(payload)
+        return len(payload)

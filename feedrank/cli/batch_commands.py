@@ -55,3 +55,24 @@ def batch_run(
         print(json.dumps(run_features(cfg, d, runner=runner, workers=workers, extra_options=option)))
     else:
         fail(f"unknown pipeline {pipeline!r}: training-set | features")
+
+
+@batch_app.command("daily")
+def batch_daily(
+    date: Optional[str] = typer.Option(None, help="The day to process (UTC, YYYY-MM-DD); default yesterday"),
+    window: str = typer.Option("7d", help="Days of exposures the heavy ranker is retrained on"),
+    workers: int = typer.Option(2, help="Beam DirectRunner processes"),
+) -> None:
+    """The daily cycle: decide the running shadow, batch features, training set, retrain the heavy ranker,
+    shadow-score the candidate (runtime/daily.py). Prints its report as JSON; cron-friendly."""
+    from feedrank.cli.common import console
+    from models.lake_training import LakeTrainingError
+    from models.shadow import ShadowError
+    from runtime.daily import daily_cycle
+
+    cfg = load_cfg()
+    try:
+        report = daily_cycle(cfg, lake_date(date), window_days(window), workers, say=console.print)
+    except (LakeTrainingError, ShadowError, FileNotFoundError) as e:
+        fail(str(e))
+    print(json.dumps(report, default=str))

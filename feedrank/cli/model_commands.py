@@ -24,6 +24,8 @@ def train(
     window: str = typer.Option("7d", help="--from-lake: days of exposures ending with --date"),
     date: Optional[str] = typer.Option(None, help="--from-lake: the window's last day (UTC, YYYY-MM-DD; default yesterday)"),
     workers: int = typer.Option(2, help="--from-lake: Beam DirectRunner processes for the training set"),
+    shadow: bool = typer.Option(False, "--shadow", help="--from-lake: publish the heavy ranker without promoting it "
+                                "and shadow-score it (feedrank models shadow status decides)"),
 ) -> None:
     """Train models on the simulator's logs (time-based split), or with --from-lake on what serving logged,
     and publish + promote them."""
@@ -52,9 +54,14 @@ def train(
         try:
             with progress_bars() as prog:
                 out = train_from_lake(cfg, "both" if what == "all" else what, training_set_dir(cfg, d, n),
-                                      progress=StageProgress(prog))
+                                      progress=StageProgress(prog), promote_heavy=not shadow)
         except LakeTrainingError as e:
             fail(str(e))
+        if shadow and "heavy" in out:
+            from models.shadow import start as shadow_start
+            from models.store import ModelStore
+
+            out["shadow"] = shadow_start(cfg, ModelStore.from_config(cfg), out["heavy"]["version"])
         print(json.dumps(out, default=str))
         return
     d = resolve_world(cfg, data)
@@ -197,3 +204,45 @@ def models_retention(model: str) -> None:
 
     deleted = ModelStore.from_config(load_cfg()).apply_retention(model)
     console.print(f"{model}: deleted {len(deleted)} versions")
+
+
+shadow_app = typer.Typer(help="Shadow scoring of a heavy candidate before promotion (models.shadow).", no_args_is_help=True)
+models_app.add_typer(shadow_app, name="shadow")
+
+
+@shadow_app.command("start")
+def shadow_start_cmd(version: str = typer.Argument(..., help="A heavy version in the store (feedrank models list)")) -> None:
+    """Score every served HOME page with VERSION too, beside the serving model; nothing served changes."""
+    from models.shadow import ShadowError, start
+    from models.store import ModelStore
+
+    cfg = load_cfg()
+    try:
+        print(json.dumps(start(cfg, ModelStore.from_config(cfg), version)))
+    except ShadowError as e:
+        fail(str(e))
+
+
+@shadow_app.command("status")
+def shadow_status_cmd(decide: bool = typer.Option(True, "--decide/--no-decide", help="Once shadow.window_s has "
+                                                   "passed, promote or reject the candidate (and stop shadowing)")) -> None:
+    """The candidate vs the serving model on the pages both scored (AUC per head, NDCG), and the decision."""
+    from models.shadow import ShadowError, status
+    from models.store import ModelStore
+
+    cfg = load_cfg()
+    try:
+        print(json.dumps(status(cfg, ModelStore.from_config(cfg), decide=decide), default=str))
+    except ShadowError as e:
+        fail(str(e))
+
+
+@shadow_app.command("stop")
+def shadow_stop_cmd() -> None:
+    """Stop shadow scoring without a decision."""
+    from models.shadow import stop
+
+    was = stop(load_cfg())
+    if was is None:
+        fail("no shadow is running")
+    print(json.dumps({"stopped": was}))
