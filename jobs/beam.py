@@ -13,12 +13,23 @@ from core.config import Config
 
 
 def pipeline_options(runner: str = "DirectRunner", workers: int = 2, extra: list[str] | None = None) -> Any:
+    """Beam options for ``runner``; Beam's own INFO lines (every worker message of the DirectRunner) are
+    kept out of the output: warnings and errors still show."""
+    import logging
+
     from apache_beam.options.pipeline_options import PipelineOptions
+
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)
+
+    import sys
 
     args = [f"--runner={runner}"]
     if runner == "DirectRunner":
-        args += ["--direct_running_mode=multi_processing" if workers > 1 else "--direct_running_mode=in_memory",
-                 f"--direct_num_workers={workers}"]
+        # in a process that ran a PyFlink job, PyFlink's Beam operations are registered for URNs an
+        # in-process Beam worker then decodes wrongly (DecodeError): the workers get their own processes
+        in_memory = workers <= 1 and "pyflink.fn_execution.beam.beam_operations" not in sys.modules
+        args += ["--direct_running_mode=in_memory" if in_memory else "--direct_running_mode=multi_processing",
+                 f"--direct_num_workers={max(1, workers)}"]
     return PipelineOptions(args + list(extra or []))
 
 

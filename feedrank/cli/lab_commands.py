@@ -105,6 +105,22 @@ def bench_features_cmd(count: int = typer.Option(300_000, "--count", help="Event
     write_bench("features", res)
 
 
+@bench_app.command("lake")
+def bench_lake_cmd(pages: int = typer.Option(3000, help="Served pages written (each ~22 events, one of ~33 KB)"),
+                   log: str = typer.Option("kafka", "--events", help=EVENTS_HELP),
+                   workers: int = typer.Option(2, help="Beam DirectRunner processes for the training set")) -> None:
+    """The lake job's events/s and the training-set pipeline's rows/s, on their own embedded stack."""
+    from lab.bench import scratch_removed_on_success
+    from lab.bench_lake import bench_lake
+
+    with progress_bars() as prog, scratch_removed_on_success():
+        try:
+            res = bench_lake(load_cfg(), pages=pages, events=log, workers=workers, progress=StageProgress(prog))
+        except (ValueError, TimeoutError) as e:
+            fail(str(e))
+    write_bench("lake", res)
+
+
 @bench_app.command("freshness")
 def bench_freshness_cmd(probes: int = typer.Option(200, help="Timed clicks"),
                         background: float = typer.Option(2000.0, help="Background load, events/s"),
