@@ -92,3 +92,23 @@ def sim_clients(
         out["grpc"] = api.stats()
         api.close()
     print(json.dumps(out))
+
+
+@sim_app.command("seed-lake")
+def sim_seed_lake(
+    data: Path = typer.Option(None, help="Simulated world directory (default: var/sim/<scale>-<seed>)"),
+    days: float = typer.Option(0.0, help="Only the last this many days of the history (0: all of it)"),
+) -> None:
+    """Write the world's logged history into the lake (lake.uri) in the lake job's format, with each request's
+    feature rows computed point in time by the current two-tower: the batch tier can run before serving has."""
+    from feedrank.cli.common import StageProgress, resolve_world
+    from lab.lake_seed import seed_lake
+
+    cfg = load_cfg()
+    d = resolve_world(cfg, data)
+    try:
+        with progress_bars() as prog:
+            res = seed_lake(cfg, d, days=days or None, progress=StageProgress(prog))
+    except (FileNotFoundError, KeyError) as e:
+        fail(f"cannot seed the lake from {d}: {e} (feedrank sim generate, then feedrank train two-tower)")
+    print(json.dumps(res))
