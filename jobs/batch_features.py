@@ -117,7 +117,7 @@ def _post_files(cfg: Config) -> list[Path]:
     return files(cfg, "posts") + files(cfg, "follows")
 
 
-def run(cfg: Config, date: str, runner: str = "DirectRunner", workers: int = 2,
+def run(cfg: Config, date: str, runner: str = "DirectRunner", workers: int = 1,
         extra_options: list[str] | None = None, materialize: bool = True) -> dict[str, Any]:
     """Compute the batch features of the window ending ``date``, write them where the Feast views read
     them, and materialise them into the online store; returns what was written."""

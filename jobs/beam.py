@@ -1,6 +1,7 @@
 """Running the batch pipelines (Apache Beam): the runner and its options, and reading lake tables.
 
-Locally the DirectRunner in multi-processing mode (``--workers`` processes); ``--runner FlinkRunner``
+Locally the DirectRunner, in-process by default (its multi-processing mode lost elements at scale here:
+jobs.training_set.check_complete); ``--runner FlinkRunner``
 (or DataflowRunner) takes the same pipeline elsewhere — the FlinkRunner needs a Beam Flink job server
 for this Beam version and a Flink it supports (see README "Batch tier").
 """
@@ -12,7 +13,7 @@ from typing import Any
 from core.config import Config
 
 
-def pipeline_options(runner: str = "DirectRunner", workers: int = 2, extra: list[str] | None = None) -> Any:
+def pipeline_options(runner: str = "DirectRunner", workers: int = 1, extra: list[str] | None = None) -> Any:
     """Beam options for ``runner``; Beam's own INFO lines (every worker message of the DirectRunner) are
     kept out of the output: warnings and errors still show."""
     import logging

@@ -193,7 +193,24 @@ def _next_day(date: str) -> str:
     return (dt.date.fromisoformat(date) + dt.timedelta(days=1)).isoformat()
 
 
-def run(cfg: Config, date: str, window_days: int = 1, runner: str = "DirectRunner", workers: int = 2,
+class IncompleteRun(RuntimeError):
+    """The runner returned fewer elements from a step than went into it: the training set is not written."""
+
+
+def check_complete(counts: dict[str, int]) -> None:
+    """Every attributed exposure must come out of the row join (with its row, or counted missing) and every
+    positive out of the sampling. Measured: Beam 2.61's DirectRunner in multi_processing mode with 2 workers
+    lost 5-30% of the elements after the joins on a medium world's day (284,478 exposures), differently on each
+    run, while in_memory mode kept them all; a run that loses anything is an error, never a training set."""
+    got = lambda k: counts.get(k, 0)  # noqa: E731
+    joined = got("examples_positive") + got("examples_negative") + got("missing_features") + got("served_without_features")
+    if joined != got("exposures") or got("kept_positive") != got("examples_positive"):
+        raise IncompleteRun(f"the Beam runner lost elements: {got('exposures')} exposures -> {joined} after the row join, "
+                            f"{got('examples_positive')} positives -> {got('kept_positive')} after sampling; "
+                            "nothing was written as a training set (run with --workers 1)")
+
+
+def run(cfg: Config, date: str, window_days: int = 1, runner: str = "DirectRunner", workers: int = 1,
         extra_options: list[str] | None = None) -> dict[str, Any]:
     """Build the training set of the ``window_days`` ending with ``date``; returns its ``_meta.json``."""
     import shutil
@@ -217,6 +234,11 @@ def run(cfg: Config, date: str, window_days: int = 1, runner: str = "DirectRunne
             k, v = json.loads(line)
             counts[k] = counts.get(k, 0) + v
         f.unlink()
+    try:
+        check_complete(counts)
+    except IncompleteRun:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
     splits = {}
     for name in ("train", "validation"):
         fs = sorted((out / name).glob("*.parquet"))

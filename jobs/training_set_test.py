@@ -54,7 +54,7 @@ def test_training_set_labels_rows_sampling_split(make_cfg):
     lake.write_rows(cfg, "engagements", [lake.row_of("engagements", e) for e in engs])
     lake.write_rows(cfg, "engagements", [lake.row_of("engagements", engs[0])], writer="retry")  # a repeat of c1
 
-    meta = ts.run(cfg, "2026-01-05", 1, workers=2)
+    meta = ts.run(cfg, "2026-01-05", 1, workers=1)
     c = meta["counts"]
     assert c["exposures"] == len(exps) == 69
     assert c["served_without_features"] == 1 and c["missing_features"] == 1
@@ -91,3 +91,12 @@ def test_training_set_labels_rows_sampling_split(make_cfg):
     assert "r6-13" in {r["event_id"] for r in valid}
     assert meta["splits"]["train"]["rows"] == len(train) and meta["splits"]["validation"]["rows"] == len(valid)
     assert meta["splits"]["train"]["feature_schemas"] == ["h5"]
+
+
+def test_a_run_that_lost_elements_is_an_error():
+    ok = {"exposures": 10, "examples_positive": 3, "examples_negative": 6, "missing_features": 1, "kept_positive": 3}
+    ts.check_complete(ok)
+    with pytest.raises(ts.IncompleteRun, match="10 exposures -> 8 after the row join"):
+        ts.check_complete({**ok, "examples_negative": 4})
+    with pytest.raises(ts.IncompleteRun, match="3 positives -> 2 after sampling"):
+        ts.check_complete({**ok, "kept_positive": 2})

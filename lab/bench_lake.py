@@ -53,7 +53,7 @@ def lake_workload(pages: int, seed: int = 0) -> tuple[list[Any], int]:
     return events, exposures
 
 
-def bench_lake(cfg: Config, pages: int = 3000, events: str = "kafka", workers: int = 2, progress=None) -> dict[str, Any]:
+def bench_lake(cfg: Config, pages: int = 3000, events: str = "kafka", workers: int = 1, progress=None) -> dict[str, Any]:
     from features import lake
     from features.eventlog import open_configured_event_log
     from features.progress import read_progress

@@ -28,7 +28,7 @@ def test_seeded_lake_gives_the_simulators_labels(served_world, tmp_path):  # noq
     # one day of the world: its last date, and the one before when the day crosses midnight
     dates = sorted({lake.partition(int(t))[0] for t in ts[in_window]})
     date, days = dates[-1], len(dates)
-    meta = training_set.run(cfg, date, days, workers=2)
+    meta = training_set.run(cfg, date, days, workers=1)
     assert meta["counts"]["exposures"] == res["rows"]["exposures"] and meta["counts"]["missing_features"] == 0
     out = training_set.out_dir(cfg, date, days)
     t = pq.read_table(sorted(out.glob("*/*.parquet"))).to_pandas()

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from core.config import Config
 
 
-def daily_cycle(cfg: Config, date: str, window_days: int = 7, workers: int = 2,
+def daily_cycle(cfg: Config, date: str, window_days: int = 7, workers: int = 1,
                 say: Callable[[str], None] = print, now_ms: int | None = None) -> dict[str, Any]:
     from features.lake import training_set_dir
     from jobs.batch_features import run as batch_features

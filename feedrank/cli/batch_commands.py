@@ -36,16 +36,19 @@ def batch_run(
     date: Optional[str] = typer.Option(None, help="The last day (UTC, YYYY-MM-DD) of the window; default yesterday"),
     window: str = typer.Option("1d", help="Days of exposures ending with --date (training-set)"),
     runner: str = typer.Option("DirectRunner", help="Beam runner: DirectRunner (local processes), FlinkRunner, DataflowRunner"),
-    workers: int = typer.Option(2, help="DirectRunner: worker processes"),
+    workers: int = typer.Option(1, help="DirectRunner: worker processes (1: in-process; more lost elements here, see README)"),
     option: list[str] = typer.Option([], "--option", help="Extra Beam pipeline option, e.g. --option=--flink_master=localhost:8081"),
 ) -> None:
     """Run a batch pipeline over the lake (lake.uri) and print what it wrote as JSON."""
     cfg = load_cfg()
     d = lake_date(date)
     if pipeline == "training-set":
-        from jobs.training_set import run
+        from jobs.training_set import IncompleteRun, run
 
-        meta = run(cfg, d, window_days(window), runner=runner, workers=workers, extra_options=option)
+        try:
+            meta = run(cfg, d, window_days(window), runner=runner, workers=workers, extra_options=option)
+        except IncompleteRun as e:
+            fail(str(e))
         if meta["counts"]["exposures"] == 0:
             fail(f"no exposures in the lake for {', '.join(meta['dates'])} ({cfg.lake.uri}): is `feedrank jobs run lake` running?")
         print(json.dumps(meta))
@@ -61,18 +64,19 @@ def batch_run(
 def batch_daily(
     date: Optional[str] = typer.Option(None, help="The day to process (UTC, YYYY-MM-DD); default yesterday"),
     window: str = typer.Option("7d", help="Days of exposures the heavy ranker is retrained on"),
-    workers: int = typer.Option(2, help="Beam DirectRunner processes"),
+    workers: int = typer.Option(1, help="Beam DirectRunner processes (see README)"),
 ) -> None:
     """The daily cycle: decide the running shadow, batch features, training set, retrain the heavy ranker,
     shadow-score the candidate (runtime/daily.py). Prints its report as JSON; cron-friendly."""
     from feedrank.cli.common import console
     from models.lake_training import LakeTrainingError
     from models.shadow import ShadowError
+    from jobs.training_set import IncompleteRun
     from runtime.daily import daily_cycle
 
     cfg = load_cfg()
     try:
         report = daily_cycle(cfg, lake_date(date), window_days(window), workers, say=console.print)
-    except (LakeTrainingError, ShadowError, FileNotFoundError) as e:
+    except (LakeTrainingError, ShadowError, IncompleteRun, FileNotFoundError) as e:
         fail(str(e))
     print(json.dumps(report, default=str))

@@ -108,7 +108,7 @@ def bench_features_cmd(count: int = typer.Option(300_000, "--count", help="Event
 @bench_app.command("lake")
 def bench_lake_cmd(pages: int = typer.Option(3000, help="Served pages written (each ~22 events, one of ~33 KB)"),
                    log: str = typer.Option("kafka", "--events", help=EVENTS_HELP),
-                   workers: int = typer.Option(2, help="Beam DirectRunner processes for the training set")) -> None:
+                   workers: int = typer.Option(1, help="Beam DirectRunner processes for the training set (see README)")) -> None:
     """The lake job's events/s and the training-set pipeline's rows/s, on their own embedded stack."""
     from lab.bench import scratch_removed_on_success
     from lab.bench_lake import bench_lake

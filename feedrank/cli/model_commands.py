@@ -23,7 +23,7 @@ def train(
                                    "served-data lake (feedrank batch run training-set) instead of the simulator"),
     window: str = typer.Option("7d", help="--from-lake: days of exposures ending with --date"),
     date: Optional[str] = typer.Option(None, help="--from-lake: the window's last day (UTC, YYYY-MM-DD; default yesterday)"),
-    workers: int = typer.Option(2, help="--from-lake: Beam DirectRunner processes for the training set"),
+    workers: int = typer.Option(1, help="--from-lake: Beam DirectRunner processes for the training set (see README)"),
     shadow: bool = typer.Option(False, "--shadow", help="--from-lake: publish the heavy ranker without promoting it "
                                 "and shadow-score it (feedrank models shadow status decides)"),
 ) -> None:
@@ -39,14 +39,17 @@ def train(
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if from_lake:
         from feedrank.cli.batch_commands import lake_date, window_days
-        from jobs.training_set import run as build_training_set
+        from jobs.training_set import IncompleteRun, run as build_training_set
         from models.lake_training import LakeTrainingError, train_from_lake
 
         if what not in ("light", "heavy", "all"):
             fail("--from-lake trains light and heavy (all = both); the two-tower from the lake is not built yet")
         d, n = lake_date(date), window_days(window)
         console.print(f"building the training set of {n} day(s) ending {d} from {cfg.lake.uri} (Apache Beam) …")
-        meta = build_training_set(cfg, d, n, workers=workers)
+        try:
+            meta = build_training_set(cfg, d, n, workers=workers)
+        except IncompleteRun as e:
+            fail(str(e))
         console.print(f"  {meta['counts']['exposures']} exposures -> {meta['splits']['train']['rows']} train / "
                       f"{meta['splits']['validation']['rows']} validation rows in {meta['seconds']} s")
         from features.lake import training_set_dir
