@@ -17,7 +17,8 @@ NDCG@20 of each page's order vs its true-utility order, discovery share (items f
 authors the user does not follow) and diversity (distinct authors per page).
 
 Also here: position-bias corrected vs naive training (:mod:`lab.position_bias_experiment`)
-and online learning on vs off after a trend shift (:mod:`lab.trend_shift_experiment`).
+online learning on vs off after a trend shift (:mod:`lab.trend_shift_experiment`) and rankers retrained from
+FeedService's own logs (the lake) vs the logging-policy tables (:mod:`lab.lake_retraining_experiment`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from lab.variants import VARIANTS, run_variant
 
 Step = Callable[[str, float], None]
 
-PARTS = ("variants", "position_bias", "trend_shift")
+PARTS = ("variants", "position_bias", "trend_shift", "lake_retraining")
 
 
 def run_experiments(cfg: Config, world_dir: Path, out_json: Path, users: int = 300, minutes: float = 60.0,
@@ -75,6 +76,11 @@ def run_experiments(cfg: Config, world_dir: Path, out_json: Path, users: int = 3
 
             res["trend_shift"] = run_trend_shift(bcfg, world_dir, users, trend_minutes, speed, seed, progress=step,
                                                  **options.get("trend_shift", {}))
+        if "lake_retraining" in parts:
+            from lab.lake_retraining_experiment import run_lake_retraining
+
+            res["lake_retraining"] = run_lake_retraining(bcfg, world_dir, users, minutes, seed, progress=step,
+                                                         **options.get("lake_retraining", {}))
     finally:
         stack.down(bcfg)
     checks: dict[str, bool] = {}
@@ -169,5 +175,24 @@ def _report(res: dict, out: Path) -> None:
                              f"(standard error {d['se']}, z = {d['z']}).")
         lines += ["", f"Learner decisions (online arm): {a['online']['learner']['decisions']}, "
                   f"{a['online']['learner']['examples']} examples.", "", f"![trend shift]({name})", ""]
+    lr = res.get("lake_retraining")
+    if lr:
+        from lab.lake_retraining_experiment import ARMS as LR_ARMS, plot as lr_plot
+
+        name = lr_plot(lr, out)
+        c, col, ts_ = lr["lake_retrained_minus_logging_policy"], lr["collection"], lr["training_set"]
+        lines += ["## Rankers retrained from FeedService's own logs vs the logging-policy tables", "",
+                  lr["protocol"] + ".", "",
+                  f"Collected: {col['users']} users (seed {col['seed']}), {col['simulated_minutes']:g} simulated minutes, "
+                  f"{col['served']['served']:,} exposures served and {col['lake_exposures']:,} in the lake; training set "
+                  f"{ts_['splits']['train']['rows']:,} train / {ts_['splits']['validation']['rows']:,} validation rows "
+                  f"({ts_['counts']['examples_positive']:,} positives). Evaluated: {lr['users']} users (seed {lr['seed']}), "
+                  f"{lr['simulated_minutes']:g} simulated minutes per arm.", "",
+                  "| metric | logging policy | lake retrained | difference (SE) | z |", "|---|---|---|---|---|"]
+        for m, r in c.items():
+            if isinstance(r, dict):
+                lines.append(f"| {m} | {r[LR_ARMS[0]]} ± {r['se'][LR_ARMS[0]]} | {r[LR_ARMS[1]]} ± {r['se'][LR_ARMS[1]]} | "
+                             f"{r['difference']:+} ({r['difference_se']}) | {r['z']} |")
+        lines += ["", f"![lake retraining]({name})", ""]
     lines += ["## Checks", "", *[f"- {k}: **{'yes' if ok else 'no'}**" for k, ok in res["checks"].items()], ""]
     (out / "report.md").write_text("\n".join(lines))

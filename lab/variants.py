@@ -70,7 +70,10 @@ class PageRecorder:
         return getattr(self.api, name)
 
 
-def run_variant(cfg: Config, variant: str, world_dir: Path, users: int, minutes: float, seed: int) -> dict[str, Any]:
+def run_variant(cfg: Config, variant: str, world_dir: Path, users: int, minutes: float, seed: int,
+                detail: bool = False) -> dict[str, Any]:
+    """One variant's run; ``detail`` adds ``_per_user`` ([sessions, impressions, examined, clicks, utility] per
+    user) and ``_pages`` (each served page's metrics), for standard errors."""
     from features.eventlog import open_configured_event_log
     from lab.bench_serve import load_user_rows
     from sim.chronological import ChronologicalFeed
@@ -113,9 +116,13 @@ def run_variant(cfg: Config, variant: str, world_dir: Path, users: int, minutes:
         v = np.array([p[key] for p in pages], dtype=np.float64)
         return round(float(np.nanmean(v)), 4) if v.size else float("nan")
 
-    return {"variant": variant, "sessions": st.sessions, "impressions": st.impressions, "examined": st.examined,
-            "ctr": round(st.ctr, 4), "utility_total": round(st.utility, 1),
-            "utility_per_examined": round(st.utility / max(st.examined, 1), 4),
-            "page_expected_utility": mean("expected_utility"), "ndcg@20_vs_true_utility": mean("ndcg"),
-            "discovery_share": mean("discovery"), "distinct_authors_per_item": mean("distinct_authors"),
-            "pages": len(pages), "errors": st.errors, "seconds": round(time.perf_counter() - t0, 1)}
+    out = {"variant": variant, "sessions": st.sessions, "served": st.served, "impressions": st.impressions,
+           "examined": st.examined,
+           "ctr": round(st.ctr, 4), "utility_total": round(st.utility, 1),
+           "utility_per_examined": round(st.utility / max(st.examined, 1), 4),
+           "page_expected_utility": mean("expected_utility"), "ndcg@20_vs_true_utility": mean("ndcg"),
+           "discovery_share": mean("discovery"), "distinct_authors_per_item": mean("distinct_authors"),
+           "pages": len(pages), "errors": st.errors, "seconds": round(time.perf_counter() - t0, 1)}
+    if detail:
+        out["_per_user"], out["_pages"] = st.per_user, pages
+    return out

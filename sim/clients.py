@@ -80,6 +80,8 @@ class RunStats:
     clicks_by_pos: Counter = field(default_factory=Counter)
     sources: Counter = field(default_factory=Counter)
     errors: int = 0
+    # per user: [sessions, impressions, examined, clicks, utility], for standard errors clustered by user
+    per_user: dict[int, list[float]] = field(default_factory=dict)
 
     @property
     def ctr(self) -> float:
@@ -97,6 +99,16 @@ class SimulatedUser:
         self.page_size = page_size
 
     def session(self, api: FeedApi, clock: Clock, stats: RunStats, feed_type: str = "home") -> None:
+        before = (stats.impressions, stats.examined, stats.actions["click"], stats.utility)
+        try:
+            self._session(api, clock, stats, feed_type)
+        finally:
+            row = stats.per_user.setdefault(self.user_id, [0.0] * 5)
+            row[0] += 1
+            for i, (a, b) in enumerate(zip(before, (stats.impressions, stats.examined, stats.actions["click"], stats.utility))):
+                row[i + 1] += b - a
+
+    def _session(self, api: FeedApi, clock: Clock, stats: RunStats, feed_type: str) -> None:
         u, w, rng = self.user_id, self.world, self.rng
         cursor = ""
         stats.sessions += 1

@@ -81,7 +81,7 @@ def eval_(
     data: Optional[Path] = typer.Option(None, help="Simulated world directory"),
     users: int = typer.Option(300, help="experiments: simulated users"),
     minutes: float = typer.Option(60.0, help="experiments: simulated minutes per variant"),
-    only: str = typer.Option("variants,position_bias,trend_shift", help="experiments: which comparisons"),
+    only: str = typer.Option("variants,position_bias,trend_shift,lake_retraining", help="experiments: which comparisons"),
     trend_minutes: float = typer.Option(40.0, help="experiments: simulated minutes per trend-shift arm"),
     speed: float = typer.Option(8.0, help="experiments: trend shift runs this many times faster than real time"),
 ) -> None:
