@@ -127,6 +127,7 @@ class Flink(_Section):
 class Lake(_Section):
     uri: str
     partition_commit_delay_s: NonNegInt
+    compact_min_age_s: NonNegInt
     negatives_per_positive: PosFloat
     attribution_window_s: PosInt
     validation_fraction: Fraction

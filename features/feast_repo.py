@@ -29,12 +29,20 @@ BATCH_FEATURES_KEY = "feedrank:batch:features"
 TOPIC_STATS_FLOAT = ("clicks_5m", "clicks_1h", "clicks_per_hour_longrun", "trend")
 
 
-def definitions(data_dir: Path) -> dict[str, Any]:
-    """Every Feast object of feedrank, by variable name (the one place they are defined)."""
+def definitions(data_dir: Path, lake_dir: Path | None = None) -> dict[str, Any]:
+    """Every Feast object of feedrank, by variable name (the one place they are defined); with ``lake_dir``
+    also a ``lake_<table>`` file source per table of the served-data lake (its compacted partitions:
+    :func:`features.lake.compact`), for historical retrieval and ad-hoc reads through Feast."""
     from feast import Entity, FeatureView, Field, FileSource, PushSource, ValueType
     from feast.types import Array, Bool, Float32, Int64
 
     data = Path(data_dir) / "feast"
+    lake_sources: dict[str, Any] = {}
+    if lake_dir is not None:
+        from features.lake import TABLES
+
+        lake_sources = {f"lake_{t}": FileSource(name=f"lake_{t}", path=str(Path(lake_dir) / t), timestamp_field="event_time",
+                                                description=TABLES[t].doc) for t in TABLES}
 
     def file(name: str) -> FileSource:
         return FileSource(name=f"{name}_file", path=str(data / f"{name}.parquet"), timestamp_field=TS)
@@ -52,6 +60,7 @@ def definitions(data_dir: Path) -> dict[str, Any]:
     topic = Entity(name="topic", join_keys=["topic_id"], value_type=ValueType.INT64, description="a content topic")
     f32s = Array(Float32)
     return {
+        **lake_sources,
         "user": user, "post": post, "author": author, "topic": topic,
         "user_profile": view("user_profile", user, 365, [
             Field(name="follower_count", dtype=Int64), Field(name="following_count", dtype=Int64),
@@ -138,7 +147,9 @@ def feature_store(cfg: Config) -> Any:
 def apply(cfg: Config) -> Any:
     """Register every definition (what `feast apply` does), for jobs started on a fresh stack."""
     store = feature_store(cfg)
-    store.apply(list(definitions(cfg.data_dir).values()))
+    from features.lake import lake_dir
+
+    store.apply(list(definitions(cfg.data_dir, lake_dir(cfg)).values()))
     return store
 
 

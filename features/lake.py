@@ -1,7 +1,9 @@
 """The served-data lake: what serving logged, as Parquet tables partitioned by event date and hour.
 
 Written by the lake job (``jobs/lake.py``, PyFlink) from the event log, read by the batch pipelines and
-training. Layout: ``<lake.uri>/<table>/dt=YYYY-MM-DD/hr=HH/part-*.parquet`` (UTC event time). Files
+training. Layout: ``<lake.uri>/<table>/dt=YYYY-MM-DD/hr=HH/part-*`` (UTC event time); :func:`compact` merges
+a partition's files into one ``part-compacted-*.parquet``, the form Feast's file offline store reads
+(:func:`features.feast_repo.definitions` declares a ``lake_<table>`` source per table). Files
 appear complete (Flink commits them with its checkpoints; in-progress files start with ``.`` and are
 ignored). A producer's retry can log an event twice with one ``event_id``: readers drop the repeats
 (:func:`read_table` does). Each table's columns are declared once here, with their Flink SQL types;
@@ -151,17 +153,13 @@ def read_table(cfg: Config, table: str, dates: Iterable[str] | None = None, colu
     False keeps them), with the partition columns; an empty table with the declared schema when nothing is
     committed."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     fs = files(cfg, table, dates)
     if not fs:
         return empty(table, columns)
     parts = []
     for f in fs:
-        t = pq.read_table(f, columns=None if columns is None else sorted(set(columns) | {"event_id"}))
-        if "event_time" in t.column_names:  # Flink writes INT96 (read as ns), write_rows milliseconds
-            i = t.column_names.index("event_time")
-            t = t.set_column(i, "event_time", t.column(i).cast(pa.timestamp("ms")))
+        t = _read_file(f, None if columns is None else sorted(set(columns) | {"event_id"}))
         for k in PARTITIONS:  # from the path: dt=…/hr=…/part-…
             v = next(p.name.split("=", 1)[1] for p in f.parents if p.name.startswith(f"{k}="))
             t = t.append_column(k, pa.array([v] * t.num_rows, type=pa.string()))
@@ -170,6 +168,67 @@ def read_table(cfg: Config, table: str, dates: Iterable[str] | None = None, colu
     if where is not None:
         t = t.filter(where(t))
     return dedupe(t) if unique else t
+
+
+def _read_file(f: Path, columns: list[str] | None = None) -> Any:
+    """One committed file, ``event_time`` as naive UTC milliseconds whoever wrote it (Flink writes INT96,
+    read as ns; write_rows milliseconds; :func:`compact` milliseconds with the UTC zone)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(f, columns=columns)
+    if "event_time" in t.column_names:
+        i = t.column_names.index("event_time")
+        t = t.set_column(i, "event_time", t.column(i).cast(pa.timestamp("ms")))
+    return t
+
+
+COMPACTED = "part-compacted-"
+
+
+def compact(cfg: Config, tables: Iterable[str] | None = None, dates: Iterable[str] | None = None,
+            min_age_s: float | None = None) -> dict[str, Any]:
+    """Merge each hour partition's committed files into one ``part-compacted-*.parquet`` file, repeats of an
+    event_id dropped, ``event_time`` as a UTC timestamp. Why: Flink's SQL filesystem sink names its part files
+    without an extension (FLINK-33987), which Feast's file offline store (dask) does not read, and it writes
+    one small file per checkpoint and partition. Only files older than ``min_age_s`` (default
+    ``lake.compact_min_age_s``, many checkpoint intervals: a restarted job never re-commits them) are merged;
+    a partition already one compacted file is left alone. The new file appears (atomic rename) before the old
+    ones are removed: a crash in between leaves repeats, which readers drop and the next run merges."""
+    import time
+    import uuid
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    age = cfg.lake.compact_min_age_s if min_age_s is None else min_age_s
+    cutoff = time.time() - age
+    out: dict[str, Any] = {"partitions": 0, "files_merged": 0, "rows": 0, "repeats_dropped": 0, "skipped_young": 0}
+    for table in tables or TABLES:
+        by_part: dict[Path, list[Path]] = {}
+        for f in files(cfg, table, dates):
+            by_part.setdefault(f.parent, []).append(f)
+        for part, fs in by_part.items():
+            old = [f for f in fs if f.stat().st_mtime <= cutoff]
+            out["skipped_young"] += len(fs) - len(old)
+            if not old or (len(old) == 1 and old[0].name.startswith(COMPACTED)):
+                continue
+            t = pa.concat_tables([_read_file(f) for f in old], promote_options="default")
+            kept = dedupe(t)
+            schema = arrow_schema(table).set(len(TABLES[table].columns),
+                                             pa.field("event_time", pa.timestamp("ms", tz="UTC")))
+            kept = kept.select(schema.names).cast(schema)
+            name = f"{COMPACTED}{uuid.uuid4().hex[:12]}.parquet"
+            tmp = part / f".{name}.inprogress"
+            pq.write_table(kept, tmp, compression="snappy")
+            tmp.rename(part / name)
+            for f in old:
+                f.unlink()
+            out["partitions"] += 1
+            out["files_merged"] += len(old)
+            out["rows"] += kept.num_rows
+            out["repeats_dropped"] += t.num_rows - kept.num_rows
+    return out
 
 
 def dedupe(t: Any) -> Any:

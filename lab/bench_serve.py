@@ -362,9 +362,38 @@ def serving_stack(cfg: Config, scale: str, workers: int = 0, step: Step | None =
         stack.down(bcfg)
 
 
+def shadow_candidate(bcfg: Config) -> str:
+    """A heavy candidate for the shadow cost measurement: the current model's files published again as a new,
+    not promoted version (the same network: the cost measured is the second scoring, not a bigger model)."""
+    from models.store import ModelStore
+
+    store = ModelStore.from_config(bcfg)
+    ck, d = store.fetch("heavy")
+    files = {name: d / name for name in ck.files}
+    return store.publish("heavy", files, parent=ck.version, data_window=ck.data_window, metrics={"bench": "shadow cost"},
+                         feature_schema_hash=ck.feature_schema_hash, promote=False).version
+
+
+def wait_shadow(mports: list[int], active: bool, timeout_s: float = 120.0) -> None:
+    """Until every worker reports ``feedrank_shadow_active`` as ``active`` (their loaders poll Redis)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        got = [scrape_metrics([p]).get("feedrank_shadow_active", 0.0) for p in mports]
+        if all((g >= 1.0) == active for g in got):
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"the workers did not {'load' if active else 'drop'} the shadow candidate in {timeout_s:.0f} s")
+
+
 def bench_serve(cfg: Config, scale: str = "large", rps_levels: tuple[float, ...] = (20.0,), seconds: float = 30.0,
-                progress: Step | None = None, world_dir: Path | None = None, workers: int = 0) -> dict[str, Any]:
+                progress: Step | None = None, world_dir: Path | None = None, workers: int = 0,
+                shadow: bool = False) -> dict[str, Any]:
+    """``shadow``: every level runs twice, without and then with a shadow candidate scoring each HOME page after
+    the response (models.shadow), so the JSON shows what shadow scoring costs the latency budget."""
     import psutil
+
+    from models import shadow as shadow_mod
+    from models.store import ModelStore
 
     step = progress or (lambda s, f: None)
     with serving_stack(cfg, scale, workers, step, world_dir) as st:
@@ -376,10 +405,7 @@ def bench_serve(cfg: Config, scale: str = "large", rps_levels: tuple[float, ...]
         def rss_mb() -> float:
             return sum(p.memory_info().rss for p in [ps, *ps.children(recursive=True)]) / 2**20
 
-        levels = []
-        run_load(address, bcfg.serving.jwt_secret, users[:2000], 10.0, 5.0, seed=99)  # warm-up, not reported
-        for i, rps in enumerate(rps_levels):
-            step(f"load {rps:g} RPS", 0.0)
+        def level(i: int, rps: float) -> dict[str, Any]:
             before = scrape_metrics(mports)
             res = run_load(address, bcfg.serving.jwt_secret, users, rps, seconds, seed=i)
             after = scrape_metrics(mports)
@@ -387,7 +413,27 @@ def bench_serve(cfg: Config, scale: str = "large", rps_levels: tuple[float, ...]
             res["candidates_per_request"] = {k: round(v / max(res["requests"], 1), 1) for k, v in
                                              _counter_delta(before, after, "feedrank_candidates_total").items()}
             res["cache"] = _counter_delta(before, after, "feedrank_result_cache_total")
+            res["shadow_pages_scored"] = after.get("feedrank_shadow_pages_scored_total", 0.0) - before.get(
+                "feedrank_shadow_pages_scored_total", 0.0)
             res["server_rss_mb"] = round(rss_mb(), 1)
+            return res
+
+        levels = []
+        candidate = shadow_candidate(bcfg) if shadow else None
+        run_load(address, bcfg.serving.jwt_secret, users[:2000], 10.0, 5.0, seed=99)  # warm-up, not reported
+        for i, rps in enumerate(rps_levels):
+            step(f"load {rps:g} RPS", 0.0)
+            res = level(i, rps)
+            if candidate:
+                step(f"load {rps:g} RPS with a shadow candidate", 0.5)
+                shadow_mod.start(bcfg, ModelStore.from_config(bcfg), candidate)
+                wait_shadow(mports, True)
+                with_shadow = level(i, rps)  # the same users and arrival times
+                shadow_mod.stop(bcfg)
+                wait_shadow(mports, False)
+                res["with_shadow"] = with_shadow
+                res["shadow_cost_ms"] = {q: round(with_shadow["latency_ms"][q] - res["latency_ms"][q], 2)
+                                         for q in res["latency_ms"] if q in with_shadow["latency_ms"]}
             levels.append(res)
             step(f"load {rps:g} RPS", 1.0)
         return {"scale": scale, "world": str(st.world_dir), "posts": int(world.n_posts), "users": int(world.n_users),
@@ -395,4 +441,4 @@ def bench_serve(cfg: Config, scale: str = "large", rps_levels: tuple[float, ...]
                 "server": {"worker_processes": n_workers, "torch_threads": 1, "faiss_threads": 1, "grpc_threads": 8},
                 "retrieval": {"index": bcfg.retrieval.index, "nlist": bcfg.retrieval.nlist, "nprobe": bcfg.retrieval.nprobe,
                               "ann_k": bcfg.candidates.ann_k},
-                "goal_p99_ms": 25.0, "levels": levels}
+                "goal_p99_ms": 25.0, "shadow_candidate": candidate, "levels": levels}

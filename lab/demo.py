@@ -54,7 +54,9 @@ def run_demo(cfg: Config, scale: str, users: int, minutes: float, keep_up: bool,
     # need not replay earlier demos
     uri = cfg.resolve_uri(cfg.events.uri).rstrip("/")
     uri = f"{uri}/demo-{stamp}" if uri.startswith("file://") else f"{uri}-demo-{stamp}"
-    cfg = cfg.model_copy(update={"events": cfg.events.model_copy(update={"uri": uri})})
+    lake_uri = cfg.resolve_uri(cfg.lake.uri).rstrip("/") + f"/demo-{stamp}"  # this run's lake, like its event log
+    cfg = cfg.model_copy(update={"events": cfg.events.model_copy(update={"uri": uri}),
+                                 "lake": cfg.lake.model_copy(update={"uri": lake_uri})})
     # an embedded stack: its own random JWT and cursor keys, known to its server (through child_env) and its
     # simulated clients only; `feedrank serve` refuses the placeholders shipped in feedrank.toml
     cfg = with_embedded_auth(cfg)
@@ -62,30 +64,37 @@ def run_demo(cfg: Config, scale: str, users: int, minutes: float, keep_up: bool,
     procs = ProcessGroup(log_dir)
     exe = str(Path(sys.executable).parent / "feedrank")
     try:
-        console.rule("1/7 embedded stack")
+        console.rule("1/8 embedded stack")
         for name, outcome in stack.up(cfg):
             console.print(f"[green]✓[/green] {name}: {outcome}")
         wdir, meta = _world(cfg, scale, console)
         _models(cfg, wdir, retrain, console)
         _features(cfg, wdir, console)
 
-        console.rule("5/7 PyFlink jobs: features + online learner")
+        console.rule("5/8 PyFlink jobs: features, online learner, lake")
         env = child_env(cfg, FEEDRANK_STREAMING_BOOTSTRAP_WORLD=str(wdir), **DEMO_LEARNER)
         procs.start("feature-job", [exe, "jobs", "run", "features"], env)
         procs.start("learner", [exe, "jobs", "run", "learner"], env)
+        procs.start("lake-job", [exe, "jobs", "run", "lake"], env)
         console.print(f"started (logs in {log_dir})")
 
-        console.rule("6/7 FeedService (gRPC)")
+        console.rule("6/8 FeedService (gRPC)")
         procs.start("serve", [exe, "serve", "--world", str(wdir), "--workers", "1"], env)
         address = f"{cfg.serving.host}:{cfg.serving.port}"
         _wait_healthy(address, procs, console)
         _wait_jobs(cfg, procs, console)
 
-        console.rule(f"7/7 {users} simulated users for {minutes:g} minutes (trend shift at the midpoint)")
+        console.rule(f"7/8 {users} simulated users for {minutes:g} minutes (trend shift at the midpoint)")
         run = _clients(cfg, wdir, users, minutes, address, procs, console)
-        console.rule("report")
         _drain(cfg, run, console)
         result = _collect(cfg, run, meta, time.perf_counter() - t_start)
+        console.rule("8/8 compressed daily cycle on what the FeedService logged")
+        from lab.demo_cycle import run_cycle
+
+        result["daily_cycle"] = run_cycle(cfg, run["t0_ms"], max(0.5, minutes / 3), lambda m: _clients(
+            cfg, wdir, users, m, address, procs, console), console)
+        result["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+        console.rule("report")
         path = write_report(report_dir, result)
         console.print(_summary(result))
         console.print(f"[bold]report:[/bold] {path}")
@@ -184,8 +193,8 @@ def _wait_jobs(cfg: Config, procs: ProcessGroup, console: Console, timeout: floa
     with console.status("waiting for the PyFlink jobs"):
         while time.time() - t0 < timeout:
             procs.check()
-            if read_progress(cfg, "features") and read_progress(cfg, "learner"):
-                console.print(f"feature job and learner running after {time.time() - t0:.0f} s")
+            if read_progress(cfg, "features") and read_progress(cfg, "learner") and read_progress(cfg, "lake"):
+                console.print(f"feature job, learner and lake job running after {time.time() - t0:.0f} s")
                 return
             time.sleep(1.0)
     raise RuntimeError(f"the PyFlink jobs did not report progress in {timeout:.0f} s\n" + job_diagnostics(cfg, procs))
@@ -197,7 +206,7 @@ def job_diagnostics(cfg: Config, procs: ProcessGroup) -> str:
     from runtime.procs import tail
 
     out = []
-    for name in ("feature-job", "learner"):
+    for name in ("feature-job", "learner", "lake-job"):
         out.append(f"--- {name} console (last lines):\n{tail(procs.log_dir / (name + '.log'), 6)}")
     for log in sorted((cfg.data_dir / "flink").glob("log-*/*.log")):
         bad = [ln for ln in log.read_text(errors="replace").splitlines() if " ERROR " in ln or " WARN " in ln
@@ -536,6 +545,10 @@ def write_report(out: Path, r: dict[str, Any]) -> Path:
         "## Per-stage latency (server)", "", "| stage | p50 ms | p99 ms |", "|---|---|---|",
     ]
     md += [f"| {n} | {v.get('p50_ms')} | {v.get('p99_ms')} |" for n, v in st.items()]
+    if r.get("daily_cycle"):
+        from lab.demo_cycle import report_lines
+
+        md += ["", *report_lines(r["daily_cycle"])]
     md += ["", *[f"![{f}]({f})" for f in files], ""]
     (out / "report.md").write_text("\n".join(md))
     return out / "report.md"

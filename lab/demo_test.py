@@ -41,3 +41,11 @@ def test_short_demo_runs_everything_and_reports_measured_figures(make_cfg, tmp_p
     assert r["rerank_constraints"]["author_runs_ok"] == 1.0
     assert (report.parent / "utility_ctr_over_time.png").stat().st_size > 1000
     assert "feedrank demo" in report.read_text()
+    # the compressed daily cycle ran on what this run's FeedService logged, through the lake job
+    dc = r["daily_cycle"]
+    assert dc["lake_exposures"] >= r["exposures_logged"] > 0
+    assert set(dc["steps"]) >= {"compact the lake", "batch features", "training set", "retrain heavy", "shadow start"}
+    assert dc["steps"]["training set"]["result"]["counts"]["missing_features"] == 0
+    assert dc["shadow"]["candidate"] == dc["candidate"] and dc["shadow"]["pages"] > 0
+    assert dc["shadow"]["decision"] in ("promote", "reject", "waiting")
+    assert "Compressed daily cycle" in report.read_text()

@@ -29,7 +29,8 @@ def test_variants_run_on_the_same_users_and_report_measured_figures(make_cfg, tm
                                     "V2_without_reranker"), trend_minutes=12.0, speed=12.0,
                           options={"position_bias": {"seeds": (0, 1), "heavy_rows": 30_000, "epochs": 2,
                                                      "n_sessions": 100},
-                                   "trend_shift": {"bucket_min": 3.0}})
+                                   "trend_shift": {"bucket_min": 3.0},
+                                   "lake_retraining": {"collect_users": 80, "epochs": 2}})
     v = res["variants"]
     assert json.loads(out.read_text())["variants"].keys() == v.keys()
     for name, r in v.items():
@@ -57,6 +58,15 @@ def test_variants_run_on_the_same_users_and_report_measured_figures(make_cfg, tm
     for k in ("V2_beats_V1_on_total_utility", "V2_beats_V0_on_utility_per_examined",
               "corrected_beats_naive_on_offline_ndcg", "online_beats_frozen_after_shift"):
         assert isinstance(res["checks"][k], bool)
+    # retrained from the FeedService's own logs: every served exposure reached the lake through the lake job,
+    # the rankers were trained on it, and both arms served the same users
+    lr = res["lake_retraining"]
+    assert lr["collection"]["lake_exposures"] == lr["collection"]["served"]["served"] > 1000
+    assert lr["training_set"]["counts"]["missing_features"] == 0 and lr["training_set"]["counts"]["examples_positive"] > 20
+    assert lr["retrained"]["heavy"]["version"] != lr["retrained"]["light"]["version"]
+    assert lr["arms"]["logging_policy"]["errors"] == 0 and lr["arms"]["lake_retrained"]["errors"] == 0
+    c = lr["lake_retrained_minus_logging_policy"]
+    assert c["users"] <= 40 and all(c[m]["difference_se"] > 0 for m in ("utility_per_examined", "ctr", "utility_total"))
     report = (out.parent / "report.md").read_text()
-    assert "Position bias" in report and "Trend shift" in report
+    assert "Position bias" in report and "Trend shift" in report and "own logs" in report
     assert (out.parent / "position_bias.png").stat().st_size > 1000 and (out.parent / "trend_shift.png").stat().st_size > 1000

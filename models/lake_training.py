@@ -82,3 +82,30 @@ def train_from_lake(cfg: Config, which: str, set_dir: Path, store: ModelStore | 
         ck = publish_heavy(cfg, store, heavy, win, hm, promote=promote_heavy)
         out["heavy"] = {"version": ck.version, **hm}
     return out
+
+
+def train_two_tower_from_lake(cfg: Config, date: str, window_days: int, store: ModelStore | None = None,
+                              epochs: int | None = None, seed: int = 0, progress: Progress = _quiet) -> dict[str, Any]:
+    """Fit the two-tower on the lake's window (clicks as positives, the user's state at click time from the
+    logged history), build and tune its FAISS index over every post the lake knows, publish and promote both."""
+    from features.lake_corpus import export_corpus
+    from models.sim_data import SimData
+    from models.train import fit_index, fit_two_tower, publish_two_tower
+
+    store = store or ModelStore.from_config(cfg)
+    dates = lake.days(date, window_days)
+    out_dir = lake.lake_dir(cfg) / "corpora" / f"{date}-{window_days}d"
+    progress("corpus from the lake", 0.0)
+    counts = export_corpus(cfg, dates, out_dir)
+    data = SimData.load(out_dir, valid_days=window_days * cfg.lake.validation_fraction)
+    if int((data.train_mask & (data.labels[:, 0] > 0)).sum()) == 0:
+        raise LakeTrainingError(f"{out_dir}: no clicks before the validation split: nothing to learn from")
+    tc = cfg.training
+    model, emb, m = fit_two_tower(data, epochs=epochs or tc.two_tower_epochs, seed=seed, progress=progress,
+                                  author_dim=tc.two_tower_author_dim)
+    progress("retrieval index", 0.0)
+    index, im = fit_index(data, model, emb, cfg, seed=seed)
+    win = {"source": "lake", "dates": dates, "corpus": str(out_dir), "lake_schema": lake.schema_hash(),
+           **{k: counts[k] for k in ("impressions", "engagements", "posts", "unknown_posts", "users", "follows")}}
+    ck, ick = publish_two_tower(cfg, store, model, index, emb, win, m, im)
+    return {"corpus": counts, "two_tower": {"version": ck.version, **m}, "retrieval": {"version": ick.version, **im}}

@@ -41,6 +41,9 @@ def daily_cycle(cfg: Config, date: str, window_days: int = 7, workers: int = 1,
     if shadow.active(cfg) is not None:
         step("shadow decision", lambda: {k: v for k, v in shadow.status(cfg, store, now_ms=now_ms).items()
                                          if k in ("decision", "reasons", "pages", "heads", "ndcg", "candidate")})
+    from features.lake import compact, days
+
+    step("compact the lake", lambda: compact(cfg, dates=days(date, window_days)))
     step("batch features", lambda: batch_features(cfg, date, workers=workers))
     meta = step("training set", lambda: training_set(cfg, date, window_days, workers=workers))
     trained = step("retrain heavy", lambda: train_from_lake(cfg, "heavy", training_set_dir(cfg, date, window_days),

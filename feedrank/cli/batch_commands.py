@@ -60,6 +60,21 @@ def batch_run(
         fail(f"unknown pipeline {pipeline!r}: training-set | features")
 
 
+@batch_app.command("compact")
+def batch_compact(
+    date: Optional[str] = typer.Option(None, help="The last day (UTC, YYYY-MM-DD) to compact; default: every day"),
+    window: str = typer.Option("1d", help="With --date: days ending with it"),
+    min_age_s: Optional[int] = typer.Option(None, help="Merge files older than this (default lake.compact_min_age_s)"),
+) -> None:
+    """Merge each hour partition of the lake into one .parquet file (what Feast's file offline store reads;
+    Flink's part files have no extension). Prints what it merged as JSON."""
+    from features.lake import compact, days
+
+    cfg = load_cfg()
+    dates = days(lake_date(date), window_days(window)) if date else None
+    print(json.dumps(compact(cfg, dates=dates, min_age_s=min_age_s)))
+
+
 @batch_app.command("daily")
 def batch_daily(
     date: Optional[str] = typer.Option(None, help="The day to process (UTC, YYYY-MM-DD); default yesterday"),

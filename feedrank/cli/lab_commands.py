@@ -141,6 +141,8 @@ def bench_serve_cmd(scale: str = typer.Option("large", help="World scale (its wo
                     rps: str = typer.Option("20", help="Comma-separated offered loads, requests/s"),
                     seconds: float = typer.Option(30.0, help="Seconds per load level"),
                     workers: int = typer.Option(0, help="Server processes (default serving.workers)"),
+                    shadow: bool = typer.Option(False, "--shadow", help="Run each level again with a shadow candidate "
+                                                "scoring every HOME page (its cost on the latency budget)"),
                     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the JSON result here")) -> None:
     """GetFeed latency over gRPC vs load (open loop), per-stage breakdown and server RSS."""
     from lab.bench import scratch_removed_on_success, write_result
@@ -149,7 +151,8 @@ def bench_serve_cmd(scale: str = typer.Option("large", help="World scale (its wo
     levels = rps_levels(rps)
     with progress_bars() as prog, scratch_removed_on_success():
         try:
-            res = bench_serve(load_cfg(), scale, levels, seconds, progress=StageProgress(prog), workers=workers)
+            res = bench_serve(load_cfg(), scale, levels, seconds, progress=StageProgress(prog), workers=workers,
+                              shadow=shadow)
         except RuntimeError as e:
             fail(str(e))
     path = write_result("serve", res)

@@ -19,8 +19,9 @@ def train(
     data: Optional[Path] = typer.Option(None, help="Simulated world directory (default: var/sim/<scale>-<seed>)"),
     heavy_rows: Optional[int] = typer.Option(None, help="Training impressions sampled for the rankers (default: training.heavy_rows)"),
     epochs: Optional[int] = typer.Option(None, help="Two-tower epochs (default: training.two_tower_epochs)"),
-    from_lake: bool = typer.Option(False, "--from-lake", help="light | heavy: train on a training set built from the "
-                                   "served-data lake (feedrank batch run training-set) instead of the simulator"),
+    from_lake: bool = typer.Option(False, "--from-lake", help="train on the served-data lake instead of the simulator: "
+                                   "light | heavy on a training set (feedrank batch run training-set), the two-tower "
+                                   "on the window's exposures, engagements, posts and follows"),
     window: str = typer.Option("7d", help="--from-lake: days of exposures ending with --date"),
     date: Optional[str] = typer.Option(None, help="--from-lake: the window's last day (UTC, YYYY-MM-DD; default yesterday)"),
     workers: int = typer.Option(1, help="--from-lake: Beam DirectRunner processes for the training set (see README)"),
@@ -42,9 +43,20 @@ def train(
         from jobs.training_set import IncompleteRun, run as build_training_set
         from models.lake_training import LakeTrainingError, train_from_lake
 
-        if what not in ("light", "heavy", "all"):
-            fail("--from-lake trains light and heavy (all = both); the two-tower from the lake is not built yet")
         d, n = lake_date(date), window_days(window)
+        out: dict = {}
+        if what in ("two-tower", "all"):
+            from models.lake_training import train_two_tower_from_lake
+
+            console.print(f"two-tower on the lake's {n} day(s) ending {d} …")
+            try:
+                with progress_bars() as prog:
+                    out.update(train_two_tower_from_lake(cfg, d, n, epochs=epochs, progress=StageProgress(prog)))
+            except (LakeTrainingError, ValueError) as e:
+                fail(str(e))
+            if what == "two-tower":
+                print(json.dumps(out, default=str))
+                return
         console.print(f"building the training set of {n} day(s) ending {d} from {cfg.lake.uri} (Apache Beam) …")
         try:
             meta = build_training_set(cfg, d, n, workers=workers)
@@ -56,8 +68,8 @@ def train(
 
         try:
             with progress_bars() as prog:
-                out = train_from_lake(cfg, "both" if what == "all" else what, training_set_dir(cfg, d, n),
-                                      progress=StageProgress(prog), promote_heavy=not shadow)
+                out.update(train_from_lake(cfg, "both" if what == "all" else what, training_set_dir(cfg, d, n),
+                                           progress=StageProgress(prog), promote_heavy=not shadow))
         except LakeTrainingError as e:
             fail(str(e))
         if shadow and "heavy" in out:
