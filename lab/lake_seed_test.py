@@ -47,11 +47,13 @@ def test_the_two_tower_trains_from_a_seeded_lake(served_world, tmp_path):  # noq
     from models.train import load_two_tower
 
     cfg = served_world.config(FEEDRANK_LAKE_URI="file://" + str(tmp_path / "lake"))
-    res = seed_lake(cfg, served_world.world_dir, ModelStore.from_config(cfg), days=2.0)
-    dates = sorted({lake.partition(int(t))[0] for t in (res["since_ms"], res["until_ms"])})
-    date, days = dates[-1], 3  # the two days span at most three dates
+    res = seed_lake(cfg, served_world.world_dir, ModelStore.from_config(cfg))  # the whole history
+    import datetime as dt
+
+    first, date = (lake.partition(int(t))[0] for t in (res["since_ms"], res["until_ms"]))
+    days = (dt.date.fromisoformat(date) - dt.date.fromisoformat(first)).days + 1
     store = ModelStore("file://" + str(tmp_path / "models"))
-    out = train_two_tower_from_lake(cfg, date, days, store=store, epochs=3)
+    out = train_two_tower_from_lake(cfg, date, days, store=store, epochs=4)
     c = out["corpus"]
     assert c["impressions"] == res["rows"]["exposures"] and c["unknown_posts"] == 0 and c["follows"] > 100
     for model in ("two_tower", "retrieval"):
