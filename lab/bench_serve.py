@@ -173,7 +173,7 @@ def _scrape_one(port: int, out: dict[str, float]) -> None:
     for line in text.splitlines():
         if line.startswith(("feedrank_stage_latency_seconds_bucket", "feedrank_stage_latency_seconds_count",
                             "feedrank_rpc_latency_seconds_bucket", "feedrank_result_cache_total",
-                            "feedrank_candidates_total", "feedrank_degraded_responses_total")):
+                            "feedrank_candidates_total", "feedrank_degraded_responses_total", "feedrank_shadow_")):
             key, _, val = line.rpartition(" ")
             out[key] = out.get(key, 0.0) + float(val)
 
