@@ -20,14 +20,17 @@ T = 1_767_571_200_000
 
 
 def test_daily_cycle_retrains_into_a_shadow_candidate(make_cfg):
-    cfg = make_cfg(FEEDRANK_SHADOW_WINDOW_S="60", FEEDRANK_SHADOW_MIN_PAGES="1")
+    cfg = make_cfg(FEEDRANK_SHADOW_WINDOW_S="60", FEEDRANK_SHADOW_MIN_PAGES="1", FEEDRANK_LAKE_COMPACT_MIN_AGE_S="0")
     stack.up(cfg)
     try:
         store = ModelStore.from_config(cfg)
         serving = store.publish("heavy", {"w": b"0"}, promote=True).version
         _seed_lake(cfg, 1500, schema_hash(HEAVY_FEATURES))
         rep = daily_cycle(cfg, "2026-01-05", 1, workers=1, say=lambda s: None, now_ms=T)
-        assert list(rep["steps"]) == ["batch features", "training set", "retrain heavy", "shadow start"]
+        assert list(rep["steps"]) == ["compact the lake", "batch features", "training set", "retrain heavy", "shadow start"]
+        # the seeded files of the day, one per table and hour, merged into one .parquet file per partition
+        compacted = rep["steps"]["compact the lake"]["result"]
+        assert compacted["partitions"] > 0 and compacted["files_merged"] == compacted["partitions"]
         cand = rep["candidate"]
         assert store.current("heavy") == serving and cand in store.versions("heavy")
         assert store.meta("heavy", cand).data_window["source"] == "lake"
