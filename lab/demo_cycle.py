@@ -43,21 +43,11 @@ def wait_lake(cfg: Config, table: str, since_ms: int, console: Console, timeout_
     raise RuntimeError(f"the lake job committed {last} {table} rows of this run in {timeout_s:.0f} s")
 
 
-def _wait_shadow(cfg: Config, active: bool, timeout_s: float = 60.0) -> None:
-    from lab.bench_serve import scrape_metrics
-
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout_s:
-        if (scrape_metrics([cfg.serving.metrics_port]).get("feedrank_shadow_active", 0.0) >= 1.0) == active:
-            return
-        time.sleep(0.5)
-    raise RuntimeError(f"the FeedService did not load the shadow candidate in {timeout_s:.0f} s")
-
-
 def run_cycle(cfg: Config, t0_ms: int, phase_minutes: float, clients: Callable[[float], dict[str, Any]],
               console: Console) -> dict[str, Any]:
     """``clients(minutes)`` runs the simulated users against the FeedService (the demo's client phase)."""
     from features import lake
+    from lab.bench_serve import wait_shadow
     from models import shadow
     from models.store import ModelStore
     from runtime.daily import daily_cycle
@@ -68,7 +58,7 @@ def run_cycle(cfg: Config, t0_ms: int, phase_minutes: float, clients: Callable[[
     dates = sorted({lake.partition(t0_ms)[0], lake.partition(now)[0]})
     console.print(f"the lake holds this run's {exposures} exposures ({', '.join(dates)})")
     report = daily_cycle(cfg, dates[-1], len(dates), say=console.print, now_ms=now)
-    _wait_shadow(cfg, True)
+    wait_shadow([cfg.serving.metrics_port], True)
     console.print(f"shadow candidate {report['candidate']}: {phase_minutes:g} more minutes of clients")
     phase_t0 = sim_now_ms(cfg)
     phase = clients(phase_minutes)

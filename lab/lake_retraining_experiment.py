@@ -57,7 +57,7 @@ def collect(cfg: Config, world_dir: Path, root: Path, users: int, minutes: float
     exe = str(Path(sys.executable).parent / "feedrank")
     try:
         step("collect: starting the lake job", 0.0)
-        procs.start("lake-job", [exe, "jobs", "run", "lake"], child_env(cfg, FEEDRANK_LAKE_URI=cfg.lake.uri))
+        procs.start("lake-job", [exe, "jobs", "run", "lake"], child_env(cfg))
         wait_progress(cfg, {"lake": "opened"}, procs)
         step(f"collect: FeedService serving {users} users for {minutes:g} simulated minutes", 0.1)
         served = run_variant(cfg, "V2_full_funnel", world_dir, users, minutes, seed)
