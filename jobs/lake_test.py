@@ -10,7 +10,6 @@ from datetime import datetime, timezone
 import time
 
 import numpy as np
-import psutil
 import pytest
 
 from core.events import Engagement, FeaturesServed, Feedback, Followed, PostPublished, ShadowScored, Unfollowed
@@ -110,9 +109,8 @@ def test_lake_exact_rows_partitions_then_kill_9_and_resume_exactly_once(make_cfg
         wait_until("phase 2", lambda: _count(cfg, "exposures") >= 45)
         log.append_many([exposure_event(f"z{i}", 30 + i, 7, 6, T + 13_000 + i) for i in range(40)])
         wait_until("phase 3 read", lambda: read_progress(cfg, "lake").get("exposures", 0) >= 85, timeout=60)
-        jvm = _kill_jvm(proc)
+        _kill_jvm(proc)
         proc = None
-        assert not psutil.pid_exists(jvm) or psutil.Process(jvm).status() == psutil.STATUS_ZOMBIE
         log.append_many([exposure_event(f"w{i}", 50 + i, 7, 8, T + 20_000 + i) for i in range(40)])  # while it is down
         restored = flinkenv.latest_checkpoint(cfg, "lake")
         assert restored is not None
