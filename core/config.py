@@ -154,6 +154,7 @@ class ModelStore(_Section):
     uri: str
     retention_hours: PosFloat
     retention_versions: PosInt
+    retention_online_versions: PosInt
     poll_interval_s: PosFloat
 
 

@@ -9,13 +9,20 @@ Layout under the store URI::
 Publishing writes into staging, records checksums, marks ``_COMPLETE`` and then moves the
 directory into ``versions/``. ``promote`` re-verifies every checksum before it rewrites
 the pointer (write temp + rename), so a corrupt or half-written checkpoint can never
-become ``current``. ``rollback`` points back at the previous current version. Retention
-keeps the newest ``retention_versions`` and anything younger than ``retention_hours``,
-and never deletes the current version or the one a rollback would return to.
+become ``current``. ``promote(..., expect=v)`` is a compare-and-set: it moves the pointer
+only if it still names ``v`` (a publisher never overwrites an operator's rollback or a newer
+model it did not start from); on a local store pointer changes hold a file lock, on a remote
+one the check and the write are two requests. ``rollback`` points back at the previous
+current version. Retention runs after every publish: it keeps the newest
+``retention_versions`` and anything younger than ``retention_hours``, of the online
+learner's checkpoints (``extra.online``) only the newest ``retention_online_versions``, and
+never deletes the current version or the one a rollback would return to.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -34,6 +41,17 @@ COMPLETE = "_COMPLETE"
 
 class ModelStoreError(RuntimeError):
     """A checkpoint is missing, incomplete or corrupt, or an operation is not allowed."""
+
+
+class PointerMoved(ModelStoreError):
+    """A compare-and-set promotion found ``current`` no longer at the version it expected."""
+
+    def __init__(self, model: str, expected: str | None, found: str | None):
+        super().__init__(f"{model}: current is {found}, not {expected}: not promoted")
+        self.expected, self.found = expected, found
+
+
+ANY = object()  # promote(expect=ANY): no compare-and-set
 
 
 @dataclass
@@ -68,18 +86,20 @@ def new_version() -> str:
 
 class ModelStore:
     def __init__(self, uri: str, retention_hours: float = 48.0, retention_versions: int = 50,
-                 cache_dir: str | Path | None = None):
+                 cache_dir: str | Path | None = None, retention_online_versions: int = 20):
         self.uri = uri.rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.uri)
         self.fs.makedirs(self.root, exist_ok=True)
         self.retention_s = retention_hours * 3600.0
         self.retention_versions = retention_versions
+        self.retention_online_versions = retention_online_versions
         self.cache_dir = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "feedrank-model-cache"
 
     @classmethod
     def from_config(cls, cfg: Any) -> "ModelStore":
-        return cls(cfg.resolve_uri(cfg.model_store.uri), cfg.model_store.retention_hours,
-                   cfg.model_store.retention_versions, cfg.data_dir / "model-cache")
+        ms = cfg.model_store
+        return cls(cfg.resolve_uri(ms.uri), ms.retention_hours, ms.retention_versions, cfg.data_dir / "model-cache",
+                   ms.retention_online_versions)
 
     def _p(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
@@ -87,8 +107,10 @@ class ModelStore:
     # ------------------------------------------------------------------ write
     def publish(self, model: str, files: dict[str, bytes | Path], *, parent: str | None = None,
                 data_window: dict | None = None, metrics: dict | None = None, feature_schema_hash: str = "",
-                extra: dict | None = None, promote: bool = False) -> Checkpoint:
-        """Write a new version atomically; optionally make it current."""
+                extra: dict | None = None, promote: bool = False, expect: Any = ANY) -> Checkpoint:
+        """Write a new version atomically, optionally make it current (only if the pointer is still at
+        ``expect`` when that is given: else :class:`PointerMoved`, the version stays published), then apply
+        retention."""
         if not files:
             raise ModelStoreError("a checkpoint needs at least one file")
         version = new_version()
@@ -110,8 +132,11 @@ class ModelStore:
             f.write(version)
         self.fs.makedirs(self._p(model, "versions"), exist_ok=True)
         self.fs.mv(stage, self._p(model, "versions", version), recursive=True)
-        if promote:
-            self.promote(model, version)
+        try:
+            if promote:
+                self.promote(model, version, expect=expect)
+        finally:
+            self.apply_retention(model)
         return ck
 
     # ------------------------------------------------------------------ read
@@ -211,28 +236,51 @@ class ModelStore:
             f.write(json.dumps(data))
         self.fs.mv(tmp, path)  # rename: readers see the old or the new pointer, never half
 
-    def promote(self, model: str, version: str) -> Checkpoint:
+    @contextlib.contextmanager
+    def _pointer_lock(self, model: str):
+        """Serialises pointer changes of one model between processes (local stores only)."""
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        if "file" not in protocols and "local" not in protocols:
+            yield
+            return
+        self.fs.makedirs(self._p(model), exist_ok=True)
+        with open(self._p(model, ".pointer.lock"), "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def promote(self, model: str, version: str, expect: Any = ANY) -> Checkpoint:
+        """Make ``version`` current; with ``expect``, only if current is still that version."""
         ck = self.verify(model, version)  # a corrupt checkpoint never becomes current
-        ptr = self.pointer(model)
-        if ptr["version"] == version:
-            return ck
-        history = ([ptr["version"]] if ptr["version"] else []) + ptr["history"]
-        self._write_pointer(model, {"version": version, "history": history[:100], "updated_at": time.time()})
+        with self._pointer_lock(model):
+            ptr = self.pointer(model)
+            if expect is not ANY and ptr["version"] != expect:
+                raise PointerMoved(model, expect, ptr["version"])
+            if ptr["version"] == version:
+                return ck
+            history = ([ptr["version"]] if ptr["version"] else []) + ptr["history"]
+            self._write_pointer(model, {"version": version, "history": history[:100], "updated_at": time.time()})
         return ck
 
-    def rollback(self, model: str) -> str:
-        """Point `current` back at the previous current version that still verifies."""
-        ptr = self.pointer(model)
-        history = list(ptr["history"])
-        while history:
-            prev = history.pop(0)
-            try:
-                self.verify(model, prev)
-            except ModelStoreError:
-                continue
-            self._write_pointer(model, {"version": prev, "history": history, "updated_at": time.time(),
-                                        "rolled_back_from": ptr["version"]})
-            return prev
+    def rollback(self, model: str, expect: Any = ANY) -> str:
+        """Point `current` back at the previous current version that still verifies (with ``expect``: only
+        if current is still that version)."""
+        with self._pointer_lock(model):
+            ptr = self.pointer(model)
+            if expect is not ANY and ptr["version"] != expect:
+                raise PointerMoved(model, expect, ptr["version"])
+            history = list(ptr["history"])
+            while history:
+                prev = history.pop(0)
+                try:
+                    self.verify(model, prev)
+                except ModelStoreError:
+                    continue
+                self._write_pointer(model, {"version": prev, "history": history, "updated_at": time.time(),
+                                            "rolled_back_from": ptr["version"]})
+                return prev
         raise ModelStoreError(f"{model}: nothing to roll back to")
 
     def apply_retention(self, model: str, now: float | None = None) -> list[str]:
@@ -242,15 +290,20 @@ class ModelStore:
         protected = {ptr["version"], *(ptr["history"][:1])}
         versions = self.versions(model)
         keep_newest = set(versions[-self.retention_versions:])
+        metas: dict[str, Checkpoint | None] = {}
+        for v in versions:
+            try:
+                metas[v] = self.meta(model, v)
+            except ModelStoreError:
+                metas[v] = None  # unreadable (or deleted meanwhile): treat as old
+        online = [v for v in versions if metas[v] is not None and metas[v].extra.get("online")]
+        online_surplus = set(online[:-self.retention_online_versions])
         deleted = []
         for v in versions:
-            if v in protected or v in keep_newest:
+            if v in protected:
                 continue
-            try:
-                created = self.meta(model, v).created_at
-            except ModelStoreError:
-                created = 0.0  # unreadable: treat as old
-            if now - created > self.retention_s:
+            created = metas[v].created_at if metas[v] is not None else 0.0
+            if v in online_surplus or (v not in keep_newest and now - created > self.retention_s):
                 self.fs.rm(self._p(model, "versions", v), recursive=True)
                 deleted.append(v)
         # abandoned staging dirs older than an hour are debris from crashed writers

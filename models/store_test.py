@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from models.store import COMPLETE, ModelStore, ModelStoreError
+from models.store import COMPLETE, ModelStore, ModelStoreError, PointerMoved
 
 
 @pytest.fixture(params=["file", "memory"])
@@ -85,3 +85,27 @@ def test_copy_current_gives_an_independent_store(store, tmp_path):
     assert dst.versions("heavy") == [cur.version]  # only the current version travels
     dst.publish("heavy", {"model.pt": b"learned"}, parent=cur.version, promote=True)
     assert store.current("heavy") == cur.version  # promotions in the copy never reach the source
+
+
+def test_compare_and_set_promotion_never_overwrites_a_moved_pointer(store):
+    v1 = store.publish("heavy", {"m": b"1"}, promote=True).version
+    v2 = store.publish("heavy", {"m": b"2"}, parent=v1, promote=True, expect=v1).version
+    assert store.current("heavy") == v2
+    store.rollback("heavy")  # an operator rolls back while a publisher trains from v2
+    with pytest.raises(PointerMoved, match=f"current is {v1}, not {v2}"):
+        store.publish("heavy", {"m": b"3"}, parent=v2, promote=True, expect=v2)
+    assert store.current("heavy") == v1, "the rollback stands"
+    with pytest.raises(PointerMoved):
+        store.rollback("heavy", expect=v2)
+    assert store.current("heavy") == v1
+
+
+def test_every_publish_prunes_online_checkpoints_beyond_their_own_limit(tmp_path):
+    s = ModelStore("file://" + str(tmp_path / "m"), retention_hours=48, retention_versions=50,
+                   cache_dir=tmp_path / "cache", retention_online_versions=3)
+    offline = s.publish("heavy", {"m": b"offline"}, promote=True).version
+    online = [s.publish("heavy", {"m": str(i).encode()}, parent=offline, extra={"online": True}, promote=True).version
+              for i in range(6)]
+    # all younger than 48 h and fewer than 50: only the online surplus goes, the rollback target stays
+    assert s.versions("heavy") == sorted([offline, *online[-3:]])
+    assert s.current("heavy") == online[-1] and s.rollback("heavy") == online[-2]
