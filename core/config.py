@@ -167,6 +167,7 @@ class Candidates(_Section):
     celebrity_followers: PosInt
     source_timeout_ms: PosInt
     follow_window_h: PosFloat
+    unfollow_exclusion_h: PosFloat
     trending_window_h: PosFloat
     ad_inventory: NonNegInt
     ads_per_request: NonNegInt
@@ -185,6 +186,7 @@ class Training(_Section):
     heavy_rows: PosInt
     heavy_epochs: PosInt
     heavy_masked: list[str]
+    heavy_feature_clip: PosFloat
 
 
 class Funnel(_Section):
@@ -281,14 +283,12 @@ class OnlineLearning(_Section):
     lr: PosFloat
     lr_cap: PosFloat
     grad_clip: PosFloat
-    feature_clip_sigma: PosFloat
     holdout_fraction: Annotated[float, Field(gt=0, lt=1)]
     batch_size: PosInt
     validate_every_s: PosFloat
     max_auc_drop: Fraction
     max_logloss_increase: PosFloat
     min_logloss_improvement: Fraction
-    min_auc_gain: Annotated[float, Field(ge=-1, le=1)]
     label_drift_z: PosFloat
     label_drift_ratio: Annotated[float, Field(gt=1)]
     promotion_z: Annotated[float, Field(ge=0)]

@@ -95,6 +95,10 @@ def schema_hash(features: list[Feature]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+#: What the serving code's feature rows are: a model trained on another schema is refused at load.
+LIGHT_SCHEMA_HASH, HEAVY_SCHEMA_HASH = schema_hash(LIGHT_FEATURES), schema_hash(HEAVY_FEATURES)
+
+
 def bounds(features: list[Feature]) -> tuple[list[float], list[float]]:
     return [f.lo for f in features], [f.hi for f in features]
 

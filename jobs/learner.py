@@ -143,39 +143,30 @@ def _functions(cfg: Config) -> dict[str, Any]:
         def _open(self, ctx: Any) -> None:
             from features.connection import redis_client
             from features.progress import PROGRESS_KEY
+            from core.schema import HEAVY_SCHEMA_HASH
             from features.snapshots import SnapshotStore
-            from models.online import OnlineLearner
+            from models.online import LearnerLoop
             from models.store import ModelStore
 
-            self.store = ModelStore.from_config(cfg)
             self.snapshots = SnapshotStore(cfg)
             self.redis = redis_client(cfg)
             self.progress_key = PROGRESS_KEY.format(job=JOB)
-            version = self.store.current("heavy")
-            if version is None:
-                raise RuntimeError("online learner: no current heavy model in the store (run `feedrank train heavy`)")
-            self.base = self._load(version)
-            self.learner = OnlineLearner(OL, self.base, version)
+            self.loop = LearnerLoop(OL, ModelStore.from_config(cfg), HEAVY_SCHEMA_HASH)
+            self.learner = self.loop.learner
+            version = self.learner.current_version
             self.pending: list[tuple] = []
             self.boundary: int | None = None
-            self.counts = {"examples": 0, "no_snapshot": 0, "promoted": 0, "rejected": 0, "rolled_back": 0, "waits": 0}
+            self.counts = {"examples": 0, "no_snapshot": 0, "promoted": 0, "rejected": 0, "rolled_back": 0,
+                           "rebased": 0, "superseded": 0, "waits": 0}
             self.metrics = {}
             try:
                 group = ctx.get_metrics_group()
-                self.metrics = {k: group.counter(f"feedrank_learner_{k}") for k in ("promoted", "rejected", "rolled_back")}
+                self.metrics = {k: group.counter(f"feedrank_learner_{k}")
+                                for k in ("promoted", "rejected", "rolled_back", "rebased", "superseded")}
             except Exception as e:  # noqa: BLE001 - metrics are optional; Redis counters always exist
                 log.warning("Flink metrics unavailable in this mode: %s", e)
             self.redis.hincrby(self.progress_key, "opened", 1)
             log.info("online learner starts from heavy %s (lr %.5f)", version, self.learner.lr)
-
-        def _load(self, version: str) -> Any:
-            from models.inference import NumpyHeavy
-
-            _, path = self.store.fetch("heavy", version)
-            if not (path / "heavy.npz").exists():
-                raise RuntimeError(f"heavy {version} has no heavy.npz (published by an older feedrank): "
-                                   "run `feedrank train heavy` again")
-            return NumpyHeavy.from_npz(str(path / "heavy.npz"))
 
         def process_element(self, ex: tuple, ctx: Any):
             # Decisions follow the examples' own event time: in thread mode a Python operator's
@@ -208,46 +199,22 @@ def _functions(cfg: Config) -> dict[str, Any]:
                 rows.append(got[1][idx[0]])
                 metas.append((user, ts, pos, ver, y))
             if rows:
-                z = self.learner.current.normalized(np.stack(rows), clip_sigma=OL.feature_clip_sigma).astype(np.float32)
+                z = self.learner.current.normalized(np.stack(rows)).astype(np.float32)
                 h = self.learner.current.hidden(None, z=z)
                 for i, (user, ts, pos, ver, y) in enumerate(metas):
-                    self.learner.add(Example(h[i], z[i], np.asarray(y, dtype=np.float64), pos, user, ts, ver))
+                    self.learner.add(Example(h[i], z[i], np.asarray(y, dtype=np.float64), pos, user, ts, ver,
+                                             x=rows[i]))
                 self.counts["examples"] += len(rows)
 
         def _decide(self, timestamp: int) -> None:
             self._materialize()
-            d = self.learner.validate(timestamp)
-            if d["decision"] == "promote":
-                cand = self.learner.candidate()
-                ck = self._publish(cand, d)
-                self.learner.promoted(cand, ck.version)
-                d["version"] = ck.version
-            elif d["decision"] == "reject":
-                self.learner.rejected()
-            self._record(d)
-            ptr = self.store.pointer("heavy")
-            current, previous = ptr["version"], (ptr["history"] or [None])[0]
-            rb = self.learner.rollback_check(current, previous, timestamp)
-            if rb is not None:
-                to = self.store.rollback("heavy")
-                rb["to"] = to
-                self.learner.reset_to(self._load(to), to)
-                self._record(rb)
-
-        def _publish(self, cand: Any, d: dict) -> Any:
-            parent = self.learner.current_version
-            pck, ppath = self.store.fetch("heavy", parent)
-            metrics = {k: v for k, v in d.items() if k.startswith("auc_") or k in ("holdout", "holdout_clicks", "steps")}
-            return self.store.publish(
-                "heavy", {"heavy.ts": (ppath / "heavy.ts").read_bytes(), "heavy.npz": cand.to_npz(),
-                          "final.npz": cand.final_npz()},
-                parent=parent, feature_schema_hash=pck.feature_schema_hash, metrics=metrics,
-                data_window={"online_until_ms": d["at_ms"]}, extra={**getattr(pck, "extra", {}), "online": True},
-                promote=True)
+            for d in self.loop.decide(timestamp):
+                self._record(d)
 
         def _record(self, d: dict) -> None:
             d["decided_at_wall_ms"] = int(time.time() * 1000)  # event time says what it saw, this when it decided
-            kind = {"promote": "promoted", "reject": "rejected", "rollback": "rolled_back"}.get(d["decision"], "waits")
+            kind = {"promote": "promoted", "reject": "rejected", "rollback": "rolled_back", "rebase": "rebased",
+                    "superseded": "superseded"}.get(d["decision"], "waits")
             self.counts[kind] += 1
             if kind in self.metrics:
                 self.metrics[kind].inc()

@@ -12,7 +12,7 @@ from features.eventlog import open_configured_event_log
 from features.progress import read_progress
 from core.events import Exposure
 from features.snapshots import SnapshotStore
-from core.schema import HEAVY_FEATURES, HEAD_NAMES
+from core.schema import HEAVY_FEATURES, HEAD_NAMES, HEAVY_SCHEMA_HASH
 from runtime import stack
 from models import rankers
 from models.online import auc
@@ -42,7 +42,8 @@ def base_model() -> tuple[bytes, bytes]:
 
 
 def _publish(store: ModelStore, ts: bytes, npz: bytes, parent: str | None = None) -> str:
-    return store.publish("heavy", {"heavy.ts": ts, "heavy.npz": npz}, parent=parent, promote=True).version
+    return store.publish("heavy", {"heavy.ts": ts, "heavy.npz": npz}, parent=parent, feature_schema_hash=HEAVY_SCHEMA_HASH,
+                         promote=True).version
 
 
 def _run(cfg, events, until_ms: int, timeout: float = 300.0) -> None:

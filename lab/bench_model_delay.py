@@ -35,12 +35,7 @@ from core.config import Config
 LEARNER = {"FEEDRANK_ONLINE_LEARNING_HOLDOUT_FRACTION": "0.2", "FEEDRANK_ONLINE_LEARNING_MIN_HOLDOUT": "150",
            "FEEDRANK_ONLINE_LEARNING_MIN_HOLDOUT_POSITIVES": "10", "FEEDRANK_ONLINE_LEARNING_BATCH_SIZE": "32",
            "FEEDRANK_ONLINE_LEARNING_VALIDATE_EVERY_S": "30", "FEEDRANK_ONLINE_LEARNING_ATTRIBUTION_WINDOW_S": "30",
-           "FEEDRANK_ONLINE_LEARNING_HOLDOUT_WINDOW_S": "600",
-           # the promotion rule (holdout AUC may drop <= max_auc_drop = 1%, log loss must improve at all)
-           # instead of the stricter default (AUC >= current and a gain beyond 1.64 standard errors): a 5-minute
-           # run with the default measured 9 rejections and no promotion, so no delay to time. The timing does
-           # not depend on the thresholds; which candidates pass does.
-           "FEEDRANK_ONLINE_LEARNING_MIN_AUC_GAIN": "-1", "FEEDRANK_ONLINE_LEARNING_PROMOTION_Z": "0"}
+           "FEEDRANK_ONLINE_LEARNING_HOLDOUT_WINDOW_S": "600"}
 
 
 def bench_model_delay(cfg: Config, world_dir: Path, users: int = 300, minutes: float = 5.0,

@@ -477,20 +477,28 @@ def write_report(out: Path, r: dict[str, Any]) -> Path:
         fig.savefig(out / "utility_ctr_over_time.png", dpi=110)
         plt.close(fig)
         files.append("utility_ctr_over_time.png")
-    decisions = r["online_learning"]["decisions"]
+    decisions = [d for d in r["online_learning"]["decisions"] if "auc_candidate" in d or d["decision"] == "rollback"]
     if decisions:
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        colors = {"promote": "tab:green", "reject": "tab:red", "rollback": "tab:purple"}
+        fig, axes = plt.subplots(2, 1, figsize=(7.5, 6), sharex=True)
+        colors = {"promote": "tab:green", "reject": "tab:red", "superseded": "tab:orange"}
         t0 = min(d["at_ms"] for d in decisions)
-        for kind, col in colors.items():
-            ds = [d for d in decisions if d["decision"] == kind and "auc_candidate" in d]
-            ax.scatter([(d["at_ms"] - t0) / 60000 for d in ds], [d["auc_candidate"] for d in ds], c=col, label=kind)
-        cur = [d for d in decisions if "auc_current" in d]
-        ax.plot([(d["at_ms"] - t0) / 60000 for d in cur], [d["auc_current"] for d in cur], "k-", lw=0.8, label="current")
-        ax.set_xlabel("event-time minutes")
-        ax.set_ylabel("holdout click AUC")
-        ax.legend()
-        ax.set_title("online learning decisions")
+        tm = lambda ds: [(d["at_ms"] - t0) / 60000 for d in ds]  # noqa: E731
+        judged = [d for d in decisions if "auc_candidate" in d]
+        for ax, metric, bound, label in ((axes[0], "auc", "auc_floor", "holdout click AUC"),
+                                         (axes[1], "logloss", "logloss_ceiling", "holdout click log loss")):
+            for kind, col in colors.items():
+                ds = [d for d in judged if d["decision"] == kind]
+                ax.scatter(tm(ds), [d[f"{metric}_candidate"] for d in ds], c=col, label=f"candidate: {kind}", zorder=3)
+            ax.plot(tm(judged), [d[f"{metric}_current"] for d in judged], "k.-", lw=0.8, label="current")
+            ax.plot(tm(judged), [d[bound] for d in judged], "k--", lw=0.7,
+                    label="floor (1% below current and the offline model)" if metric == "auc" else "ceiling")
+            for d in decisions:
+                if d["decision"] == "rollback":
+                    ax.axvline((d["at_ms"] - t0) / 60000, color="tab:purple", lw=1, label="rollback")
+            ax.set_ylabel(label)
+        axes[0].legend(fontsize=7, loc="best")
+        axes[1].set_xlabel("event-time minutes")
+        axes[0].set_title("online learning: every decision's holdout metrics")
         fig.tight_layout()
         fig.savefig(out / "online_learning.png", dpi=110)
         plt.close(fig)
@@ -545,6 +553,15 @@ def write_report(out: Path, r: dict[str, Any]) -> Path:
         "## Per-stage latency (server)", "", "| stage | p50 ms | p99 ms |", "|---|---|---|",
     ]
     md += [f"| {n} | {v.get('p50_ms')} | {v.get('p99_ms')} |" for n, v in st.items()]
+    judged = [d for d in ol["decisions"] if d["decision"] != "wait"]
+    if judged:
+        md += ["", "## Online learning decisions (holdout, default promotion rule)", "",
+               "| event min | decision | click AUC candidate / current / floor | log loss candidate / current | reason |",
+               "|---|---|---|---|---|"]
+        t0 = min(d["at_ms"] for d in judged)
+        md += [f"| {(d['at_ms'] - t0) / 60000:.1f} | {d['decision']} | {d.get('auc_candidate', '')} / "
+               f"{d.get('auc_current', '')} / {d.get('auc_floor', '')} | {d.get('logloss_candidate', '')} / "
+               f"{d.get('logloss_current', '')} | {d.get('reason', '')} |" for d in judged]
     if r.get("daily_cycle"):
         from lab.demo_cycle import report_lines
 

@@ -56,7 +56,8 @@ def run_position_bias(cfg: Config, world_dir: Path, users: int, minutes: float, 
         step(f"position bias: training seed {s}", i / len(seeds))
         train = ranking_rows(data, two_tower, post_emb, data.sample_rows(data.train_mask, heavy_rows, s))
         for arm in ARMS:
-            model, _ = fit_heavy(train, position_aware=(arm == "corrected"), epochs=epochs, seed=s)
+            model, _ = fit_heavy(train, position_aware=(arm == "corrected"), epochs=epochs, seed=s,
+                                 feature_clip=cfg.training.heavy_feature_clip)
             trained = Trained(two_tower=two_tower, post_emb=post_emb, heavy=model)
             offline[arm].append(eval_ndcg(data, trained, weights, world, n_sessions=n_sessions)["heavy"])
             if i == 0:

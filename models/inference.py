@@ -139,6 +139,11 @@ def load_numpy_towers(store: Any, version: str | None = None) -> NumpyTowers:
     return NumpyTowers.from_npz(str(path / "towers.npz"))
 
 
+#: The standardised-feature clip of a heavy ranker built without one (checkpoints from before
+#: ``training.heavy_feature_clip`` existed were trained and served with it).
+UNCONFIGURED_FEATURE_CLIP = 8.0
+
+
 def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(x, -30, 30)))
 
@@ -160,6 +165,7 @@ class NumpyHeavy:
         self.mean, self.std, self.lo, self.hi = a["mean"], a["std"], a["lo"], a["hi"]
         self.input_mask = a["input_mask"] if "input_mask" in a else np.ones_like(self.mean)
         self.n_experts = self.config["n_experts"]
+        self.feature_clip = float(self.config.get("feature_clip", UNCONFIGURED_FEATURE_CLIP))
         self.final_w = np.stack([a[f"final.{j}.weight"][0] for j in range(len(HEAD_NAMES))]).astype(np.float64)
         self.final_b = np.array([a[f"final.{j}.bias"][0] for j in range(len(HEAD_NAMES))], dtype=np.float64)
         self.wide = a["wide.weight"].astype(np.float64) if "wide.weight" in a else np.zeros((len(HEAD_NAMES), self.mean.size))
@@ -176,18 +182,16 @@ class NumpyHeavy:
         w = self.arrays["position.weight"][:, 0]
         return sigmoid(w[np.clip(np.asarray(positions, dtype=np.int64), 0, MAX_POSITION)].astype(np.float64))
 
-    def normalized(self, x: np.ndarray, clip_sigma: float | None = None) -> np.ndarray:
-        """[n, F] standardised features. ``clip_sigma`` clips features to mean +- k sigma of the
-        training statistics first (the online learner's feature bound)."""
+    def normalized(self, x: np.ndarray) -> np.ndarray:
+        """[n, F] standardised features: the same transform as serving's
+        (:meth:`models.rankers.HeavyRanker.normalized`), so what the learner validates is what serves."""
         x = np.clip(np.asarray(x, dtype=np.float32), self.lo, self.hi)
-        if clip_sigma is not None:
-            x = np.clip(x, self.mean - clip_sigma * self.std, self.mean + clip_sigma * self.std)
-        return np.clip((x - self.mean) / self.std, -8.0, 8.0) * self.input_mask
+        return np.clip((x - self.mean) / self.std, -self.feature_clip, self.feature_clip) * self.input_mask
 
-    def hidden(self, x: np.ndarray, clip_sigma: float | None = None, z: np.ndarray | None = None) -> np.ndarray:
+    def hidden(self, x: np.ndarray | None, z: np.ndarray | None = None) -> np.ndarray:
         """[n, heads, 32] tower outputs: the deep inputs of the final layer."""
         a = self.arrays
-        z = self.normalized(x, clip_sigma) if z is None else z
+        z = self.normalized(x) if z is None else z
         ex = []
         for e in range(self.n_experts):
             h = np.maximum(z @ a[f"experts.{e}.0.weight"].T + a[f"experts.{e}.0.bias"], 0)

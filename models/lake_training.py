@@ -76,7 +76,8 @@ def train_from_lake(cfg: Config, which: str, set_dir: Path, store: ModelStore | 
         store.apply_retention("light")
         out["light"] = {"version": ck.version, **m}
     if which in ("heavy", "both"):
-        heavy, hm = fit_heavy(train, True, epochs or cfg.training.heavy_epochs, seed, progress, cfg.training.heavy_masked)
+        heavy, hm = fit_heavy(train, True, epochs or cfg.training.heavy_epochs, seed, progress, cfg.training.heavy_masked,
+                              feature_clip=cfg.training.heavy_feature_clip)
         if len(valid["x"]):
             hm["validation_click_auc"] = _auc(valid["y"][:, 0], heavy_predict(heavy, valid["x"])[:, 0])
         ck = publish_heavy(cfg, store, heavy, win, hm, promote=promote_heavy)

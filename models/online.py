@@ -10,8 +10,9 @@ served it — and does:
   offline by the position tower; the gradient flows into ``w, v, b`` only, so the
   relevance score serving uses stays position-free.
 * **Guardrails**: step size ``min(lr, lr_cap)``; the gradient's global norm clipped to
-  ``grad_clip``; features clipped to mean +- ``feature_clip_sigma`` sigma of the training
-  statistics before the forward pass (done by :meth:`NumpyHeavy.hidden`); users whose
+  ``grad_clip``; features clipped to +- ``training.heavy_feature_clip`` standard deviations of the
+  training statistics, by the model's own transform (:meth:`NumpyHeavy.normalized`, the same as
+  serving's); users whose
   hash falls in ``holdout_fraction`` are never trained on and form the holdout.
 * **Validation**: a candidate is promoted only if its holdout click AUC is at least
   ``(1 - max_auc_drop)`` x the current model's — and x the offline model's the job started
@@ -76,6 +77,7 @@ class Example:
     user_id: int
     ts: int                # exposure event time, ms
     model_version: str
+    x: np.ndarray | None = None  # [F] the served feature row itself: h and z again under another model
 
 
 @dataclass
@@ -233,10 +235,6 @@ class OnlineLearner:
             gain, se = float(-diff.mean()), float(diff.std(ddof=1) / np.sqrt(diff.size)) if diff.size > 1 else np.inf
             d.update(logloss_gain=round(gain, 6), logloss_gain_se=round(se, 6))
             need = max(self.ol.promotion_z * se, self.ol.min_logloss_improvement * ll["current"])
-            if a["candidate"] < a["current"] + self.ol.min_auc_gain:  # better calibrated but ranks worse: not an
-                # improvement (measured: the first candidate of a poisoned stream gains log loss, loses 0.4% AUC)
-                return {**d, "decision": "reject", "reason": f"holdout AUC {a['candidate']:.5f} is below the current "
-                                                                f"model's {a['current']:.5f} (+{self.ol.min_auc_gain:g})"}
             if gain <= need:
                 return {**d, "decision": "reject", "reason": f"holdout log loss gain {gain:.5f} is not above "
                                                                 f"{need:.5f} ({self.ol.promotion_z:g} standard errors)"}
@@ -258,11 +256,22 @@ class OnlineLearner:
         self.w, self.b, self.wide = self.current.final_w.copy(), self.current.final_b.copy(), self.current.wide.copy()
         self.steps_since_promotion = 0
 
-    def reset_to(self, model: NumpyHeavy, version: str) -> None:
-        """After a rollback: the rolled-back-to version becomes current and the candidate's start."""
+    def reset_to(self, model: NumpyHeavy, version: str, anchor: bool = False) -> None:
+        """After a rollback or a pointer move: ``version`` becomes current and the candidate's start; the
+        buffered examples are re-featurised under it (another offline model has other towers and
+        statistics). ``anchor``: it is a new offline model, so it is also the AUC floor's anchor."""
         self.current, self.current_version = model, version
+        if anchor:
+            self.frozen = model
         self.w, self.b, self.wide = model.final_w.copy(), model.final_b.copy(), model.wide.copy()
         self.steps_since_promotion = 0
+        for buf in (self.batch, self.holdout):
+            rows = [e for e in buf if e.x is not None]
+            if rows:
+                z = model.normalized(np.stack([e.x for e in rows])).astype(np.float32)
+                h = model.hidden(None, z=z)
+                for i, e in enumerate(rows):
+                    e.z, e.h = z[i], h[i]
 
     def rollback_check(self, current: str, previous: str | None, now_ms: int) -> dict | None:
         """A rollback decision when the current version's live CTR has dropped; else None."""
@@ -280,3 +289,95 @@ class OnlineLearner:
                     "reason": f"live CTR {ctr_cur:.4f} is more than {self.ol.rollback_ctr_drop:.0%} below "
                               f"{previous}'s {ctr_prev:.4f}"}
         return None
+
+
+class LearnerLoop:
+    """The learner's dealings with the model store, each interval: it trains from the store's
+    ``current`` version and from nothing else.
+
+    * Before deciding it reads the pointer; if ``current`` moved (an operator's rollback, a newer
+      offline model, another learner) it discards its candidate and continues from the new current
+      (decision ``rebase``) -- it never promotes over a version it did not start from.
+    * A promotion is a compare-and-set on the pointer (``expect`` = the parent): if the pointer moves
+      between the check and the write the candidate stays unpromoted (decision ``superseded``).
+    * A rollback is a compare-and-set too, and is itself the new starting point.
+    * Models whose feature schema is not the serving schema are refused (models.store.require_schema).
+    """
+
+    def __init__(self, ol: Any, store: Any, serving_schema: str, model: str = "heavy"):
+        self.ol, self.store, self.schema, self.model = ol, store, serving_schema, model
+        version = store.current(model)
+        if version is None:
+            raise RuntimeError(f"online learner: no current {model} model in the store (run `feedrank train {model}`)")
+        self.learner = OnlineLearner(ol, self.load(version), version)
+
+    def load(self, version: str) -> NumpyHeavy:
+        from models.store import require_schema
+
+        ck, path = self.store.fetch(self.model, version)
+        require_schema(ck, self.schema)
+        if not (path / "heavy.npz").exists():
+            raise RuntimeError(f"{self.model} {version} has no heavy.npz (published by an older feedrank): "
+                               "run `feedrank train heavy` again")
+        return NumpyHeavy.from_npz(str(path / "heavy.npz"))
+
+    def _rebase(self, version: str, at_ms: int, reason: str) -> dict:
+        was = self.learner.current_version
+        offline = not self.store.meta(self.model, version).extra.get("online")
+        self.learner.reset_to(self.load(version), version, anchor=offline)
+        return {"at_ms": at_ms, "decision": "rebase", "from": was, "to": version, "new_anchor": offline,
+                "reason": reason}
+
+    def decide(self, now_ms: int) -> list[dict]:
+        """This interval's decisions (promote / reject / wait / rebase / superseded, then maybe rollback)."""
+        from models.store import ModelStoreError, PointerMoved, SchemaMismatch
+
+        ptr = self.store.pointer(self.model)
+        if ptr["version"] != self.learner.current_version:
+            try:
+                return [self._rebase(ptr["version"], now_ms, f"current moved to {ptr['version']} (not by this "
+                                                             f"learner): the candidate trained from "
+                                                             f"{self.learner.current_version} is discarded")]
+            except SchemaMismatch as e:  # nothing is promoted over it; serving refuses it too
+                return [{"at_ms": now_ms, "decision": "wait", "current": self.learner.current_version,
+                         "reason": f"not learning: {e}"}]
+        out = []
+        d = self.learner.validate(now_ms)
+        if d["decision"] == "promote":
+            cand = self.learner.candidate()
+            try:
+                ck = self._publish(cand, d)
+                self.learner.promoted(cand, ck.version)
+                d["version"] = ck.version
+            except PointerMoved as e:
+                out.append({**d, "decision": "superseded", "reason": str(e)})
+                d = self._rebase(e.found, now_ms, "current moved while the candidate was published")
+        elif d["decision"] == "reject":
+            self.learner.rejected()
+        out.append(d)
+        ptr = self.store.pointer(self.model)
+        current, previous = ptr["version"], (ptr["history"] or [None])[0]
+        if current != self.learner.current_version:
+            return out  # the next interval rebases
+        rb = self.learner.rollback_check(current, previous, now_ms)
+        if rb is not None:
+            try:
+                rb["to"] = self.store.rollback(self.model, expect=current)
+            except (PointerMoved, ModelStoreError) as e:
+                out.append({**rb, "decision": "wait", "reason": f"rollback not done: {e}"})
+                return out
+            self.learner.reset_to(self.load(rb["to"]), rb["to"])
+            out.append(rb)
+        return out
+
+    def _publish(self, cand: NumpyHeavy, d: dict) -> Any:
+        parent = self.learner.current_version
+        pck, ppath = self.store.fetch(self.model, parent)
+        metrics = {k: v for k, v in d.items() if k.startswith(("auc_", "logloss_"))
+                   or k in ("holdout", "holdout_clicks", "steps", "auc_floor", "logloss_ceiling")}
+        return self.store.publish(
+            self.model, {"heavy.ts": (ppath / "heavy.ts").read_bytes(), "heavy.npz": cand.to_npz(),
+                         "final.npz": cand.final_npz()},
+            parent=parent, feature_schema_hash=pck.feature_schema_hash, metrics=metrics,
+            data_window={"online_until_ms": d["at_ms"]}, extra={**pck.extra, "online": True},
+            promote=True, expect=parent)

@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.schema import HEAD_NAMES
+from core.schema import HEAD_NAMES, HEAVY_SCHEMA_HASH
 
-from models.inference import MAX_POSITION, NumpyHeavy, sigmoid  # noqa: F401  (re-exported)
+from models.inference import MAX_POSITION, UNCONFIGURED_FEATURE_CLIP, NumpyHeavy, sigmoid  # noqa: F401  (re-exported)
+from models.store import require_schema
 
 
 def _standardize_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -86,10 +87,11 @@ class HeavyRanker(nn.Module):
     """MMoE with six heads and an optional PAL position tower (training only)."""
 
     def __init__(self, n_features: int, n_experts: int = 4, expert_dim: int = 64, hidden: int = 128,
-                 position_aware: bool = True):
+                 position_aware: bool = True, feature_clip: float = UNCONFIGURED_FEATURE_CLIP):
         super().__init__()
         self.config = {"n_features": n_features, "n_experts": n_experts, "expert_dim": expert_dim, "hidden": hidden,
-                       "position_aware": position_aware}
+                       "position_aware": position_aware, "feature_clip": float(feature_clip)}
+        self.feature_clip = float(feature_clip)
         self.register_buffer("mean", torch.zeros(n_features))
         self.register_buffer("std", torch.ones(n_features))
         self.register_buffer("lo", torch.full((n_features,), -1e9))
@@ -122,8 +124,10 @@ class HeavyRanker(nn.Module):
         self.input_mask.copy_(torch.from_numpy(np.asarray(mask, dtype=np.float32)))
 
     def normalized(self, x: torch.Tensor) -> torch.Tensor:
+        """The one feature transform (the numpy twin is :meth:`models.inference.NumpyHeavy.normalized`):
+        schema bounds, standardisation, then +- ``feature_clip`` standard deviations."""
         z = (torch.clamp(x, self.lo, self.hi) - self.mean) / self.std
-        return torch.clamp(z, -8.0, 8.0) * self.input_mask
+        return torch.clamp(z, -self.feature_clip, self.feature_clip) * self.input_mask
 
     def hidden(self, x: torch.Tensor, z: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Per-head inputs of the final layer (features -> MMoE -> towers)."""
@@ -310,6 +314,7 @@ def load_heavy_serving(store, version: str | None = None) -> tuple[torch.jit.Scr
     """What serving scores with: heavy.ts of ``version`` (default current), with the online
     learner's final layer applied when the checkpoint carries one."""
     ck, path = store.fetch("heavy", version)
+    require_schema(ck, HEAVY_SCHEMA_HASH)
     ts = load_torchscript((path / "heavy.ts").read_bytes())
     if (path / "final.npz").exists():
         apply_final(ts, (path / "final.npz").read_bytes())

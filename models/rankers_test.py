@@ -1,6 +1,7 @@
 import numpy as np
 import torch
 
+from models.inference import NumpyHeavy
 from models.rankers import HeavyRanker, LightRanker, export_torchscript, heavy_from_bytes, load_torchscript, state_bytes, train_heavy
 
 
@@ -118,3 +119,40 @@ def test_heavy_input_mask_takes_groups_and_names_and_rejects_unknown_ones():
     assert mask[[f.name for f in HEAVY_FEATURES].index("ann_score")] == 0
     with pytest.raises(ValueError, match="unknown feature groups or names \\['nope'\\]"):
         heavy_input_mask(["nope"])
+
+
+def test_validation_and_serving_score_the_same_rows_identically_outliers_included(tmp_path):
+    """The online learner validates with NumpyHeavy, serving runs the TorchScript export with the
+    learner's final layer patched in: one feature transform, clip included, so the same scores."""
+    from core.schema import HEAVY_SCHEMA_HASH
+    from models.rankers import heavy_npz, load_heavy_serving
+    from models.store import ModelStore
+
+    torch.manual_seed(0)
+    m = HeavyRanker(30, feature_clip=3.0)
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(400, 30)).astype(np.float32)
+    m.set_normalization(x.mean(0), x.std(0) + 0.1, np.full(30, -1e9), np.full(30, 1e9))
+    mask = np.ones(30, dtype=np.float32)
+    mask[[4, 17]] = 0.0
+    m.set_input_mask(mask)
+    learned = NumpyHeavy.from_npz(heavy_npz(m))
+    cand = learned.with_final(learned.final_w + rng.normal(0, 0.3, learned.final_w.shape),
+                              learned.final_b + 0.2, rng.normal(0, 0.2, learned.wide.shape))
+    store = ModelStore("file://" + str(tmp_path / "m"), cache_dir=tmp_path / "c")
+    v = store.publish("heavy", {"heavy.ts": export_torchscript(m, np.ones(6, dtype=np.float32)),
+                                "heavy.npz": cand.to_npz(), "final.npz": cand.final_npz()},
+                      feature_schema_hash=HEAVY_SCHEMA_HASH, promote=True).version
+    serving, version = load_heavy_serving(store)
+    assert version == v
+    rows = x[:200].copy()
+    rows[:50, 0] = 20.0 * x[:, 0].std()   # far outside the clip: the learner and serving must agree here too
+    rows[50:100, 9] = -15.0
+    with torch.no_grad():
+        p, _ = serving(torch.from_numpy(rows))
+    want = 1.0 / (1.0 + np.exp(-cand.score(rows)))
+    np.testing.assert_allclose(p.numpy(), want, atol=2e-6)
+    # the clip is in force: 20 sd scores as 3 sd would
+    at_clip = rows[:50].copy()
+    at_clip[:, 0] = x[:, 0].mean() + 3.0 * (x[:, 0].std() + 0.1)
+    np.testing.assert_allclose(cand.score(rows[:50]), cand.score(at_clip), atol=1e-5)

@@ -51,7 +51,20 @@ class PointerMoved(ModelStoreError):
         self.expected, self.found = expected, found
 
 
+class SchemaMismatch(ModelStoreError):
+    """A checkpoint was trained on other feature columns than the ones this code serves."""
+
+
 ANY = object()  # promote(expect=ANY): no compare-and-set
+
+
+def require_schema(ck: "Checkpoint", serving_hash: str) -> "Checkpoint":
+    """``ck`` if it was trained on the serving feature schema, else :class:`SchemaMismatch`: feature
+    rows are positional, so a model of another schema would score every column as a different feature."""
+    if ck.feature_schema_hash != serving_hash:
+        raise SchemaMismatch(f"{ck.model}@{ck.version}: feature schema {ck.feature_schema_hash or '(none recorded)'} "
+                             f"does not match the serving schema {serving_hash}: refused (retrain it on this schema)")
+    return ck
 
 
 @dataclass

@@ -128,9 +128,10 @@ def heavy_input_mask(masked: list[str]) -> np.ndarray:
 
 
 def fit_heavy(train: dict, position_aware: bool = True, epochs: int = 3, seed: int = 0,
-              progress: Progress = _noop, masked: list[str] | None = None) -> tuple[HeavyRanker, dict]:
+              progress: Progress = _noop, masked: list[str] | None = None, *,
+              feature_clip: float) -> tuple[HeavyRanker, dict]:
     x = train["x"]
-    m = HeavyRanker(x.shape[1], position_aware=position_aware)
+    m = HeavyRanker(x.shape[1], position_aware=position_aware, feature_clip=feature_clip)
     if masked:
         m.set_input_mask(heavy_input_mask(masked))
     mean, std = x.mean(0), x.std(0)
@@ -233,12 +234,14 @@ def train_all(cfg: Config, data_dir: str, which: str = "all", store: ModelStore 
             store.apply_retention("light")
             out["light"] = {"version": ck.version}
         if which in ("heavy", "all"):
-            heavy, hm = fit_heavy(train, True, heavy_epochs, seed, progress, tc.heavy_masked)
+            heavy, hm = fit_heavy(train, True, heavy_epochs, seed, progress, tc.heavy_masked,
+                                  feature_clip=tc.heavy_feature_clip)
             trained.heavy = heavy
             ck = publish_heavy(cfg, store, heavy, data.window, hm)
             out["heavy"] = {"version": ck.version, **hm}
             if with_blind:
-                trained.heavy_blind, bm = fit_heavy(train, False, heavy_epochs, seed, progress, tc.heavy_masked)
+                trained.heavy_blind, bm = fit_heavy(train, False, heavy_epochs, seed, progress, tc.heavy_masked,
+                                                    feature_clip=tc.heavy_feature_clip)
                 out["heavy_position_blind"] = bm
     out["trained"] = trained
     out["data"] = data

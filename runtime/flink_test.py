@@ -149,7 +149,7 @@ def test_readme_flink_commands_as_a_user_types_them(make_cfg, tmp_path):
     from features.online_store import FeatureClient
     from features.eventlog import open_configured_event_log
     from features.eventlog_kafka import KafkaEventLog
-    from core.schema import HEAVY_FEATURES
+    from core.schema import HEAVY_FEATURES, HEAVY_SCHEMA_HASH
     from core.services import free_port
     from jobs.feature_job_test import T, exposure_event
     from models import rankers
@@ -166,7 +166,8 @@ def test_readme_flink_commands_as_a_user_types_them(make_cfg, tmp_path):
     n = len(HEAVY_FEATURES)
     heavy.set_normalization(np.zeros(n, np.float32), np.ones(n, np.float32), np.full(n, -1e9), np.full(n, 1e9))
     ModelStore.from_config(cfg).publish("heavy", {"heavy.ts": rankers.export_torchscript(heavy, np.ones(6, np.float32)),
-                                                  "heavy.npz": rankers.heavy_npz(heavy)}, promote=True)
+                                                  "heavy.npz": rankers.heavy_npz(heavy)},
+                                        feature_schema_hash=HEAVY_SCHEMA_HASH, promote=True)
     client_logs = set((flinkenv.flink_home() / "log").iterdir())
     r = _shell(".venv/bin/feedrank up", env)  # Redis for Feast and the learner; the Kafka broker
     assert r.returncode == 0, r.stderr

@@ -10,7 +10,8 @@ import numpy as np
 
 from core.units import DAY_MS, HOUR_MS
 
-from serving.components import AD, IN_NETWORK, OUT_OF_NETWORK, TRENDING, Candidates, CandidateSource, FunnelContext, Query
+from serving.components import (AD, IN_NETWORK, OUT_OF_NETWORK, TRENDING, Candidates, CandidateSource, FunnelContext,
+                                Query, member)
 from serving.state import EMPTY_CACHE
 
 
@@ -39,6 +40,9 @@ class FollowGraphSource(CandidateSource):
         celebs = [a for a in u.following.tolist() if ctx.celebrity(a)]
         lazy = ctx.catalog.recent_by_authors(celebs, query.now_ms - int(c.follow_window_h * HOUR_MS), query.now_ms)
         ids = _published(ctx, np.unique(np.concatenate([cached, lazy])), query.now_ms)
+        # the cache may predate an unfollow (an edge removed on another replica or by the event stream): only
+        # authors followed now are in network
+        ids = ids[member(u.following, ctx.catalog.author[ids])]
         if ids.size > c.follow_max:
             ids = ids[np.argsort(-ctx.catalog.published_ms[ids], kind="stable")[: c.follow_max]]
         return Candidates(ids, np.full(ids.size, IN_NETWORK), ann=np.zeros(ids.size, dtype=np.float32))

@@ -63,6 +63,7 @@ class UserContext:
     seen: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # sorted post ids
     hidden_posts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     blocked_authors: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    unfollowed_authors: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # sorted, recent
     fatigue_authors: dict[int, float] = field(default_factory=dict)  # decayed suppression weight in [0, 1]
     fatigue_topics: dict[int, float] = field(default_factory=dict)
     affinity: dict[int, int] = field(default_factory=dict)           # author -> past engagements

@@ -23,6 +23,14 @@ class HiddenFilter(Filter):
         return ~member(u.hidden_posts, cands.ids) & ~member(u.blocked_authors, ctx.catalog.author[cands.ids])
 
 
+class UnfollowedAuthorFilter(Filter):
+    """Authors the user unfollowed recently (``candidates.unfollow_exclusion_h``): leaving an author is a
+    statement about them, so their posts are not brought back as out-of-network recommendations."""
+
+    def keep(self, query: Query, ctx: FunnelContext, cands: Candidates) -> np.ndarray:
+        return ~member(query.user.unfollowed_authors, ctx.catalog.author[cands.ids])
+
+
 class PreviouslySeenFilter(Filter):
     """Posts already served to the user (recent exposures), so refreshes and pages never repeat."""
 

@@ -55,6 +55,9 @@ class Metrics:
                                     registry=r)
         self.shadow_decisions = Gauge("feedrank_shadow_decisions", "Shadow decisions recorded in Redis, by decision "
                                       "(promote, reject): models.shadow", ["decision"], registry=r)
+        self.models_refused = Gauge("feedrank_models_refused", "Versions the store made current that this server "
+                                    "refused to load (feature schema mismatch); the previous one serves", ["model"],
+                                    registry=r)
         self._versions: dict[str, str] = {}
 
     def set_models(self, versions: dict[str, str]) -> None:

@@ -89,12 +89,17 @@ class ModelLoader:
         self._thread: threading.Thread | None = None
         self.delta: Any = None
         self.shadow_version: str | None = None  # a heavy candidate every HOME page is also scored by
+        self.refused: dict[str, dict[str, str]] = {}  # model -> version -> why (feature schema): never retried
 
     # ------------------------------------------------------------------ loading
     def _load_light(self, version: str | None = None) -> tuple[Any, str]:
         from models.rankers import LightRanker
 
+        from core.schema import LIGHT_SCHEMA_HASH
+        from models.store import require_schema
+
         ck, path = self.store.fetch("light", version)
+        require_schema(ck, LIGHT_SCHEMA_HASH)
         return LightRanker.from_bytes((path / "light.npz").read_bytes()), ck.version
 
     def _load_retrieval(self, version: str | None = None) -> tuple[Any, str, np.ndarray]:
@@ -130,6 +135,7 @@ class ModelLoader:
     def poll(self) -> list[str]:
         """Reload what moved; returns the models reloaded."""
         from models.rankers import load_heavy_serving
+        from models.store import SchemaMismatch
         from models.train import load_numpy_towers
 
         m = self.models
@@ -141,14 +147,20 @@ class ModelLoader:
             if missing:  # we serve these models, so the store has them: it is unreachable or damaged
                 raise RuntimeError(f"no current version readable for {missing}")
             new = m
-            if cur["light"] and cur["light"] != m.light_version:
-                light, lv = self._load_light(cur["light"])
-                new = replace(new, light=light, light_version=lv)
-                changed.append("light")
-            if cur["heavy"] and cur["heavy"] != m.heavy_version:
-                heavy, hv = load_heavy_serving(self.store, cur["heavy"])
-                new = replace(new, heavy=heavy, heavy_version=hv)
-                changed.append("heavy")
+            if self._wanted("light", cur["light"], m.light_version):
+                try:
+                    light, lv = self._load_light(cur["light"])
+                    new = replace(new, light=light, light_version=lv)
+                    changed.append("light")
+                except SchemaMismatch as e:
+                    self._refuse("light", cur["light"], e)
+            if self._wanted("heavy", cur["heavy"], m.heavy_version):
+                try:
+                    heavy, hv = load_heavy_serving(self.store, cur["heavy"])
+                    new = replace(new, heavy=heavy, heavy_version=hv)
+                    changed.append("heavy")
+                except SchemaMismatch as e:
+                    self._refuse("heavy", cur["heavy"], e)
             if cur["two_tower"] and cur["two_tower"] != m.two_tower_version:
                 new = replace(new, towers=load_numpy_towers(self.store, cur["two_tower"]), two_tower_version=cur["two_tower"])
                 changed.append("two_tower")
@@ -172,6 +184,15 @@ class ModelLoader:
             self.reloads += 1
             log.info("hot reload: %s -> %s", changed, new.versions())
         return changed
+
+    def _wanted(self, model: str, current: str | None, live: str) -> bool:
+        return bool(current) and current != live and current not in self.refused.get(model, {})
+
+    def _refuse(self, model: str, version: str, e: Exception) -> None:
+        """The store's current version cannot serve here: the live one keeps serving (said once per version,
+        counted in ``feedrank_models_refused``)."""
+        self.refused.setdefault(model, {})[version] = str(e)
+        log.error("%s; %s %s keeps serving", e, model, getattr(self.models, f"{model}_version"))
 
     def poll_shadow(self) -> str | None:
         """The shadow candidate named in Redis (models.shadow), loaded beside the live model; None if none or

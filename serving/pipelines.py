@@ -14,7 +14,8 @@ PAGE       a cursor page of a cached ranking: its rows re-hydrated for the expos
 
 from __future__ import annotations
 
-from serving.filters import HiddenFilter, OutOfNetworkOnlyFilter, OwnPostFilter, PolicyFilter, PreviouslySeenFilter
+from serving.filters import (HiddenFilter, OutOfNetworkOnlyFilter, OwnPostFilter, PolicyFilter, PreviouslySeenFilter,
+                             UnfollowedAuthorFilter)
 from serving.funnel import HeadRescorer, Pipeline
 from serving.hydrators import HeavyFeatureHydrator, LightFeatureHydrator
 from serving.query_hydrators import UserQueryHydrator
@@ -25,7 +26,7 @@ from serving.side_effects import ExposureLogSideEffect, SeenSideEffect, ShadowSc
 from serving.candidate_sources import (AdSource, AnnSource, CachedRankingSource, DebugPostSource, FollowGraphSource,
                              TrendingSource)
 
-FILTERS = [OwnPostFilter(), HiddenFilter(), PreviouslySeenFilter(), PolicyFilter()]
+FILTERS = [OwnPostFilter(), HiddenFilter(), UnfollowedAuthorFilter(), PreviouslySeenFilter(), PolicyFilter()]
 ADJUSTMENTS = [FeedbackFatigueScorer(), PolicyDemotionScorer(), OriginalBoostScorer(), AuthorDiversityScorer()]
 
 
@@ -46,7 +47,7 @@ HOME_SIDE_EFFECTS = [*SIDE_EFFECTS, ShadowScoreSideEffect()]        # ...and a s
 
 def refresh(name: str, *, ads: bool, out_of_network: bool, side_effects: list) -> Pipeline:
     return Pipeline(name, [UserQueryHydrator(fan_out_cache=False)], [CachedRankingSource(fail_open=False)],
-                    [PreviouslySeenFilter(), HiddenFilter()],
+                    [PreviouslySeenFilter(), HiddenFilter(), UnfollowedAuthorFilter()],
                     [HeadRescorer(2, [LightFeatureHydrator(), HeavyFeatureHydrator(), HeavyRankerScorer(), *ADJUSTMENTS]),
                      RerankSelector(ads=ads, out_of_network=out_of_network)],
                     side_effects)

@@ -91,8 +91,9 @@ def test_hot_reload_under_load_and_unreadable_model_store(server):
     try:
         time.sleep(1.0)
         _, path = store.fetch("heavy", old)
-        new = store.publish("heavy", {f.name: f.read_bytes() for f in path.iterdir() if f.name in store.meta("heavy", old).files},
-                            parent=old, promote=True).version
+        files = {f.name: f.read_bytes() for f in path.iterdir() if f.name in store.meta("heavy", old).files}
+        schema = store.meta("heavy", old).feature_schema_hash
+        new = store.publish("heavy", files, parent=old, feature_schema_hash=schema, promote=True).version
         deadline = time.time() + 15
         while server.loader.models.heavy_version != new and time.time() < deadline:
             time.sleep(0.1)
@@ -118,3 +119,14 @@ def test_hot_reload_under_load_and_unreadable_model_store(server):
     while not server.loader.store_ok and time.time() < deadline:
         time.sleep(0.1)
     assert not _get(stub, cfg, 461).degraded
+    # a model trained on other feature columns becomes current: refused at load, the last good one serves
+    other = store.publish("heavy", files, parent=new, feature_schema_hash="0123456789abcdef", promote=True).version
+    deadline = time.time() + 10
+    while other not in server.loader.refused.get("heavy", {}) and time.time() < deadline:
+        time.sleep(0.1)
+    assert "feature schema 0123456789abcdef does not match the serving schema" in server.loader.refused["heavy"][other]
+    r = _get(stub, cfg, 462)
+    assert r.items and r.model_version == new and not r.degraded
+    assert store.current("heavy") == other and server.loader.store_ok
+    time.sleep(1.5)  # the metrics watcher's tick
+    assert server.metrics.models_refused.labels("heavy")._value.get() == 1

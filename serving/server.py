@@ -179,6 +179,8 @@ class Server:
         while not self._stop.wait(1.0):
             self.metrics.set_models(self.loader.models.versions())
             self.metrics.shadow_active.set(1 if self.loader.shadow_version else 0)
+            for model, versions in self.loader.refused.items():
+                self.metrics.models_refused.labels(model).set(len(versions))
             tick += 1
             if tick % 5 == 0:
                 try:

@@ -543,7 +543,7 @@ def test_a_shadow_candidate_scores_served_home_pages_beside_the_serving_model(st
     cur = store.current("heavy")
     _, path = store.fetch("heavy", cur)
     cand = store.publish("heavy", {f.name: f for f in path.iterdir() if f.is_file() and f.name not in ("meta.json", "_COMPLETE")},
-                         parent=cur).version
+                         parent=cur, feature_schema_hash=store.meta("heavy", cur).feature_schema_hash).version
     u = _users(serving, 1, offset=90)[0]
     try:
         shadow.start(serving.cfg, store, cand)
@@ -563,3 +563,55 @@ def test_a_shadow_candidate_scores_served_home_pages_beside_the_serving_model(st
     finally:
         shadow.stop(serving.cfg)
         serving.loader.poll_shadow()
+
+
+def test_an_unfollowed_author_is_neither_in_network_nor_recommended_out_of_network(stub, serving):
+    from serving.state import cc_key
+
+    u = _users(serving, 1, offset=130)[0]
+    md, admin = token(serving.cfg, u), token(serving.cfg, 0, admin=True)
+    page = _feed(stub, serving, u, pb.EXPLORE, limit=5)
+    ranking = serving.service.feeds.rankings[page.request_id].cands
+    recent = serving.state.clock() - int(serving.cfg.candidates.follow_window_h * 3_600_000)
+    # recommended out of network, not served yet, recent enough for the follow graph
+    post = next(int(p) for p in ranking.ids[5:] if serving.state.catalog.published_ms[p] >= recent)
+    author = int(serving.state.catalog.author[post])
+    assert not serving.state.graph.follows(u, author)
+
+    def stages(feed) -> dict[str, str]:
+        d = stub.DebugRanking(pb.DebugRankingRequest(user_id=u, post_id=post, feed_type=feed), metadata=admin)
+        return {s.stage: s.decision for s in d.stages}
+
+    assert stages(pb.EXPLORE)["filter:UnfollowedAuthorFilter"] == "kept"
+    assert stub.Follow(pb.FollowRequest(user_id=u, author_id=author), metadata=md).changed
+    assert stages(pb.HOME)["source:FollowGraphSource"] == "retrieved"  # in network now
+    assert stub.Unfollow(pb.FollowRequest(user_id=u, author_id=author), metadata=md).changed
+    # a fan-out cache written before the unfollow reached this replica still names the post
+    serving.state.redis.run(lambda r: r.zadd(cc_key(u), {str(post): int(serving.state.catalog.published_ms[post])}))
+    home, explore = stages(pb.HOME), stages(pb.EXPLORE)
+    assert home["source:FollowGraphSource"] == "not_retrieved", home
+    assert home["filter:UnfollowedAuthorFilter"] == "removed" and explore["filter:UnfollowedAuthorFilter"] == "removed"
+    for feed in (pb.HOME, pb.EXPLORE):
+        items = _feed(stub, serving, u, feed).items
+        assert items and author not in {it.author_id for it in items}
+    assert stub.Follow(pb.FollowRequest(user_id=u, author_id=author), metadata=md).changed  # followed again
+    assert stages(pb.HOME)["filter:UnfollowedAuthorFilter"] == "kept"
+
+
+def test_see_less_of_a_topic_lowers_its_share_on_the_next_request(stub, serving):
+    u = _users(serving, 1, offset=140)[0]
+    md, topic_of = token(serving.cfg, u), serving.state.catalog.topic
+    rankings = serving.service.feeds.rankings
+
+    def ranked_topics(feed) -> np.ndarray:
+        page = _feed(stub, serving, u, feed, limit=5)
+        return topic_of[rankings[page.request_id].cands.ids]
+
+    before = ranked_topics(pb.EXPLORE)
+    topic = int(np.bincount(before).argmax())
+    share_before = float(np.mean(before == topic))
+    stub.SubmitFeedback(pb.SubmitFeedbackRequest(user_id=u, kind=pb.SEE_LESS, target=pb.TOPIC, topic=topic), metadata=md)
+    after = ranked_topics(pb.EXPLORE)
+    share_after = float(np.mean(after == topic))
+    print(f"topic {topic}: share of the ranking {share_before:.3f} -> {share_after:.3f}")
+    assert share_before >= 0.1 and share_after < 0.5 * share_before, (share_before, share_after)

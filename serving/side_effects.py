@@ -7,11 +7,10 @@ from __future__ import annotations
 from typing import Any
 
 from core.events import BaseEvent, Exposure, FeaturesServed, FeedType, ShadowScored, Source
-from core.schema import HEAVY_FEATURES, schema_hash
+from core.schema import HEAVY_SCHEMA_HASH
 from features.eventlog import EventLogError
 from serving.components import SOURCE_NAMES, Candidates, FunnelContext, Query, SideEffect
 
-HEAVY_SCHEMA_HASH = schema_hash(HEAVY_FEATURES)
 
 
 class ExposureLogSideEffect(SideEffect):

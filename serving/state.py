@@ -339,8 +339,9 @@ class ServingState:
             ctx.cached_candidates = np.array([int(x) for x in cc], dtype=np.int64) if cc else None
         seen, neg, aff, ut, ue = raw
         ctx.seen = _ids(seen)
-        hidden, blocked = [], []
+        hidden, blocked, unfollowed = [], [], []
         now = self.clock()
+        since = now - int(self.cfg.candidates.unfollow_exclusion_h * HOUR_MS)
         for k, v in neg.items():
             k = k.decode()
             kind, _, ident = k.partition(":")
@@ -348,10 +349,13 @@ class ServingState:
                 hidden.append(int(ident))
             elif kind == "a":
                 blocked.append(int(ident))
+            elif kind == "u" and _entry_ts(v) >= since:
+                unfollowed.append(int(ident))
             elif kind in ("fa", "ft"):
                 decayed = self._fatigue_now(v, now)
                 (ctx.fatigue_authors if kind == "fa" else ctx.fatigue_topics)[int(ident)] = min(decayed, 1.0)
         ctx.hidden_posts, ctx.blocked_authors = np.array(sorted(hidden), dtype=np.int64), np.array(sorted(blocked), dtype=np.int64)
+        ctx.unfollowed_authors = np.array(sorted(unfollowed), dtype=np.int64)
         ctx.affinity = {int(k): int(v) for k, v in aff.items()}
         ut_row, ue_row = self.feast.decode("user_topic", ut), self.feast.decode("user_embedding", ue)
         self.user_cache[user_id] = {"user_topic": ut_row, "user_embedding": ue_row}
@@ -456,11 +460,23 @@ class ServingState:
             return False
         self._record(record_follow, follow_change(user, author, follow))
         self.graph.apply(user, author, follow)  # this replica's change follower may have applied it already
-        # follow: the new author's recent posts belong in the cache; unfollow: the old author's do not
+
+        # follow: the new author's recent posts belong in the cache; unfollow: the old author's do not, and the
+        # author is not recommended out of network either (candidates.unfollow_exclusion_h) until followed again
+        def write(r: Any) -> None:
+            with r.pipeline(transaction=False) as p:
+                p.delete(cc_key(user))
+                if follow:
+                    p.hdel(neg_key(user), f"u:{author}")
+                else:
+                    p.hset(neg_key(user), f"u:{author}", f"unfollow:{self.clock()}")
+                    p.expire(neg_key(user), USER_TTL_S)
+                p.execute()
+
         try:
-            self.redis.run(lambda r: r.delete(cc_key(user)))
+            self.redis.run(write)
         except RedisUnavailable as e:
-            log.warning("candidate cache of user %s not invalidated after a follow change (%s)", user, e)
+            log.warning("candidate cache / unfollow record of user %s not updated after a follow change (%s)", user, e)
         return True
 
     def _fatigue_now(self, entry: bytes, now_ms: int) -> float:
