@@ -64,6 +64,13 @@ class Action(str, Enum):
 
 
 NEGATIVE_ACTIONS = frozenset({Action.HIDE, Action.NOT_INTERESTED, Action.SEE_LESS})
+#: Engagements that say the user values the author (a long dwell too: :func:`is_positive`).
+POSITIVE_ACTIONS = frozenset({Action.CLICK, Action.LIKE, Action.COMMENT, Action.SHARE})
+
+
+def is_positive(action: str, dwell_ms: int | None, long_dwell_ms: int) -> bool:
+    """A positive engagement: a click, like, comment or share, or a dwell of at least ``long_dwell_ms``."""
+    return action in POSITIVE_ACTIONS or (action == Action.DWELL and (dwell_ms or 0) >= long_dwell_ms)
 
 
 def new_event_id() -> str:

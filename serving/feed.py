@@ -3,7 +3,10 @@ refreshes from the ranking cache, run the page's side effects.
 
 A ranking is kept per request id for cursor pages and per (user, feed type) for refreshes within
 ``serving.result_cache_ttl_s``: a refresh runs the feed's REFRESH pipeline over the cached ranking
-(minus what was seen or hidden since, the top positions re-scored). The seen set is written before
+(minus what was seen or hidden since, the top positions re-scored). A cursor page of a ranking the
+user has sent a signal or feedback about since it was scored runs the same pipeline over what is
+not shown yet, so a like on page 1 re-orders page 2 with the updated features (this replica's
+signals: :meth:`FeedRanker.signalled`). The seen set is written before
 the response, so a refresh never repeats an item; exposure logging runs after it on the
 side-effect worker.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 import numpy as np
 
@@ -76,6 +80,7 @@ class FeedRanker:
         self.cfg, self.state, self.experiments, self.metrics, self.pipelines = cfg, state, experiments, metrics, pipelines
         self.cursors = CursorCodec.from_config(cfg)  # serving.cursor_secret, not the JWT key
         self.rankings = RankingCache(cfg.serving.ranking_cache_mb * 2**20)
+        self._signals: OrderedDict[int, int] = OrderedDict()  # user -> time of the latest signal / feedback
         self.effects = SideEffectWorker(state, metrics)
 
     def query(self, user_id: int, feed: str, limit: int, budget_s: float, request_id: str | None = None) -> Query:
@@ -109,6 +114,11 @@ class FeedRanker:
                 ranking = self.rank(query, pos_offset=offset)
                 offset = 0
             query = self.query(user, feed, limit, budget_s, ranking.request_id)
+            if offset and feed in self.pipelines.refresh and self._signals.get(user, -1) >= ranking.scored_ms:
+                # the user acted since this order was computed: re-score what is not shown yet
+                ranking = self.refresh(query, ranking, pos_offset=ranking.pos_offset + offset)
+                offset, from_cache = 0, True
+                self.metrics.cache.labels("rescored_after_signal").inc()
         else:
             query = self.query(user, feed, limit, budget_s)
             cached = self.rankings.latest(user, feed)
@@ -161,12 +171,13 @@ class FeedRanker:
         log.debug("rank %s user=%s feed=%s %s", query.request_id, query.user_id, query.feed_type, query.timings_ms)
         r = Ranking(query.request_id, query.user_id, query.feed_type, cands, query.now_ms,
                     query.model_version or (self.state.models.heavy_version if query.feed_type != "following" else ""),
-                    query.experiments, query.limit, list(query.degraded), pos_offset)
+                    query.experiments, query.limit, list(query.degraded), pos_offset, query.now_ms)
         self._remember(r)
         return r
 
-    def refresh(self, query: Query, cached: Ranking) -> Ranking:
-        """The feed's REFRESH pipeline over the cached ranking; the result is cached as the latest."""
+    def refresh(self, query: Query, cached: Ranking, pos_offset: int = 0) -> Ranking:
+        """The feed's REFRESH pipeline over the cached ranking; the result is cached as the latest (and, for a
+        cursor page, under its request id: ``pos_offset`` is where its positions continue)."""
         t0 = time.perf_counter()
         pipeline = self.pipelines.refresh[query.feed_type]
         query.cached = cached.cands
@@ -176,9 +187,17 @@ class FeedRanker:
         query.timings_ms["refresh"] = (time.perf_counter() - t0) * 1000
         self.metrics.stage_latency.labels("refresh").observe(query.timings_ms["refresh"] / 1000.0)
         r = Ranking(query.request_id, query.user_id, query.feed_type, cands, cached.created_ms,
-                    query.model_version or cached.model_version, query.experiments, query.limit, list(query.degraded))
+                    query.model_version or cached.model_version, query.experiments, query.limit, list(query.degraded),
+                    pos_offset, query.now_ms)
         self._remember(r)
         return r
+
+    def signalled(self, user: int) -> None:
+        """The user sent a signal or feedback: their next cursor page re-scores what it has not shown."""
+        self._signals[user] = self.state.clock()
+        self._signals.move_to_end(user)
+        while len(self._signals) > 200_000:
+            self._signals.popitem(last=False)
 
     def forget_latest(self, user: int) -> None:
         """No refresh serves this user's cached rankings again (a hide, a follow)."""

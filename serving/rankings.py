@@ -32,13 +32,14 @@ class Ranking:
     limit: int
     degraded: list[str] = field(default_factory=list)
     pos_offset: int = 0
+    scored_ms: int = 0  # when its order was last computed (ranked, or re-scored after a signal)
 
     def compact(self) -> "Ranking":
         """The same ranking without its feature matrices (the arrays are shared, not copied)."""
         c = self.cands
         kept = Candidates(c.ids, c.source, **{k: v for k, v in c.cols.items() if k not in DROPPED})
         return Ranking(self.request_id, self.user_id, self.feed_type, kept, self.created_ms, self.model_version,
-                       dict(self.experiments), self.limit, list(self.degraded), self.pos_offset)
+                       dict(self.experiments), self.limit, list(self.degraded), self.pos_offset, self.scored_ms)
 
     @property
     def nbytes(self) -> int:

@@ -603,15 +603,52 @@ def test_see_less_of_a_topic_lowers_its_share_on_the_next_request(stub, serving)
     md, topic_of = token(serving.cfg, u), serving.state.catalog.topic
     rankings = serving.service.feeds.rankings
 
-    def ranked_topics(feed) -> np.ndarray:
+    def ranked(feed):
         page = _feed(stub, serving, u, feed, limit=5)
-        return topic_of[rankings[page.request_id].cands.ids]
+        c = rankings[page.request_id].cands
+        return topic_of[c.ids], c["fatigue"]
 
-    before = ranked_topics(pb.EXPLORE)
+    before, fatigue_before = ranked(pb.EXPLORE)
     topic = int(np.bincount(before).argmax())
     share_before = float(np.mean(before == topic))
     stub.SubmitFeedback(pb.SubmitFeedbackRequest(user_id=u, kind=pb.SEE_LESS, target=pb.TOPIC, topic=topic), metadata=md)
-    after = ranked_topics(pb.EXPLORE)
+    after, fatigue = ranked(pb.EXPLORE)  # the next request: a new ranking (feedback invalidates the cached one)
     share_after = float(np.mean(after == topic))
     print(f"topic {topic}: share of the ranking {share_before:.3f} -> {share_after:.3f}")
-    assert share_before >= 0.1 and share_after < 0.5 * share_before, (share_before, share_after)
+    assert not fatigue_before.any() and (fatigue[after == topic] > 0.4).all() and not fatigue[after != topic].any()
+    assert share_before >= 0.1 and share_after < share_before - 0.05, (share_before, share_after)
+
+
+def test_a_like_on_page_1_reorders_page_2_of_the_same_cursor(stub, serving):
+    author_of, rankings, limit = serving.state.catalog.author, serving.service.feeds.rankings, 10
+    # control: with no signal, page 2 of a cursor is the ranking's next items, in the order ranked
+    v = _users(serving, 1, offset=150)[0]
+    p1 = _feed(stub, serving, v, pb.HOME, limit=limit)
+    ranked = rankings[p1.request_id].cands.ids.copy()
+    p2 = _feed(stub, serving, v, pb.HOME, cursor=p1.next_cursor, limit=limit)
+    assert [it.post_id for it in p2.items] == ranked[limit: 2 * limit].tolist()
+    # a user whose page 1 shows an author who has more posts further down the ranking
+    for u in _users(serving, 20, offset=151):
+        p1 = _feed(stub, serving, u, pb.HOME, limit=limit)
+        ranked = rankings[p1.request_id].cands.ids.copy()
+        rest = ranked[limit:]
+        liked = next((it for it in p1.items if it.source != pb.AD and (author_of[rest] == it.author_id).any()), None)
+        if liked is not None:
+            break
+    assert liked is not None, "no user with an author on page 1 and further down"
+    later = rest[author_of[rest] == liked.author_id]
+    md = token(serving.cfg, u)
+    r = stub.SubmitSignals(pb.SubmitSignalsRequest(user_id=u, signals=[
+        pb.Signal(post_id=liked.post_id, action=pb.LIKE, position=liked.position, request_id=p1.request_id)]),
+        metadata=md)
+    assert r.accepted == 1
+    p2 = _feed(stub, serving, u, pb.HOME, cursor=p1.next_cursor, limit=limit)
+    got = [it.post_id for it in p2.items]
+    assert got != rest[:limit].tolist(), "page 2 was not re-scored after the like"
+    assert [it.position for it in p2.items] == list(range(limit + 1, 2 * limit + 1))
+    assert not set(got) & {it.post_id for it in p1.items}
+    now = rankings[p2.request_id].cands.ids.tolist()  # the re-scored rest, under the same request id
+    first = int(later[0])
+    assert now.index(first) < rest.tolist().index(first), (now.index(first), rest.tolist().index(first))
+    p3 = _feed(stub, serving, u, pb.HOME, cursor=p2.next_cursor, limit=limit)  # no new signal: as re-scored
+    assert [it.post_id for it in p3.items] == now[limit: 2 * limit]

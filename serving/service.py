@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 
 from core.config import Config
-from core.events import Action, Engagement, Feedback, Followed, InvalidEvent, Unfollowed
+from core.events import Engagement, Feedback, Followed, InvalidEvent, Unfollowed, is_positive
 from features.eventlog import EventLogError
 from serving import marshal, validation as v
 from serving.ab_tests import Experiments
@@ -198,9 +198,11 @@ class FeedService(rpc.FeedServiceServicer):
                             "within %s s is dropped as repeated", user, self.cfg.serving.signal_window_s)
             raise
         self.metrics.signals.labels("accepted").inc(len(kept))
-        clicked_authors = [int(e.author_id) for e in kept if e.action == Action.CLICK]
+        if kept:
+            self.feeds.signalled(user)
         try:
-            self.state.record_affinity(user, clicked_authors)
+            self.state.record_affinity(user, [int(e.author_id) for e in kept
+                                              if is_positive(e.action, e.dwell_ms, self.cfg.heads.long_dwell_ms)])
         except RedisUnavailable:
             log.warning("affinity not updated for user %s (redis unavailable)", user)
         return pb.SubmitSignalsResponse(accepted=len(kept), dropped=dropped)
@@ -222,6 +224,7 @@ class FeedService(rpc.FeedServiceServicer):
         self.state.events.append(event)
         self._apply_logged(lambda: self.state.record_feedback(user, f.kind, f.target, f.post, f.author, f.topic, f.ts))
         self.feeds.forget_latest(user)  # a hidden post must not come back from a refresh
+        self.feeds.signalled(user)  # ...nor from the next cursor page
         return pb.SubmitFeedbackResponse()
 
     def PublishPost(self, request: Any, context: grpc.ServicerContext) -> Any:
