@@ -101,6 +101,10 @@ def run_experiments(cfg: Config, world_dir: Path, out_json: Path, users: int = 3
     return res
 
 
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
 def _report(res: dict, out: Path) -> None:
     import matplotlib
 
@@ -126,16 +130,20 @@ def _report(res: dict, out: Path) -> None:
         plt.close(fig)
         lines += ["## Feed variants and ablations", "", res["protocol"] + f"; {res['simulated_minutes']:g} simulated "
                   "minutes each.", "",
-                  "| variant | total utility | utility / examined | examined | CTR | page expected utility | "
+                  "| variant | total utility | utility / examined | examined | CTR | page expected utility "
+                  "(share of oracle order / of oracle over all posts) | "
                   "NDCG@20 vs true utility | discovery | distinct authors / item | sessions |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for n in names:
             r = v[n]
             lines.append(f"| {n} | {r['utility_total']} | {r['utility_per_examined']} | {r['examined']} | {r['ctr']} | "
-                         f"{r['page_expected_utility']} | "
+                         f"{r['page_expected_utility']} ({_pct(r.get('share_of_oracle_order'))} / "
+                         f"{_pct(r.get('share_of_oracle_all'))}) | "
                          f"{r['ndcg@20_vs_true_utility']} | {r['discovery_share']} | {r['distinct_authors_per_item']} | "
                          f"{r['sessions']} |")
-        lines += ["", "![experiments](experiments.png)", ""]
+        lines += ["", "Oracle ceilings (simulator ground truth, the same pages' positions): the served items in the "
+                  "best order, and the best posts of the whole corpus for the user at that moment (published, "
+                  "not flagged, not already served): lab/oracle.py.", "", "![experiments](experiments.png)", ""]
     pb = res.get("position_bias")
     if pb:
         from lab.position_bias_experiment import plot as pb_plot
@@ -166,8 +174,11 @@ def _report(res: dict, out: Path) -> None:
         for k in ("page_expected_utility", "shift_expected_utility_per_page", "shift_topic_share"):
             lines.append(f"| {k} | {a['frozen']['after_shift'][k]} | {a['online']['after_shift'][k]} |")
         lines += [f"| utility per examined (whole window) | {a['frozen']['utility_per_examined']} | "
-                  f"{a['online']['utility_per_examined']} |",
-                  ""]
+                  f"{a['online']['utility_per_examined']} |"]
+        for k in ("share_of_oracle_order", "share_of_oracle_all"):
+            lines.append(f"| page expected utility as a {k.replace('_', ' ')} | "
+                         f"{_pct(a['frozen']['after_shift_pages'].get(k))} | {_pct(a['online']['after_shift_pages'].get(k))} |")
+        lines.append("")
         for key in ("expected_utility", "shift_expected_utility"):
             d = ts.get(f"after_shift_{key}_per_page_difference")
             if d:

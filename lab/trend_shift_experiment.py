@@ -29,6 +29,7 @@ from typing import Any, Callable
 import numpy as np
 
 from core.config import Config
+from lab.oracle import OracleCeiling
 
 Step = Callable[[str, float], None]
 ARMS = ("frozen", "online")
@@ -48,8 +49,10 @@ class ShiftRecorder:
         self.api, self.world, self.clock, self.topic = api, world, clock, topic
         self.t0_ms, self.bucket_ms, self.end_ms = t0_ms, bucket_ms, end_ms
         self.exam = world.examination_prob(np.arange(1, 201))
+        self.oracle = OracleCeiling(world)
         self.buckets: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-        self.pages: list[tuple[int, float, float]] = []  # (ms since start, expected utility, ... from the topic)
+        # (ms since start, expected utility, ... from the topic, of the oracle order, of the oracle over all posts)
+        self.pages: list[tuple[int, float, float, float, float]] = []
 
     def get_feed(self, user_id: int, feed_type: str = "home", cursor: str = "", limit: int = 20, now_ms=None):
         page = self.api.get_feed(user_id, feed_type, cursor, limit, now_ms=now_ms)
@@ -67,7 +70,9 @@ class ShiftRecorder:
             b["shift_items"] += float(on.sum())
             b["expected_utility"] += float(eu.sum())
             b["shift_expected_utility"] += float(eu[on].sum())
-            self.pages.append((now - self.t0_ms, float(eu.sum()), float(eu[on].sum())))
+            o = self.oracle.page(user_id, posts, pos + 1, now)
+            self.pages.append((now - self.t0_ms, float(eu.sum()), float(eu[on].sum()), o["oracle_order_expected_utility"],
+                               o["oracle_all_expected_utility"]))
             b.setdefault("model_versions", set()).add(page.model_version)  # type: ignore[union-attr]
         return page
 
@@ -186,13 +191,18 @@ def run_arm(cfg: Config, arm: str, world_dir: Path, users: int, minutes: float, 
         n = sum(x["pages"] for x in rows)
         return round(sum(x[key] * x["pages"] for x in rows) / n, 4) if n else None
 
-    pages = np.array(rec.pages, dtype=np.float64).reshape(-1, 3)
+    pages = np.array(rec.pages, dtype=np.float64).reshape(-1, 5)
     post = pages[pages[:, 0] >= minutes * 30_000]
     return {"arm": arm, "sessions": st.sessions,
             "after_shift_pages": {"n": int(post.shape[0]), "expected_utility_mean": _mean(post[:, 1]),
                                   "expected_utility_se": _se(post[:, 1]),
                                   "shift_expected_utility_mean": _mean(post[:, 2]),
-                                  "shift_expected_utility_se": _se(post[:, 2])}, "impressions": st.impressions, "errors": st.errors,
+                                  "shift_expected_utility_se": _se(post[:, 2]),
+                                  "oracle_order_expected_utility_mean": _mean(post[:, 3]),
+                                  "oracle_all_expected_utility_mean": _mean(post[:, 4]),
+                                  "share_of_oracle_order": _ratio(post[:, 1], post[:, 3]),
+                                  "share_of_oracle_all": _ratio(post[:, 1], post[:, 4])},
+            "impressions": st.impressions, "errors": st.errors,
             "utility_per_examined": round(st.utility / max(st.examined, 1), 4), "ctr": round(st.ctr, 4),
             "before_shift": {"page_expected_utility": wmean(before, "page_expected_utility"),
                              "shift_expected_utility_per_page": wmean(before, "shift_expected_utility_per_page"),
@@ -208,6 +218,10 @@ def run_arm(cfg: Config, arm: str, world_dir: Path, users: int, minutes: float, 
 
 def _mean(v: np.ndarray) -> float | None:
     return round(float(v.mean()), 4) if v.size else None
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> float | None:
+    return round(float(num.mean() / den.mean()), 4) if num.size and den.mean() > 0 else None
 
 
 def _se(v: np.ndarray) -> float | None:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from core.config import Config
+from lab.oracle import OracleCeiling, shares
 
 VARIANTS = ("V0_chronological", "V1_follow_graph_rankers", "V2_full_funnel", "V2_without_light_ranker",
             "V2_without_reranker")
@@ -45,7 +46,7 @@ class PageRecorder:
         self.api, self.world, self.clock, self.k = api, world, clock, k
         self.pages: list[dict[str, float]] = []
         self.disc = 1.0 / np.log2(np.arange(2, k + 2))
-        self.exam = world.examination_prob(np.arange(1, 201))
+        self.oracle = OracleCeiling(world)
 
     def get_feed(self, user_id: int, feed_type: str = "home", cursor: str = "", limit: int = 20, now_ms=None):
         page = self.api.get_feed(user_id, feed_type, cursor, limit, now_ms=now_ms)
@@ -61,7 +62,7 @@ class PageRecorder:
             pos = np.array([it.position for it in page.items if it.post_id < w.n_posts])
             self.pages.append({
                 "ndcg": float((gains * self.disc[: gains.size]).sum() / idcg) if idcg > 0 else np.nan,
-                "expected_utility": float((util * self.exam[np.minimum(pos, 200) - 1]).sum()),
+                **self.oracle.page(user_id, posts, pos, now),
                 "discovery": float((~w.follows(np.full(posts.size, user_id), authors)).mean()),
                 "distinct_authors": float(np.unique(authors).size / posts.size)})
         return page
@@ -122,7 +123,7 @@ def run_variant(cfg: Config, variant: str, world_dir: Path, users: int, minutes:
            "utility_per_examined": round(st.utility / max(st.examined, 1), 4),
            "page_expected_utility": mean("expected_utility"), "ndcg@20_vs_true_utility": mean("ndcg"),
            "discovery_share": mean("discovery"), "distinct_authors_per_item": mean("distinct_authors"),
-           "pages": len(pages), "errors": st.errors, "seconds": round(time.perf_counter() - t0, 1)}
+           **shares(pages), "pages": len(pages), "errors": st.errors, "seconds": round(time.perf_counter() - t0, 1)}
     if detail:
         out["_per_user"], out["_pages"] = st.per_user, pages
     return out

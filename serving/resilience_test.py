@@ -121,12 +121,15 @@ def test_hot_reload_under_load_and_unreadable_model_store(server):
     assert not _get(stub, cfg, 461).degraded
     # a model trained on other feature columns becomes current: refused at load, the last good one serves
     other = store.publish("heavy", files, parent=new, feature_schema_hash="0123456789abcdef", promote=True).version
-    deadline = time.time() + 10
-    while other not in server.loader.refused.get("heavy", {}) and time.time() < deadline:
-        time.sleep(0.1)
-    assert "feature schema 0123456789abcdef does not match the serving schema" in server.loader.refused["heavy"][other]
-    r = _get(stub, cfg, 462)
-    assert r.items and r.model_version == new and not r.degraded
-    assert store.current("heavy") == other and server.loader.store_ok
-    time.sleep(1.5)  # the metrics watcher's tick
-    assert server.metrics.models_refused.labels("heavy")._value.get() == 1
+    try:
+        deadline = time.time() + 10
+        while other not in server.loader.refused.get("heavy", {}) and time.time() < deadline:
+            time.sleep(0.1)
+        assert "feature schema 0123456789abcdef does not match the serving schema" in server.loader.refused["heavy"][other]
+        r = _get(stub, cfg, 462)
+        assert r.items and r.model_version == new and not r.degraded
+        assert store.current("heavy") == other and server.loader.store_ok
+        time.sleep(1.5)  # the metrics watcher's tick
+        assert server.metrics.models_refused.labels("heavy")._value.get() == 1
+    finally:
+        assert store.rollback("heavy") == new  # the store is shared with later tests
