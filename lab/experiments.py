@@ -158,6 +158,9 @@ def _report(res: dict, out: Path) -> None:
             on = pb["online"]
             for k in ("ndcg@20_vs_true_utility", "utility_per_examined", "page_expected_utility", "ctr"):
                 lines.append(f"| served: {k} | {on['corrected'][k]} | {on['naive'][k]} |")
+            for k in ("share_of_oracle_order", "share_of_oracle_all"):
+                lines.append(f"| served: page expected utility as a {k.replace('_', ' ')} | "
+                             f"{_pct(on['corrected'].get(k))} | {_pct(on['naive'].get(k))} |")
         d = pb["offline_corrected_minus_naive"]
         lines += ["", f"Corrected beats naive offline in {d['seeds_corrected_better']} of {d['of']} seeds "
                   f"(mean difference {d['mean']:+}).", "", f"![position bias]({name})", ""]
@@ -204,6 +207,9 @@ def _report(res: dict, out: Path) -> None:
             if isinstance(r, dict):
                 lines.append(f"| {m} | {r[LR_ARMS[0]]} ± {r['se'][LR_ARMS[0]]} | {r[LR_ARMS[1]]} ± {r['se'][LR_ARMS[1]]} | "
                              f"{r['difference']:+} ({r['difference_se']}) | {r['z']} |")
-        lines += ["", f"![lake retraining]({name})", ""]
+        lines += ["", "Page expected utility as a share of the oracle order / of the oracle over all eligible posts: "
+                  + "; ".join(f"{arm} {_pct(lr['arms'][arm].get('share_of_oracle_order'))} / "
+                              f"{_pct(lr['arms'][arm].get('share_of_oracle_all'))}" for arm in LR_ARMS) + ".",
+                  "", f"![lake retraining]({name})", ""]
     lines += ["## Checks", "", *[f"- {k}: **{'yes' if ok else 'no'}**" for k, ok in res["checks"].items()], ""]
     (out / "report.md").write_text("\n".join(lines))

@@ -41,6 +41,10 @@ def test_variants_run_on_the_same_users_and_report_measured_figures(make_cfg, tm
     assert v["V1_follow_graph_rankers"]["discovery_share"] < 0.05
     assert v["V2_full_funnel"]["discovery_share"] >= 0.2  # the re-ranker's out-of-network rule
     assert (out.parent / "experiments.png").stat().st_size > 1000 and (out.parent / "report.md").exists()
+    # every variant reads as a share of the oracle ceilings, which bound it
+    for name, r in v.items():
+        assert 0 < r["share_of_oracle_all"] <= r["share_of_oracle_order"] <= 1, (name, r)
+        assert r["oracle_order_page_expected_utility"] <= r["oracle_all_page_expected_utility"]
 
     # position bias: both arms trained on the same rows, evaluated offline and served
     pb = res["position_bias"]
@@ -55,6 +59,9 @@ def test_variants_run_on_the_same_users_and_report_measured_figures(make_cfg, tm
     assert (on["learner"]["examples"] or 0) > 0 and off["learner"] is None
     assert [x["t_min"] for x in on["timeline"]][:2] == [1.5, 4.5]
     assert on["after_shift"]["page_expected_utility"] is not None
+    for arm in (on, off):
+        p = arm["after_shift_pages"]
+        assert 0 < p["share_of_oracle_all"] <= p["share_of_oracle_order"] <= 1, p
     for k in ("V2_beats_V1_on_total_utility", "V2_beats_V0_on_utility_per_examined",
               "corrected_beats_naive_on_offline_ndcg", "online_beats_frozen_after_shift"):
         assert isinstance(res["checks"][k], bool)
