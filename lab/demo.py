@@ -235,7 +235,7 @@ def _clients(cfg: Config, wdir: Path, users: int, minutes: float, address: str, 
     raw = redis_client(cfg).hgetall(SERVING_CLOCK)
     offset = int(time.time() * 1000) - int(raw[b"wall0_ms"]) + int(raw[b"sim0_ms"]) - world.end_ms if raw else 0
     clock = WallClock(world.end_ms + offset)
-    t0_ms = clock.now_ms()
+    t0_ms, wall0_ms = clock.now_ms(), int(time.time() * 1000)
     duration_s = minutes * 60.0
     shift_topic = int(cfg.sim.trend_shifts[0].topic) if cfg.sim.trend_shifts else 3
     shift_at = t0_ms + int(duration_s * 500)
@@ -317,7 +317,8 @@ def _clients(cfg: Config, wdir: Path, users: int, minutes: float, address: str, 
     api_stats = api.stats()
     api.close()
     return {"stats": stats, "timeline": timeline, "probes": probes, "api": api_stats, "wall_s": time.perf_counter() - t_wall,
-            "shift": {"topic": shift_topic, "at_s": (shift_at - t0_ms) / 1000.0}, "t0_ms": t0_ms, "world": world}
+            "shift": {"topic": shift_topic, "at_s": (shift_at - t0_ms) / 1000.0}, "t0_ms": t0_ms, "wall0_ms": wall0_ms,
+            "world": world}
 
 
 # --------------------------------------------------------------------------- results
@@ -389,7 +390,9 @@ def _collect(cfg: Config, run: dict[str, Any], meta: dict, seconds: float) -> di
     st = run["stats"]
     organic = sum(v for k, v in st.sources.items() if k != "ad")
     discovery = (st.sources.get("out_of_network", 0) + st.sources.get("trending", 0)) / organic if organic else 0.0
-    decisions = [d for d in read_decisions(cfg) if d.get("decision") != "wait" and d.get("at_ms", 0) >= run["t0_ms"]]
+    # this run's: event time restarts at the world's end in every run, and Redis keeps earlier runs' decisions
+    decisions = [d for d in read_decisions(cfg) if d.get("decision") != "wait" and d.get("at_ms", 0) >= run["t0_ms"]
+                 and d.get("decided_at_wall_ms", 0) >= run["wall0_ms"]]
     learner = read_progress(cfg, "learner")
     features = read_progress(cfg, "features")
     try:
