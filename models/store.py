@@ -114,6 +114,12 @@ class ModelStore:
         return cls(cfg.resolve_uri(ms.uri), ms.retention_hours, ms.retention_versions, cfg.data_dir / "model-cache",
                    ms.retention_online_versions)
 
+    @property
+    def local(self) -> bool:
+        """On this machine's filesystem (files are read in place; pointer changes can take a file lock)."""
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        return "file" in protocols or "local" in protocols
+
     def _p(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
@@ -207,8 +213,7 @@ class ModelStore:
             raise ModelStoreError(f"{model}: no current version (train and promote one first)")
         ck = self.verify(model, version)
         base = self._p(model, "versions", version)
-        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
-        if "file" in protocols or "local" in protocols:
+        if self.local:
             return ck, Path(base)
         local = self.cache_dir / model / version
         if not (local / COMPLETE).exists():
@@ -252,8 +257,7 @@ class ModelStore:
     @contextlib.contextmanager
     def _pointer_lock(self, model: str):
         """Serialises pointer changes of one model between processes (local stores only)."""
-        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
-        if "file" not in protocols and "local" not in protocols:
+        if not self.local:
             yield
             return
         self.fs.makedirs(self._p(model), exist_ok=True)
