@@ -3,7 +3,7 @@
 Training (offline point-in-time features), the streaming jobs and serving all build
 vectors in this order, and the model store records :func:`schema_hash` with every
 checkpoint so a model is never fed vectors of another layout. Bounds are the clip range
-applied before scoring (the online learner also clips at +-3 sigma of training stats).
+applied before scoring; the rankers then clip standardised values at ``training.heavy_feature_clip``.
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ LIGHT_FEATURES: list[Feature] = [
     Feature("follows_author", "cross", 0, 1, "user follows the author"),
     Feature("in_network", "source", 0, 1, "candidate came from the follow graph"),
     Feature("ann_score", "cross", -1, 1, "two-tower cosine similarity"),
-    Feature("topic_match", "cross", 0, 1, "share of the user's clicks on the post's topic"),
+    Feature("topic_match", "cross", 0, 1, "share of the user's positive engagements on the post's topic"),
     Feature("topic_negative", "cross", 0, 1, "share of the user's negative feedback on the post's topic"),
-    Feature("ctype_match", "cross", 0, 1, "share of the user's clicks on the post's content type"),
+    Feature("ctype_match", "cross", 0, 1, "share of the user's positive engagements on the post's content type"),
     Feature("post_ctr", "post", 0, 1, "smoothed click-through rate"),
     Feature("post_like_rate", "post", 0, 1, "smoothed likes per impression"),
     Feature("post_negative_rate", "post", 0, 1, "smoothed negative feedback per impression"),
@@ -70,15 +70,28 @@ LIGHT_FEATURES: list[Feature] = [
 HEAVY_EXTRA: list[Feature] = (
     _block("user_emb", EMB_DIM, "user_embedding", -1, 1, "two-tower user embedding")
     + _block("post_emb", EMB_DIM, "post_embedding", -1, 1, "two-tower post embedding")
-    + _block("user_topic", N_TOPICS, "user_topic", 0, 1, "share of the user's clicks per topic")
+    + _block("user_topic", N_TOPICS, "user_topic", 0, 1, "share of the user's positive engagements per topic")
     + _block("post_ctype", N_CTYPES, "post", 0, 1, "content type one-hot")
+    # a topic's appeal can jump before its new posts have counts: the online learner moves these weights
+    + _block("post_topic", N_TOPICS, "post_topic", 0, 1, "topic one-hot")
     + [Feature("user_topic_neg_total", "user_topic", 0, 1, "user's negative feedback share overall"),
        Feature("post_comment_rate", "post", 0, 1, "smoothed comments per impression"),
        Feature("post_share_rate", "post", 0, 1, "smoothed shares per impression"),
        Feature("post_long_dwell_rate", "post", 0, 1, "smoothed long dwells per impression"),
        Feature("hour_sin", "context", -1, 1, "time of day"),
-       Feature("hour_cos", "context", -1, 1, "time of day")]
+       Feature("hour_cos", "context", -1, 1, "time of day"),
+       # the session (seed 003): read at request time from the feature job's user_session view
+       Feature("log_session_depth", "session", 0, 8, "log1p(posts viewed in the current session)"),
+       Feature("log_session_minutes", "session", 0, 6, "log1p(minutes since the current session began)"),
+       Feature("session_topic_viewed", "session", 0, 1, "share of the last 10 viewed posts on the post's topic"),
+       Feature("recent_topic_liked", "session", 0, 1, "share of the last 5 liked posts on the post's topic"),
+       Feature("recent_author_liked", "session", 0, 1, "share of the last 5 liked posts by the post's author")]
 )
+#: How many recent views and likes the user_session view keeps (the session features above), and the
+#: pause after which the next view starts a new session. Part of the features' definition (a model is
+#: trained with them), so kept here rather than in feedrank.toml.
+SESSION_VIEWED, SESSION_LIKED = 10, 5
+SESSION_GAP_MS = 30 * 60_000
 HEAVY_FEATURES: list[Feature] = LIGHT_FEATURES + HEAVY_EXTRA
 #: What the ranker that logged the history ranked by (the V0/EdgeRank-style production
 #: ranker): propensity estimation conditions on these, because given them the logged

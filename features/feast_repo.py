@@ -15,13 +15,13 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from core.config import PROJECT_ROOT, Config
-from core.schema import POST_STATS_FLOAT, POST_STATS_INT  # noqa: F401  (the post_stats view's columns)
+from core.schema import POST_STATS_FLOAT, POST_STATS_INT, SESSION_LIKED, SESSION_VIEWED  # noqa: F401  (post_stats columns)
 from features.vectors import rate
 
 REPO = PROJECT_ROOT / "feast_repo"
 TS = "event_timestamp"
 #: Real-time views (written by the streaming feature job through their PushSource).
-PUSHED_VIEWS = ("user_topic", "user_embedding", "post_embedding", "post_stats", "topic_stats")
+PUSHED_VIEWS = ("user_topic", "user_session", "user_embedding", "post_embedding", "post_stats", "topic_stats")
 #: Batch views (materialized from the offline Parquet sources).
 BATCH_VIEWS = ("user_profile", "post_content", "author_stats", "user_interest")
 #: Redis key the batch features pipeline sets ("<date>:<unix time>") after materialising: serving reloads on change
@@ -71,6 +71,11 @@ def definitions(data_dir: Path, lake_dir: Path | None = None) -> dict[str, Any]:
             Field(name="ctype_clicks", dtype=f32s), Field(name="clicks", dtype=Int64),
             Field(name="negatives", dtype=Int64), Field(name="clicks_1h", dtype=Int64),
             Field(name="last_engagement_ms", dtype=Int64)]),
+        # real-time: the current session (views) and the last liked posts; post ids newest last
+        "user_session": view("user_session", user, 1, [
+            Field(name="viewed_posts", dtype=Array(Int64)), Field(name="liked_posts", dtype=Array(Int64)),
+            Field(name="session_start_ms", dtype=Int64), Field(name="last_view_ms", dtype=Int64),
+            Field(name="session_depth", dtype=Int64)]),
         # real-time: refreshed from the user tower on every engagement
         "user_embedding": view("user_embedding", user, 30, [Field(name="embedding", dtype=f32s)]),
         "post_content": view("post_content", post, 30, [
@@ -228,6 +233,17 @@ def export(cfg: Config, world_dir: Path) -> dict[str, int]:
         "negatives": hist.user_neg.before(uids, np.full(uids.size, t)),
         "clicks_1h": hist.user_clicks.between(uids, np.full(uids.size, t - HOUR_MS), np.full(uids.size, t)),
         "last_engagement_ms": np.zeros(uids.size, dtype=np.int64)}))
+    v = hist.views.last_row(uids, np.full(uids.size, t + 1))
+    vx, has = hist.views, v >= 0
+    first = vx.run_first[np.maximum(v, 0)] if vx.ts.size else np.zeros(uids.size, dtype=np.int64)
+    last_views = hist.views.last(v, SESSION_VIEWED, same_run=True)
+    liked = hist.likes.last(hist.likes.last_row(uids, np.full(uids.size, t + 1)), SESSION_LIKED)
+    write("user_session", pd.DataFrame({
+        "user_id": uids, "viewed_posts": [[int(p) for p in r if p >= 0] for r in last_views],
+        "liked_posts": [[int(p) for p in r if p >= 0] for r in liked],
+        "session_start_ms": np.where(has, vx.ts[first] if vx.ts.size else 0, 0).astype(np.int64),
+        "last_view_ms": np.where(has, vx.ts[np.maximum(v, 0)] if vx.ts.size else 0, 0).astype(np.int64),
+        "session_depth": np.where(has, np.maximum(v, 0) - first + 1, 0).astype(np.int64)}))
     k = world.n_topics
     t5 = np.bincount(world.post_topic, weights=c5, minlength=k)
     t1h = np.bincount(world.post_topic, weights=c1h, minlength=k)

@@ -6,8 +6,9 @@ plain functions with plain tests, and so the values the job pushes are defined o
 * post stats: counts of impressions (exposures), clicks, likes, comments, shares,
   negative feedback (hide / not interested / see less) and long dwells; clicks in the
   last 5 minutes and hour (per-minute buckets, event time); smoothed CTR; trending score.
-* user topic: clicks and negative feedback per topic, clicks per content type, recent
-  engagement — and the user tower's dense input built from them.
+* user topic: positive engagements and negative feedback per topic, positive engagements per
+  content type, recent engagement — and the user tower's dense input built from them.
+* user session: the current session's last viewed posts, start and depth, the last liked posts.
 * topic stats: clicks in the last 5 minutes / hour against the topic's long-run rate.
 
 State values are small lists (pickled by Flink); every update is idempotent given the
@@ -24,7 +25,7 @@ import numpy as np
 from core.events import NEGATIVE_ACTIONS, Action, InvalidEvent, parse_event, parse_events
 from features.feast_repo import post_trending_score, topic_trend
 from features.vectors import rate
-from core.schema import N_CTYPES, N_TOPICS, POST_STAT
+from core.schema import N_CTYPES, N_TOPICS, POST_STAT, SESSION_GAP_MS, SESSION_LIKED, SESSION_VIEWED
 from core.units import HOUR_MS, MINUTE_MS
 
 CTYPE_CODE = {"text": 0, "image": 1, "video": 2}
@@ -163,44 +164,65 @@ def post_rows(rows: list[tuple[list, int | None]]) -> tuple[np.ndarray, np.ndarr
 
 # ----------------------------------------------------------------------------- users
 
-# user state: [topic_clicks[T], topic_neg[T], ctype_clicks[3], clicks, negatives, last_ms, buckets, follows]
-U_TC, U_TN, U_CC, U_CLK, U_NEG, U_LAST, U_BUCKETS, U_FOLLOWS = range(8)
+# user state: [topic_pos[T], topic_neg[T], ctype_pos[3], clicks, negatives, last_ms, buckets, follows,
+#              viewed, liked, session_start_ms, last_view_ms, session_depth]
+# topic_pos / ctype_pos count positive engagements (core.events.is_positive: clicks, likes, comments, shares,
+# long dwells); viewed holds the current session's last SESSION_VIEWED post ids, liked the last SESSION_LIKED.
+U_TC, U_TN, U_CC, U_CLK, U_NEG, U_LAST, U_BUCKETS, U_FOLLOWS, U_VIEWED, U_LIKED, U_SSTART, U_LASTVIEW, U_DEPTH = range(13)
 MAX_FOLLOWS_KEPT = 200
+_POSITIVE_CODES = frozenset(A[a] for a in ("click", "like", "comment", "share"))
 
 
 def new_user_state(follows: list[int] | None = None) -> list:
-    return [[0] * N_TOPICS, [0] * N_TOPICS, [0] * N_CTYPES, 0, 0, 0, {}, list(follows or [])]
+    return [[0] * N_TOPICS, [0] * N_TOPICS, [0] * N_CTYPES, 0, 0, 0, {}, list(follows or []), [], [], 0, 0, 0]
 
 
-def user_update(s: list, e: Compact) -> tuple[bool, bool]:
-    """Apply an enriched engagement, author/topic feedback or a follow change. Returns (features changed,
-    embedding input changed)."""
+def user_update(s: list, e: Compact, long_dwell_ms: int) -> tuple[bool, bool, bool]:
+    """Apply an enriched engagement (a view included), author/topic feedback or a follow change. Returns
+    whether it changed (the user_topic row, the embedding input, the user_session row)."""
+    if len(s) < U_DEPTH + 1:  # a state checkpointed before the session fields existed
+        s.extend(new_user_state()[len(s):])
     k = e[K_KIND]
     if k == FOLLOW:
         if e[K_AUTHOR] not in s[U_FOLLOWS]:
             s[U_FOLLOWS].append(e[K_AUTHOR])
             del s[U_FOLLOWS][:-MAX_FOLLOWS_KEPT]
-        return False, True
+        return False, True, False
     if k == UNFOLLOW:
         if e[K_AUTHOR] in s[U_FOLLOWS]:
             s[U_FOLLOWS].remove(e[K_AUTHOR])
-        return False, True
-    a, topic, ctype = e[K_ACTION], e[K_TOPIC], e[K_CTYPE]
-    s[U_LAST] = max(s[U_LAST], e[K_TS])
-    if a == A["click"]:
-        s[U_CLK] += 1
-        bump(s[U_BUCKETS], e[K_TS])
+        return False, True, False
+    a, topic, ctype, ts = e[K_ACTION], e[K_TOPIC], e[K_CTYPE], e[K_TS]
+    if a == A["view"]:
+        if ts < s[U_LASTVIEW]:
+            return False, False, False  # late views do not reorder a session already pushed
+        if not s[U_LASTVIEW] or ts - s[U_LASTVIEW] > SESSION_GAP_MS:
+            s[U_SSTART], s[U_DEPTH], s[U_VIEWED] = ts, 0, []
+        s[U_LASTVIEW] = ts
+        s[U_DEPTH] += 1
+        s[U_VIEWED].append(e[K_POST])
+        del s[U_VIEWED][:-SESSION_VIEWED]
+        return False, False, True
+    s[U_LAST] = max(s[U_LAST], ts)
+    if a in _POSITIVE_CODES or (a == A["dwell"] and e[K_DWELL] >= long_dwell_ms):
+        if a == A["click"]:
+            s[U_CLK] += 1
+            bump(s[U_BUCKETS], ts)
         if 0 <= topic < N_TOPICS:
             s[U_TC][topic] += 1
         if 0 <= ctype < N_CTYPES:
             s[U_CC][ctype] += 1
-        return True, True
+        liked = a == A["like"]
+        if liked:
+            s[U_LIKED].append(e[K_POST])
+            del s[U_LIKED][:-SESSION_LIKED]
+        return True, True, liked
     if a in NEGATIVE_CODES:
         s[U_NEG] += 1
         if 0 <= topic < N_TOPICS:
             s[U_TN][topic] += 1
-        return True, True
-    return True, False  # any other engagement still moves last_engagement_ms
+        return True, True, False
+    return True, False, False  # any other engagement still moves last_engagement_ms
 
 
 def _shares(v: list[int]) -> list[float]:
@@ -229,20 +251,27 @@ def user_rows(states: list[list]) -> dict[str, np.ndarray]:
             "last_engagement_ms": np.array([s[U_LAST] for s in states], dtype=np.int64)}
 
 
+def session_rows(states: list[list]) -> dict[str, Any]:
+    """The user_session view's values of many users, as columns (post ids newest last)."""
+    def col(i: int) -> np.ndarray:
+        return np.array([s[i] if len(s) > i else 0 for s in states], dtype=np.int64)
+
+    return {"viewed_posts": [list(s[U_VIEWED]) if len(s) > U_VIEWED else [] for s in states],
+            "liked_posts": [list(s[U_LIKED]) if len(s) > U_LIKED else [] for s in states],
+            "session_start_ms": col(U_SSTART), "last_view_ms": col(U_LASTVIEW), "session_depth": col(U_DEPTH)}
+
+
 def user_dense_many(states: list[list]) -> np.ndarray:
     """:func:`user_dense` of many users at once ([n, USER_DENSE_DIM])."""
     from features.offline import UserState
 
     tc, tn, cc = (np.array([s[i] for s in states], dtype=np.float32).reshape(len(states), -1) for i in (U_TC, U_TN, U_CC))
-    return UserState.from_counts(tc, tn, cc).dense()
+    return UserState.from_counts(tc, tn, cc, np.array([s[U_CLK] for s in states])).dense()
 
 
 def user_dense(s: list) -> np.ndarray:
     """The user tower's dense input, exactly as :meth:`features.offline.UserState.dense` builds it offline."""
-    from features.offline import UserState
-
-    tc, tn, cc = (np.asarray([x], dtype=np.float32) for x in (s[U_TC], s[U_TN], s[U_CC]))
-    return UserState.from_counts(tc, tn, cc).dense()[0]
+    return user_dense_many([s])[0]
 
 
 # ----------------------------------------------------------------------------- topics

@@ -8,6 +8,7 @@ from features import realtime as rt
 from core.events import Engagement, Exposure, PostPublished
 
 T = 1_767_571_200_000
+LONG = 30_000  # heads.long_dwell_ms
 
 
 def _c(ev) -> tuple:
@@ -62,14 +63,51 @@ def test_batched_post_rows_equal_the_per_post_ones():
 def test_user_topic_shares_and_negatives():
     s = rt.new_user_state(follows=[9])
     e = (rt.ENGAGEMENT, "a", T, 1, 7, 3, rt.A["click"], 0, 5, 2, "", 1)
-    assert rt.user_update(s, e) == (True, True)
-    rt.user_update(s, (rt.ENGAGEMENT, "b", T + 1, 1, 8, 3, rt.A["hide"], 0, 6, 0, "", 1))
-    rt.user_update(s, (rt.FOLLOW, "f", T + 2, 1, -1, 4, -1, 0, -1, -1, "", 0))
+    assert rt.user_update(s, e, LONG) == (True, True, False)
+    rt.user_update(s, (rt.ENGAGEMENT, "b", T + 1, 1, 8, 3, rt.A["hide"], 0, 6, 0, "", 1), LONG)
+    rt.user_update(s, (rt.FOLLOW, "f", T + 2, 1, -1, 4, -1, 0, -1, -1, "", 0), LONG)
     row = rt.user_row(s)
     assert row["topic_clicks"][5] == 1.0 and row["topic_negative"][6] == 1.0 and row["clicks"] == 1
     assert row["negatives"] == 1 and row["ctype_clicks"] == [0.0, 0.0, 1.0] and s[rt.U_FOLLOWS] == [9, 4]
     dense = rt.user_dense(s)
     assert dense[5] == 1.0 and dense[-2] == pytest.approx(0.5)  # neg_total = 1 / (1 + 1)
+
+
+def test_likes_shares_and_long_dwells_move_topic_preferences_but_only_clicks_count_as_clicks():
+    s = rt.new_user_state()
+    ev = lambda i, a, topic, dwell=0: (rt.ENGAGEMENT, f"e{i}", T + i, 1, 100 + i, 3, rt.A[a], dwell, topic, 1, "", 1)  # noqa: E731
+    assert rt.user_update(s, ev(0, "like", 4), LONG) == (True, True, True)    # a like is also a session fact
+    assert rt.user_update(s, ev(1, "share", 4), LONG) == (True, True, False)
+    assert rt.user_update(s, ev(2, "dwell", 7, dwell=LONG), LONG) == (True, True, False)
+    assert rt.user_update(s, ev(3, "dwell", 9, dwell=LONG - 1), LONG) == (True, False, False)  # short: no preference
+    row = rt.user_row(s)
+    assert row["topic_clicks"][4] == pytest.approx(2 / 3) and row["topic_clicks"][7] == pytest.approx(1 / 3)
+    assert row["topic_clicks"][9] == 0.0 and row["ctype_clicks"][1] == 1.0
+    assert row["clicks"] == 0 and s[rt.U_LIKED] == [100]
+
+
+def test_views_keep_the_session_and_a_pause_starts_a_new_one():
+    s = rt.new_user_state()
+    view = lambda i, ts: (rt.ENGAGEMENT, f"v{i}", ts, 1, i, 3, rt.A["view"], 0, -1, -1, "", i)  # noqa: E731
+    for i in range(12):
+        assert rt.user_update(s, view(i, T + i * 1500), LONG) == (False, False, True)
+    row = rt.session_rows([s])
+    assert row["viewed_posts"] == [list(range(2, 12))] and row["session_depth"].tolist() == [12]
+    assert row["session_start_ms"].tolist() == [T] and row["last_view_ms"].tolist() == [T + 11 * 1500]
+    assert rt.user_update(s, view(99, T + 5000), LONG) == (False, False, False)  # late: the session stays as pushed
+    later = T + 11 * 1500 + rt.SESSION_GAP_MS + 1
+    rt.user_update(s, view(50, later), LONG)
+    row = rt.session_rows([s])
+    assert row["viewed_posts"] == [[50]] and row["session_depth"].tolist() == [1] and row["session_start_ms"].tolist() == [later]
+    for i in range(7):  # the last 5 likes, across sessions
+        rt.user_update(s, (rt.ENGAGEMENT, f"l{i}", later + i, 1, 200 + i, 3, rt.A["like"], 0, 2, 0, "", 1), LONG)
+    assert rt.session_rows([s])["liked_posts"] == [[202, 203, 204, 205, 206]]
+
+
+def test_a_state_checkpointed_before_the_session_fields_is_upgraded():
+    s = rt.new_user_state()[:8]
+    rt.user_update(s, (rt.ENGAGEMENT, "v", T, 1, 5, 3, rt.A["view"], 0, -1, -1, "", 1), LONG)
+    assert s[rt.U_VIEWED] == [5] and s[rt.U_DEPTH] == 1
 
 
 def test_batched_user_rows_and_dense_equal_the_per_user_ones():
@@ -82,7 +120,7 @@ def test_batched_user_rows_and_dense_equal_the_per_user_ones():
         for i in range(int(rng.integers(0, 30))):
             a = rt.A[str(rng.choice(["click", "like", "hide", "click"]))]
             rt.user_update(s, (rt.ENGAGEMENT, f"{u}-{i}", T + i * 60_000, u, i, 3, a, 0, int(rng.integers(-1, 20)),
-                               int(rng.integers(-1, 3)), "", 1))
+                               int(rng.integers(-1, 3)), "", 1), LONG)
         states.append(s)
     cols = rt.user_rows(states)
     for i, s in enumerate(states):

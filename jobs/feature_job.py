@@ -359,7 +359,7 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
                     self.dirty[pid] = (s, None)
                 if kind == rt.PUBLISH:
                     self.new_posts.append(e)
-                elif kind == rt.ENGAGEMENT and e[rt.K_ACTION] != rt.A["view"]:
+                elif kind == rt.ENGAGEMENT:  # views too: the user function keeps the session
                     if e[rt.K_ACTION] == rt.A["click"]:  # re-push when the click leaves the 5 min / 1 h windows
                         for after in (5 * rt.MINUTE_MS, 60 * rt.MINUTE_MS):
                             decay.setdefault(_tagged(now + after, 2, 10_000), set()).add(pid)
@@ -406,9 +406,10 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
             self.embedder = UserEmbedder(cfg)
             self.mark_opened()
 
-        def mark(self, uid: int, s: list, feats: bool, emb: bool) -> None:
+        def mark(self, uid: int, s: list, feats: bool, emb: bool, session: bool) -> None:
             old = self.dirty.get(uid)
-            self.dirty[uid] = (s, feats or (old is not None and old[1]), emb or (old is not None and old[2]))
+            self.dirty[uid] = (s, feats or (old is not None and old[1]), emb or (old is not None and old[2]),
+                               session or (old is not None and old[3]))
 
         def process_element(self, group: tuple, ctx: Any):
             if self.catalog is None:
@@ -421,10 +422,10 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
             for e in events:
                 uid = e[rt.K_USER]
                 s = self.row(local, uid, lambda u: rt.new_user_state(self.catalog.follows(u)))
-                feats, emb = rt.user_update(s, e)
+                feats, emb, session = rt.user_update(s, e, long_dwell_ms)
                 self.max_ts = max(self.max_ts, e[rt.K_TS])
-                if feats or emb:
-                    self.mark(uid, s, feats, emb)
+                if feats or emb or session:
+                    self.mark(uid, s, feats, emb, session)
                 if e[rt.K_KIND] == rt.ENGAGEMENT and e[rt.K_ACTION] == rt.A["click"]:
                     hour.setdefault((e[rt.K_TS] // rt.MINUTE_MS + 60) * rt.MINUTE_MS, set()).add(uid)
                     if e[rt.K_TOPIC] >= 0:
@@ -440,14 +441,18 @@ def _functions(cfg: Config, fail_once_on: str | None = None) -> dict[str, Any]:
                 if s is not None:
                     s[rt.U_LAST] = max(s[rt.U_LAST], timestamp)  # clicks_1h as of the watermark
                     self.store({uid: s})
-                    self.mark(uid, s, True, False)
+                    self.mark(uid, s, True, False, False)
 
         def write(self, rows: dict[int, Any]) -> None:
-            feat = [(uid, s) for uid, (s, f, _) in rows.items() if f]
+            feat = [(uid, s) for uid, (s, f, _, _) in rows.items() if f]
             if feat:
                 self.writer.write("user_topic", np.array([u for u, _ in feat], dtype=np.int64),
                                   rt.user_rows([s for _, s in feat]))
-            emb = [(uid, s) for uid, (s, _, e) in rows.items() if e]
+            sess = [(uid, s) for uid, (s, _, _, ss) in rows.items() if ss]
+            if sess:
+                self.writer.write("user_session", np.array([u for u, _ in sess], dtype=np.int64),
+                                  rt.session_rows([s for _, s in sess]))
+            emb = [(uid, s) for uid, (s, _, e, _) in rows.items() if e]
             if emb:
                 self.embedder.publish(self.writer, emb)
 

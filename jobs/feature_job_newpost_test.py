@@ -89,7 +89,8 @@ def test_published_post_is_retrievable_within_5s(make_cfg):
         from features import realtime as rt
 
         st = rt.new_user_state()
-        rt.user_update(st, (rt.ENGAGEMENT, "click", T + 70_000, 9, n + 7, author, rt.A["click"], 0, topic, ctype, "", 0))
+        rt.user_update(st, (rt.ENGAGEMENT, "click", T + 70_000, 9, n + 7, author, rt.A["click"], 0, topic, ctype, "", 0),
+                       cfg.heads.long_dwell_ms)
         with torch.no_grad():
             want_u = model.user(UserInputs(torch.from_numpy(rt.user_dense(st)[None]), torch.zeros(1, dtype=torch.int64),
                                            torch.zeros(1, dtype=torch.int64))).numpy()[0]

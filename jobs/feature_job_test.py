@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -84,6 +85,18 @@ def test_features_job_exact_values_dedupe_and_restart(make_cfg):
         u3 = wait_until("user 3", lambda: (lambda u: u if u["negatives"] == 2 else None)(client.user(3)))
         assert u3["topic_negative"][3] == pytest.approx(0.5) and u3["topic_negative"][5] == pytest.approx(0.5)
         assert u3["clicks"] == 0
+        # views keep the session, likes the recent likes: through Feast's own read of the user_session view
+        sess_cols = [f"user_session:{n}" for n in ("viewed_posts", "liked_posts", "session_start_ms", "last_view_ms",
+                                                    "session_depth")]
+
+        def session(user: int, ready: Callable[[dict], bool]) -> dict | None:
+            row = {k: v[0] for k, v in client.store.get_online_features(sess_cols, entity_rows=[{"user_id": user}]).to_dict().items()}
+            return row if ready(row) else None
+
+        s3 = wait_until("user 3 session", lambda: session(3, lambda r: r["session_depth"] == 1))
+        assert s3["viewed_posts"] == [7] and s3["session_start_ms"] == s3["last_view_ms"] == T + 4_200 and not s3["liked_posts"]
+        s1 = wait_until("user 1 likes", lambda: session(1, lambda r: r["liked_posts"] == [7]))
+        assert s1["session_depth"] == 0 and not s1["viewed_posts"]
         topic = wait_until("topic 3", lambda: (lambda t: t if t["clicks_5m"][0] == 2 else None)(
             client.store.get_online_features(["topic_stats:clicks_5m", "topic_stats:clicks_1h"],
                                              entity_rows=[{"topic_id": 3}]).to_dict()))

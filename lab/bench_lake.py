@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from core.config import Config
+from core.schema import HEAVY_FEATURES
 
 T0 = 1_767_571_200_000  # 2026-01-05 00:00 UTC: one day of pages
 DATE = "2026-01-05"
@@ -24,7 +25,7 @@ DATE = "2026-01-05"
 def lake_workload(pages: int, seed: int = 0) -> tuple[list[Any], int]:
     """(events, exposures) of ``pages`` served pages over one day."""
     from core.events import Engagement, Exposure, FeaturesServed, PostPublished
-    from core.schema import HEAVY_FEATURES, schema_hash
+    from core.schema import schema_hash
 
     rng = np.random.default_rng(seed)
     h = schema_hash(HEAVY_FEATURES)
@@ -111,7 +112,7 @@ def bench_lake(cfg: Config, pages: int = 3000, events: str = "kafka", workers: i
         meta = training_set.run(bcfg, DATE, 1, workers=workers)
         return {
             "pages": pages, "events": n, "exposures": n_exp, "event_json_mb": round(nbytes / 2**20, 1),
-            "workload": "served pages: 1 features_served (20 x 309 float32) + 20 exposures + engagements per page, and posts",
+            "workload": f"served pages: 1 features_served (20 x {len(HEAVY_FEATURES)} float32) + 20 exposures + engagements per page, and posts",
             # None when the job's first progress report already held every event (a workload too small to time)
             "lake_job": {"events_per_s": round((n - done_first) / (t_read - t_first), 1) if done_first < n else None,
                          "mb_per_s": round(nbytes * (n - done_first) / n / 2**20 / (t_read - t_first), 2) if done_first < n else None,

@@ -67,6 +67,12 @@ def run_demo(cfg: Config, scale: str, users: int, minutes: float, keep_up: bool,
         console.rule("1/8 embedded stack")
         for name, outcome in stack.up(cfg):
             console.print(f"[green]✓[/green] {name}: {outcome}")
+        # the run owns the stack's Redis: an earlier run's posts would hold this run's post ids (the simulated
+        # creators number new posts from the world's end) and its learner decisions would mix with this run's
+        from features.connection import redis_client
+
+        redis_client(cfg).flushdb()
+        console.print("[green]✓[/green] redis: emptied for this run")
         wdir, meta = _world(cfg, scale, console)
         _models(cfg, wdir, retrain, console)
         _features(cfg, wdir, console)

@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from core.schema import HEAVY_FEATURES
 from features import lake
 from jobs import training_set
 from lab.lake_seed import seed_lake
@@ -39,7 +40,7 @@ def test_seeded_lake_gives_the_simulators_labels(served_world, tmp_path):  # noq
     assert np.array_equal(t["click"].to_numpy(), np.array([sim_click[k] for k in key], dtype=np.int8))
     assert int(t["click"].sum()) > 50
     x = np.stack(t["x"].to_numpy())
-    assert x.shape[1] == 309 and np.isfinite(x).all()
+    assert x.shape[1] == len(HEAVY_FEATURES) and np.isfinite(x).all()
 
 
 def test_the_two_tower_trains_from_a_seeded_lake(served_world, tmp_path):  # noqa: F811

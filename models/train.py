@@ -106,8 +106,9 @@ def ranking_rows(data: SimData, model: TwoTower, post_emb: np.ndarray, rows: np.
     posts = imp["post_id"].to_numpy()[rows]
     t = imp["ts"].to_numpy()[rows]
     ue = data.user_embeddings(model, users, t)
+    served = imp["ts"].groupby(imp["request_id"]).transform("min").to_numpy()[rows]  # when the request was served
     x = data.history.heavy_features(users, posts, t, ue, post_emb[posts],
-                                    in_network=(imp["source"].to_numpy()[rows] == "in_network"))
+                                    in_network=(imp["source"].to_numpy()[rows] == "in_network"), request_t=served)
     return {"x": x, "y": data.labels[rows], "position": imp["position"].to_numpy()[rows], "users": users,
             "posts": posts, "t": t}
 

@@ -67,6 +67,11 @@ class UserContext:
     fatigue_authors: dict[int, float] = field(default_factory=dict)  # decayed suppression weight in [0, 1]
     fatigue_topics: dict[int, float] = field(default_factory=dict)
     affinity: dict[int, int] = field(default_factory=dict)           # author -> past engagements
+    viewed_posts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # the session's, newest last
+    liked_posts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))   # newest last
+    session_start_ms: int = 0
+    last_view_ms: int = 0
+    session_depth: int = 0
     cached_candidates: np.ndarray | None = None                      # fan-out cache (None = miss)
 
 

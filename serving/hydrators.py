@@ -15,7 +15,8 @@ from core.schema import POST_STAT, POST_STATS_INT
 from core.units import HOUR_MS
 from features import vectors
 from features.vectors import PRIOR_CTR
-from serving.components import IN_NETWORK, Candidates, FeatureHydrator, FunnelContext, Query, member
+from serving.catalog import PostCatalog
+from serving.components import IN_NETWORK, Candidates, FeatureHydrator, FunnelContext, Query, UserContext, member
 
 
 def _stats(ctx: FunnelContext, ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -75,6 +76,17 @@ class LightFeatureHydrator(FeatureHydrator):
         cands["ann"] = ann.astype(np.float32)
 
 
+def _session(now_ms: int, u: UserContext, cat: PostCatalog) -> vectors.Session:
+    """The request's session inputs: the user_session row with its posts' topics and authors (posts the
+    catalog does not know yet count as none)."""
+    def known(p: np.ndarray) -> np.ndarray:
+        return p[(p >= 0) & (p < cat.n)]
+
+    viewed, liked = known(u.viewed_posts), known(u.liked_posts)
+    return vectors.Session.of(now_ms, u.session_start_ms, u.last_view_ms, u.session_depth, cat.topic[viewed][None, :],
+                              cat.topic[liked][None, :], cat.author[liked][None, :])
+
+
 class HeavyFeatureHydrator(FeatureHydrator):
     """The heavy ranker's ~300 features (light ones first) for the light ranker's top 500."""
 
@@ -88,6 +100,7 @@ class HeavyFeatureHydrator(FeatureHydrator):
         ue = u.embedding if u.embedding is not None else np.zeros(cat.emb.shape[1], dtype=np.float32)
         extra = vectors.heavy_extra(
             user_emb=ue, post_emb=cat.emb[ids], user_topic_clicks=u.topic_clicks, ctype=cat.ctype[ids],
-            user_negatives=u.negatives, user_clicks=u.clicks, impressions=s["impressions"], comments=s["comments"],
-            shares=s["shares"], long_dwells=s["long_dwells"], hour=(query.now_ms // HOUR_MS) % 24)
+            topic=cat.topic[ids], author=cat.author[ids], user_negatives=u.negatives, user_clicks=u.clicks,
+            impressions=s["impressions"], comments=s["comments"], shares=s["shares"], long_dwells=s["long_dwells"],
+            hour=(query.now_ms // HOUR_MS) % 24, session=_session(query.now_ms, u, cat))
         cands["x"] = np.hstack([cands["x_light"], extra])

@@ -11,11 +11,13 @@ import numpy as np
 import pandas as pd
 
 from core.config import load_config
-from core.schema import EMB_DIM, HEAVY_NAMES, LIGHT_NAMES, N_CTYPES, N_TOPICS, POST_STATS_INT
+from core.events import is_positive
+from core.schema import EMB_DIM, HEAVY_FEATURES, HEAVY_NAMES, LIGHT_NAMES, N_CTYPES, N_TOPICS, POST_STATS_INT
 from core.corpus import Corpus
 from core.units import HOUR_MS
 from features.change_streams import PostStatsCache
-from features.offline import History
+from features import realtime as rt
+from features.offline import LONG_DWELL_MS, History
 from features.vectors import rate
 from serving.catalog import FollowGraph, PostCatalog
 from serving.components import IN_NETWORK, OUT_OF_NETWORK, Candidates, Query, UserContext
@@ -23,6 +25,7 @@ from serving.hydrators import HeavyFeatureHydrator, LightFeatureHydrator
 
 DIM = EMB_DIM
 T0 = 1_700_000_000_000
+CHECKED = (3, 17, 29)
 
 
 def _history(rng: np.random.Generator) -> History:
@@ -33,7 +36,12 @@ def _history(rng: np.random.Generator) -> History:
                     post_original=rng.random(posts) < 0.8, post_ts=np.sort(T0 + rng.integers(0, 40 * HOUR_MS, posts)),
                     follow_src=rng.integers(0, users, 300), follow_dst=rng.integers(0, users, 300))
     n_imp, n_eng = 6000, 2500
-    imp = pd.DataFrame({"post_id": rng.integers(0, posts, n_imp), "ts": T0 + rng.integers(0, 48 * HOUR_MS, n_imp)})
+    imp = pd.DataFrame({"user_id": rng.integers(0, users, n_imp), "post_id": rng.integers(0, posts, n_imp),
+                        "ts": T0 + rng.integers(0, 48 * HOUR_MS, n_imp)})
+    # the checked users are mid-session at the end: a run of views 1.5 s apart in its last 20 minutes
+    session = [pd.DataFrame({"user_id": u, "post_id": rng.integers(0, posts, 15),
+                             "ts": T0 + 48 * HOUR_MS - 20 * 60_000 + np.arange(15) * 1500}) for u in CHECKED]
+    imp = pd.concat([imp, *session], ignore_index=True)
     actions = np.array(["click", "like", "comment", "share", "dwell", "hide", "not_interested", "see_less"])
     act = actions[rng.choice(len(actions), n_eng, p=[0.4, 0.15, 0.05, 0.05, 0.2, 0.05, 0.05, 0.05])]
     eng = pd.DataFrame({"user_id": rng.integers(0, users, n_eng), "post_id": rng.integers(0, posts, n_eng),
@@ -70,14 +78,28 @@ def _online(h: History, user: int, t: int, user_emb: np.ndarray, post_emb: np.nd
     tk = np.full(topics.size, t)
     trend = np.log(rate(h.topic_clicks.between(topics, tk - HOUR_MS, tk), h.topic_impr.between(topics, tk - HOUR_MS, tk))
                    / rate(h.topic_clicks.before(topics, tk), h.topic_impr.before(topics, tk)))
-    st = h.user_state(np.array([user]), np.array([t]))
-    clicked = h.e_user[h.click & (h.e_ts < t)] == user
-    aff_authors = w.post_author[h.e_post[h.click & (h.e_ts < t)][clicked]]
-    a, n = np.unique(aff_authors, return_counts=True)
+    # the user's rows as the feature job computes them: its user_update over the user's events in time order
+    # (views are the served impressions, as History reads them), and serving's affinity (positive engagements)
+    s = rt.new_user_state()
+    events = [(ts, rt.A["view"], p, 0) for p, ts in zip(h.views.values[h.views.groups == user], h.views.ts[h.views.groups == user])]
+    mine = (h.e_user == user) & (h.e_ts < t)
+    events += [(ts, rt.A[a], p, d) for ts, a, p, d in zip(h.e_ts[mine], h.e_act[mine], h.e_post[mine], h.e_dwell[mine])]
+    affinity: dict[int, int] = {}
+    for i, (ts, a, p, d) in enumerate(sorted(e for e in events if e[0] < t)):
+        rt.user_update(s, (rt.ENGAGEMENT, str(i), int(ts), user, int(p), int(w.post_author[p]), a, int(d),
+                           int(w.post_topic[p]), int(w.post_ctype[p]), "", 1), LONG_DWELL_MS)
+        if is_positive(rt.ACTIONS[a], int(d), LONG_DWELL_MS):
+            affinity[int(w.post_author[p])] = affinity.get(int(w.post_author[p]), 0) + 1
+    row, sess = rt.user_row(s), rt.session_rows([s])
     u = UserContext(user_id=user, following=np.sort(graph.following(user)).astype(np.int64),
-                    topic_clicks=st.topic_clicks[0], topic_negative=st.topic_neg[0], ctype_clicks=st.ctype_clicks[0],
-                    clicks=int(st.clicks[0]), negatives=int(st.negatives[0]), embedding=user_emb,
-                    affinity=dict(zip(a.tolist(), n.tolist())))
+                    topic_clicks=np.asarray(row["topic_clicks"], np.float32),
+                    topic_negative=np.asarray(row["topic_negative"], np.float32),
+                    ctype_clicks=np.asarray(row["ctype_clicks"], np.float32), clicks=row["clicks"],
+                    negatives=row["negatives"], embedding=user_emb, affinity=affinity,
+                    viewed_posts=np.array(sess["viewed_posts"][0], dtype=np.int64),
+                    liked_posts=np.array(sess["liked_posts"][0], dtype=np.int64),
+                    session_start_ms=int(sess["session_start_ms"][0]), last_view_ms=int(sess["last_view_ms"][0]),
+                    session_depth=int(sess["session_depth"][0]))
     ctx = SimpleNamespace(catalog=cat, graph=graph, stats=stats, author_ctr=author_ctr.astype(np.float32),
                           topic_trend=trend.astype(np.float32))
     return ctx, u
@@ -91,7 +113,8 @@ def test_serving_hydrators_and_training_compute_the_same_vectors_for_the_same_ro
     post_emb = rng.normal(size=(w.n_posts, DIM)).astype(np.float32)
     post_emb /= np.linalg.norm(post_emb, axis=1, keepdims=True)
     checked = 0
-    for user in (3, 17, 29):
+    session_cols = [j for j, f in enumerate(HEAVY_FEATURES) if f.group == "session"]
+    for user in CHECKED:
         user_emb = rng.normal(size=DIM).astype(np.float32)
         user_emb /= np.linalg.norm(user_emb)
         ctx, u = _online(h, user, t, user_emb, post_emb)
@@ -112,5 +135,6 @@ def test_serving_hydrators_and_training_compute_the_same_vectors_for_the_same_ro
         # the rows are not degenerate: most features vary, so a formula that drifts on one side shows
         varying = [n for j, n in enumerate(LIGHT_NAMES) if np.ptp(offline[:, j]) > 0]
         assert len(varying) >= 15, varying
+        assert (offline[:, session_cols] > 0).any(0).all(), "every session feature is non-zero for some post"
         checked += posts.size
     assert checked > 500

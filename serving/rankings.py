@@ -1,6 +1,6 @@
 """The ranking cache behind cursor pages and refreshes: compact rankings, LRU within a byte budget.
 
-A ranked list of ~120 items with its feature matrices is ~175 KB (309 heavy features per row);
+A ranked list of ~120 items with its feature matrices is ~190 KB (338 heavy features per row);
 kept per request that made gigabytes per worker under ordinary traffic. The cache keeps what a
 later page or refresh needs to *serve* (ids, sources, positions, scores, head scores, reasons
 and the small inputs of re-hydration such as the ANN cosine), ~19 KB, and drops the feature

@@ -322,6 +322,7 @@ class ServingState:
                 p.hgetall(aff_key(user_id))
                 self.feast.queue(p, "user_topic", user_id)
                 self.feast.queue(p, "user_embedding", user_id)
+                self.feast.queue(p, "user_session", user_id)
                 return p.execute()
 
         try:
@@ -332,12 +333,12 @@ class ServingState:
             if feast is None:
                 degrade("user_features_missing")
             else:
-                self._apply_feast(ctx, feast["user_topic"], feast["user_embedding"])
+                self._apply_feast(ctx, feast["user_topic"], feast["user_embedding"], feast["user_session"])
             return ctx
         if need_cache:
             cc = raw.pop(0)
             ctx.cached_candidates = np.array([int(x) for x in cc], dtype=np.int64) if cc else None
-        seen, neg, aff, ut, ue = raw
+        seen, neg, aff, ut, ue, us = raw
         ctx.seen = _ids(seen)
         hidden, blocked, unfollowed = [], [], []
         now = self.clock()
@@ -358,14 +359,20 @@ class ServingState:
         ctx.unfollowed_authors = np.array(sorted(unfollowed), dtype=np.int64)
         ctx.affinity = {int(k): int(v) for k, v in aff.items()}
         ut_row, ue_row = self.feast.decode("user_topic", ut), self.feast.decode("user_embedding", ue)
-        self.user_cache[user_id] = {"user_topic": ut_row, "user_embedding": ue_row}
+        us_row = self.feast.decode("user_session", us)
+        self.user_cache[user_id] = {"user_topic": ut_row, "user_embedding": ue_row, "user_session": us_row}
         self.user_cache.move_to_end(user_id)
         while len(self.user_cache) > 100_000:
             self.user_cache.popitem(last=False)
-        self._apply_feast(ctx, ut_row, ue_row)
+        self._apply_feast(ctx, ut_row, ue_row, us_row)
         return ctx
 
-    def _apply_feast(self, ctx: UserContext, ut: dict | None, ue: dict | None) -> None:
+    def _apply_feast(self, ctx: UserContext, ut: dict | None, ue: dict | None, us: dict | None) -> None:
+        if us:
+            ctx.viewed_posts = np.asarray(us.get("viewed_posts") or [], dtype=np.int64)
+            ctx.liked_posts = np.asarray(us.get("liked_posts") or [], dtype=np.int64)
+            ctx.session_start_ms, ctx.last_view_ms = int(us.get("session_start_ms") or 0), int(us.get("last_view_ms") or 0)
+            ctx.session_depth = int(us.get("session_depth") or 0)
         if ut:
             for name in ("topic_clicks", "topic_negative", "ctype_clicks"):
                 if ut.get(name):
