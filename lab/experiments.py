@@ -170,25 +170,28 @@ def _report(res: dict, out: Path) -> None:
 
         name = ts_plot(ts, out)
         a = ts["arms"]
+        names = list(a)
         lines += ["## Trend shift: online learning on vs off", "", ts["protocol"] + f". {ts['users']} users, "
                   f"{ts['simulated_minutes']:g} simulated minutes at {ts['speed']:g}x real time; topic {ts['topic']} "
-                  f"gets +{ts['boost']} on the engagement logit at minute {ts['shift_at_min']:g}.", "",
-                  "| after the shift | frozen | online |", "|---|---|---|"]
+                  f"gets +{ts['boost']} on the engagement logit at minute {ts['shift_at_min']:g}. Arms' learner "
+                  f"settings over feedrank.toml's: {ts.get('arm_settings', {})}.", "",
+                  "| after the shift | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
         for k in ("page_expected_utility", "shift_expected_utility_per_page", "shift_topic_share"):
-            lines.append(f"| {k} | {a['frozen']['after_shift'][k]} | {a['online']['after_shift'][k]} |")
-        lines += [f"| utility per examined (whole window) | {a['frozen']['utility_per_examined']} | "
-                  f"{a['online']['utility_per_examined']} |"]
+            lines.append(f"| {k} | " + " | ".join(str(a[n]['after_shift'][k]) for n in names) + " |")
+        lines += ["| utility per examined (whole window) | " + " | ".join(str(a[n]['utility_per_examined']) for n in names) + " |"]
         for k in ("share_of_oracle_order", "share_of_oracle_all"):
             lines.append(f"| page expected utility as a {k.replace('_', ' ')} | "
-                         f"{_pct(a['frozen']['after_shift_pages'].get(k))} | {_pct(a['online']['after_shift_pages'].get(k))} |")
+                         + " | ".join(_pct(a[n]['after_shift_pages'].get(k)) for n in names) + " |")
         lines.append("")
-        for key in ("expected_utility", "shift_expected_utility"):
-            d = ts.get(f"after_shift_{key}_per_page_difference")
-            if d:
-                lines.append(f"After the shift, {key} per page: online minus frozen {d['online_minus_frozen']:+} "
-                             f"(standard error {d['se']}, z = {d['z']}).")
-        lines += ["", f"Learner decisions (online arm): {a['online']['learner']['decisions']}, "
-                  f"{a['online']['learner']['examples']} examples.", "", f"![trend shift]({name})", ""]
+        for arm in (n for n in names if a[n].get("learner") is not None):
+            for key in ("expected_utility", "shift_expected_utility"):
+                d = ts.get(f"after_shift_{key}_per_page_difference" + ("" if arm == "online" else f"_{arm}"))
+                if d:
+                    lines.append(f"After the shift, {key} per page: {arm} minus frozen {d[f'{arm}_minus_frozen']:+} "
+                                 f"(standard error {d['se']}, z = {d['z']}).")
+            lines.append(f"Learner decisions ({arm}): {a[arm]['learner']['decisions']}, "
+                         f"{a[arm]['learner']['examples']} examples.")
+        lines += ["", f"![trend shift]({name})", ""]
     lr = res.get("lake_retraining")
     if lr:
         from lab.lake_retraining_experiment import ARMS as LR_ARMS, plot as lr_plot

@@ -29,7 +29,7 @@ def test_variants_run_on_the_same_users_and_report_measured_figures(make_cfg, tm
                                     "V2_without_reranker"), trend_minutes=12.0, speed=12.0,
                           options={"position_bias": {"seeds": (0, 1), "heavy_rows": 30_000, "epochs": 2,
                                                      "n_sessions": 100},
-                                   "trend_shift": {"bucket_min": 3.0},
+                                   "trend_shift": {"bucket_min": 3.0, "arms": ("frozen", "online")},
                                    "lake_retraining": {"collect_users": 80, "epochs": 2}})
     v = res["variants"]
     assert json.loads(out.read_text())["variants"].keys() == v.keys()

@@ -3,9 +3,10 @@
 Two arms serve the *same* simulated users (same seed) from the *same* starting models, each
 on its own event log, Redis state and copy of the model store:
 
-    frozen   FeedService + PyFlink feature job (real-time features); the heavy ranker never changes
-    online   the same, plus the PyFlink online learner job, which promotes guarded final-layer
-             updates into the arm's model store; the server hot-reloads them
+    frozen          FeedService + PyFlink feature job (real-time features); the heavy ranker never changes
+    online          the same, plus the PyFlink online learner job, which promotes guarded final-layer
+                    updates into the arm's model store; the server hot-reloads them
+    online_strict   the same learner under a stricter promotion rule (holdout AUC may not fall)
 
 Midway through the window one topic's true appeal jumps (``boost`` on the engagement logit);
 nobody is told. Time runs ``speed`` times faster than the wall clock (a WallClock: the jobs
@@ -32,7 +33,12 @@ from core.config import Config
 from lab.oracle import OracleCeiling
 
 Step = Callable[[str, float], None]
-ARMS = ("frozen", "online")
+#: Each arm's learner: None = no learner (the frozen heavy ranker); otherwise settings over feedrank.toml's.
+ARMS: dict[str, dict[str, str] | None] = {
+    "frozen": None,
+    "online": {},                                                     # the seeds' rule: AUC may fall <= 1%
+    "online_strict": {"FEEDRANK_ONLINE_LEARNING_MAX_AUC_DROP": "0"},  # holdout AUC may not fall at all
+}
 
 #: The learner's settings for a few hundred simulated users (production: feedrank.toml); the
 #: guardrails (learning-rate cap, clipping, significance test, drift and rollback checks) are unchanged.
@@ -129,13 +135,14 @@ def run_arm(cfg: Config, arm: str, world_dir: Path, users: int, minutes: float, 
     procs = ProcessGroup(root / "log")
     (root / "log").mkdir(parents=True, exist_ok=True)
     exe = str(Path(sys.executable).parent / "feedrank")
-    env = child_env(acfg, FEEDRANK_STREAMING_BOOTSTRAP_WORLD=str(world_dir), **LEARNER)
+    env = child_env(acfg, FEEDRANK_STREAMING_BOOTSTRAP_WORLD=str(world_dir), **LEARNER, **(ARMS[arm] or {}))
+    learns = ARMS[arm] is not None
     server = api = None
     try:
         step(f"{arm}: starting the PyFlink jobs", 0.0)
         procs.start("feature-job", [exe, "jobs", "run", "features"], env)
         wait = {"features": "post_opened"}
-        if arm == "online":
+        if learns:
             procs.start("learner", [exe, "jobs", "run", "learner"], env)
             wait["learner"] = "opened"
         wait_progress(acfg, wait, procs)
@@ -213,7 +220,7 @@ def run_arm(cfg: Config, arm: str, world_dir: Path, users: int, minutes: float, 
             "timeline": timeline,
             "learner": {"decisions": {k: sum(d["decision"] == k for d in decisions)
                                       for k in ("promote", "reject", "rollback")},
-                        "examples": learner.get("examples"), "log": decisions[-20:]} if arm == "online" else None}
+                        "examples": learner.get("examples"), "log": decisions[-20:]} if learns else None}
 
 
 def _mean(v: np.ndarray) -> float | None:
@@ -230,29 +237,34 @@ def _se(v: np.ndarray) -> float | None:
 
 def run_trend_shift(cfg: Config, world_dir: Path, users: int = 300, minutes: float = 40.0, speed: float = 8.0,
                     seed: int = 0, topic: int | None = None, boost: float = 1.5, bucket_min: float = 4.0,
-                    progress: Step | None = None) -> dict[str, Any]:
-    """``cfg`` is an isolated configuration whose stack is up (see :func:`lab.experiments.run_experiments`)."""
+                    progress: Step | None = None, arms: tuple[str, ...] = tuple(ARMS)) -> dict[str, Any]:
+    """``cfg`` is an isolated configuration whose stack is up (see :func:`lab.experiments.run_experiments`);
+    ``arms`` names the :data:`ARMS` to run ("frozen" and "online" at least)."""
     step = progress or (lambda s, f: None)
     topic = int(cfg.sim.trend_shifts[0].topic) if topic is None and cfg.sim.trend_shifts else int(topic or 3)
     t0 = time.perf_counter()
-    arms = {arm: run_arm(cfg, arm, world_dir, users, minutes, speed, seed, topic, boost, bucket_min, step)
-            for arm in ARMS}
-    on, off = arms["online"]["after_shift"], arms["frozen"]["after_shift"]
+    ran = {arm: run_arm(cfg, arm, world_dir, users, minutes, speed, seed, topic, boost, bucket_min, step)
+           for arm in arms}
+    on, off = ran["online"]["after_shift"], ran["frozen"]["after_shift"]
     res = {"protocol": "same users (seeded), same starting models and state; the truth shifts at the midpoint; "
                        "expected utility of served pages from the simulator's ground truth",
            "users": users, "simulated_minutes": minutes, "speed": speed, "topic": topic, "boost": boost,
-           "shift_at_min": minutes / 2, "learner_settings": LEARNER, "arms": arms,
+           "shift_at_min": minutes / 2, "learner_settings": LEARNER,
+           "arm_settings": {a: ARMS[a] for a in arms}, "arms": ran,
            "after_shift_online_minus_frozen": {k: round(on[k] - off[k], 4) for k in on if on[k] is not None
                                                and off[k] is not None},
            "seconds": round(time.perf_counter() - t0, 1)}
-    # difference of the per-page means after the shift, with its standard error (pages independent)
-    pa, pb = arms["online"]["after_shift_pages"], arms["frozen"]["after_shift_pages"]
-    for key in ("expected_utility", "shift_expected_utility"):
-        if pa[f"{key}_se"] is not None and pb[f"{key}_se"] is not None:
-            d = pa[f"{key}_mean"] - pb[f"{key}_mean"]
-            se = float(np.hypot(pa[f"{key}_se"], pb[f"{key}_se"]))
-            res[f"after_shift_{key}_per_page_difference"] = {"online_minus_frozen": round(d, 4), "se": round(se, 4),
-                                                             "z": round(d / se, 2) if se > 0 else None}
+    # each learning arm against the frozen one: difference of the per-page means after the shift, with its
+    # standard error (pages independent)
+    pb = ran["frozen"]["after_shift_pages"]
+    for arm in (a for a in arms if ARMS[a] is not None):
+        pa = ran[arm]["after_shift_pages"]
+        for key in ("expected_utility", "shift_expected_utility"):
+            if pa[f"{key}_se"] is not None and pb[f"{key}_se"] is not None:
+                d = pa[f"{key}_mean"] - pb[f"{key}_mean"]
+                se = float(np.hypot(pa[f"{key}_se"], pb[f"{key}_se"]))
+                name = f"after_shift_{key}_per_page_difference" + ("" if arm == "online" else f"_{arm}")
+                res[name] = {f"{arm}_minus_frozen": round(d, 4), "se": round(se, 4), "z": round(d / se, 2) if se > 0 else None}
     res["checks"] = {"online_beats_frozen_after_shift": bool(
         (on["page_expected_utility"] or 0) > (off["page_expected_utility"] or 0))}
     return res
@@ -269,7 +281,7 @@ def plot(res: dict[str, Any], out: Path) -> str:
             ("shift_expected_utility_per_page", f"... from topic {res['topic']}"),
             ("shift_topic_share", f"share of topic {res['topic']} served")]
     for ax, (k, title) in zip(axes, keys):
-        for i, arm in enumerate(ARMS):
+        for i, arm in enumerate(res["arms"]):
             tl = res["arms"][arm]["timeline"]
             ax.plot([x["t_min"] for x in tl], [x[k] for x in tl], "o-", ms=3, color=f"C{i}", label=arm)
         ax.axvline(res["shift_at_min"], color="k", ls="--", lw=0.8)

