@@ -91,14 +91,17 @@ def run_demo(cfg: Config, scale: str, users: int, minutes: float, keep_up: bool,
         _wait_jobs(cfg, procs, console)
 
         console.rule(f"7/8 {users} simulated users for {minutes:g} minutes (trend shift at the midpoint)")
-        run = _clients(cfg, wdir, users, minutes, address, procs, console)
+        from sim.world import World
+
+        world = World.load(wdir)  # one world for every client phase: it holds the posts they publish
+        run = _clients(cfg, world, users, minutes, address, procs, console)
         _drain(cfg, run, console)
         result = _collect(cfg, run, meta, time.perf_counter() - t_start)
         console.rule("8/8 compressed daily cycle on what the FeedService logged")
         from lab.demo_cycle import run_cycle
 
         result["daily_cycle"] = run_cycle(cfg, run["t0_ms"], max(0.5, minutes / 3), lambda m: _clients(
-            cfg, wdir, users, m, address, procs, console), console)
+            cfg, world, users, m, address, procs, console), console)
         result["wall_seconds"] = round(time.perf_counter() - t_start, 1)
         console.rule("report")
         path = write_report(report_dir, result)
@@ -227,17 +230,17 @@ def job_diagnostics(cfg: Config, procs: ProcessGroup) -> str:
 # --------------------------------------------------------------------------- the run
 
 
-def _clients(cfg: Config, wdir: Path, users: int, minutes: float, address: str, procs: ProcessGroup,
+def _clients(cfg: Config, world: Any, users: int, minutes: float, address: str, procs: ProcessGroup,
              console: Console) -> dict[str, Any]:
-    """Simulated clients in real time against the server, a trend shift at the midpoint, freshness probes."""
+    """Simulated clients in real time against the server, a trend shift at the midpoint of the first phase
+    (it then stays), freshness probes. ``world`` (a sim.world.World) carries over from phase to phase."""
     from features.change_streams import PostStatsCache
     from features.connection import redis_client
     from serving.client import GrpcFeedApi
     from serving.state import SERVING_CLOCK
     from sim.clients import Population, WallClock
-    from sim.world import TrendShift, World
+    from sim.world import TrendShift
 
-    world = World.load(wdir)
     raw = redis_client(cfg).hgetall(SERVING_CLOCK)
     offset = int(time.time() * 1000) - int(raw[b"wall0_ms"]) + int(raw[b"sim0_ms"]) - world.end_ms if raw else 0
     clock = WallClock(world.end_ms + offset)
@@ -245,7 +248,8 @@ def _clients(cfg: Config, wdir: Path, users: int, minutes: float, address: str, 
     duration_s = minutes * 60.0
     shift_topic = int(cfg.sim.trend_shifts[0].topic) if cfg.sim.trend_shifts else 3
     shift_at = t0_ms + int(duration_s * 500)
-    world.trends.append(TrendShift(shift_topic, shift_at, 1.5))  # the truth changes midway; nobody is told
+    if not world.trends:
+        world.trends.append(TrendShift(shift_topic, shift_at, 1.5))  # the truth changes midway; nobody is told
     params = cfg.clients.model_copy(update={"session_gap_s": 60.0})
     pop = Population(world, params, users, seed=cfg.sim.seed, page_size=cfg.funnel.page_size,
                      repost_rate=cfg.sim.repost_rate, policy_flag_rate=cfg.sim.policy_flag_rate)
@@ -323,7 +327,7 @@ def _clients(cfg: Config, wdir: Path, users: int, minutes: float, address: str, 
     api_stats = api.stats()
     api.close()
     return {"stats": stats, "timeline": timeline, "probes": probes, "api": api_stats, "wall_s": time.perf_counter() - t_wall,
-            "shift": {"topic": shift_topic, "at_s": (shift_at - t0_ms) / 1000.0}, "t0_ms": t0_ms, "wall0_ms": wall0_ms,
+            "shift": {"topic": world.trends[0].topic, "at_s": (world.trends[0].at_ms - t0_ms) / 1000.0}, "t0_ms": t0_ms, "wall0_ms": wall0_ms,
             "world": world}
 
 
