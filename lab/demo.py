@@ -101,7 +101,7 @@ def run_demo(cfg: Config, scale: str, users: int, minutes: float, keep_up: bool,
         from lab.demo_cycle import run_cycle
 
         result["daily_cycle"] = run_cycle(cfg, run["t0_ms"], max(0.5, minutes / 3), lambda m: _clients(
-            cfg, world, users, m, address, procs, console), console)
+            cfg, world, users, m, address, procs, console, shift=False), console)
         result["wall_seconds"] = round(time.perf_counter() - t_start, 1)
         console.rule("report")
         path = write_report(report_dir, result)
@@ -231,9 +231,9 @@ def job_diagnostics(cfg: Config, procs: ProcessGroup) -> str:
 
 
 def _clients(cfg: Config, world: Any, users: int, minutes: float, address: str, procs: ProcessGroup,
-             console: Console) -> dict[str, Any]:
-    """Simulated clients in real time against the server, a trend shift at the midpoint of the first phase
-    (it then stays), freshness probes. ``world`` (a sim.world.World) carries over from phase to phase."""
+             console: Console, shift: bool = True) -> dict[str, Any]:
+    """Simulated clients in real time against the server, a trend shift at the midpoint (``shift``: the first
+    phase; it then stays), freshness probes. ``world`` (a sim.world.World) carries over from phase to phase."""
     from features.change_streams import PostStatsCache
     from features.connection import redis_client
     from serving.client import GrpcFeedApi
@@ -248,8 +248,8 @@ def _clients(cfg: Config, world: Any, users: int, minutes: float, address: str, 
     duration_s = minutes * 60.0
     shift_topic = int(cfg.sim.trend_shifts[0].topic) if cfg.sim.trend_shifts else 3
     shift_at = t0_ms + int(duration_s * 500)
-    if not world.trends:
-        world.trends.append(TrendShift(shift_topic, shift_at, 1.5))  # the truth changes midway; nobody is told
+    if shift:  # the truth changes midway; nobody is told (it stays changed in later phases)
+        world.trends.append(TrendShift(shift_topic, shift_at, 1.5))
     params = cfg.clients.model_copy(update={"session_gap_s": 60.0})
     pop = Population(world, params, users, seed=cfg.sim.seed, page_size=cfg.funnel.page_size,
                      repost_rate=cfg.sim.repost_rate, policy_flag_rate=cfg.sim.policy_flag_rate)
@@ -327,7 +327,7 @@ def _clients(cfg: Config, world: Any, users: int, minutes: float, address: str, 
     api_stats = api.stats()
     api.close()
     return {"stats": stats, "timeline": timeline, "probes": probes, "api": api_stats, "wall_s": time.perf_counter() - t_wall,
-            "shift": {"topic": world.trends[0].topic, "at_s": (world.trends[0].at_ms - t0_ms) / 1000.0}, "t0_ms": t0_ms, "wall0_ms": wall0_ms,
+            "shift": {"topic": shift_topic, "at_s": (shift_at - t0_ms) / 1000.0} if shift else None, "t0_ms": t0_ms, "wall0_ms": wall0_ms,
             "world": world}
 
 
