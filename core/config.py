@@ -250,6 +250,7 @@ class Serving(_Section):
     rate_limit_rps: PosFloat
     rate_limit_burst: PosInt
     result_cache_ttl_s: NonNegInt
+    ranking_ttl_s: PosInt
     feature_refresh_ms: PosInt
     snapshot_ttl_s: PosInt
     request_deadline_ms: PosInt

@@ -119,6 +119,7 @@ def run_arm(cfg: Config, arm: str, world_dir: Path, users: int, minutes: float, 
     from jobs.learner import read_decisions
     from models.store import ModelStore
     from serving.client import GrpcFeedApi
+    from serving.edge import RateLimiter
     from serving.server import Server
     from sim.clients import Population, WallClock
     from sim.world import TrendShift, World
@@ -151,7 +152,7 @@ def run_arm(cfg: Config, arm: str, world_dir: Path, users: int, minutes: float, 
         shift_at = t0_ms + int(minutes * 30_000)
         world.trends.append(TrendShift(topic, shift_at, boost))
         server = Server(acfg, bootstrap_dir=world_dir, clock=clock.now_ms, port=0, metrics_port=0)
-        server.service.limiter.rate = 1e9  # simulated time runs faster than the per-user limit assumes
+        server.service.limiter = RateLimiter(1e9, 10**9)  # simulated time runs faster than the per-user limit assumes
         api = GrpcFeedApi(server.address, cfg.serving.jwt_secret, timeout_s=30)
         rec = ShiftRecorder(api, world, clock, topic, t0_ms, int(bucket_min * 60_000), t0_ms + int(minutes * 60_000))
         pop = Population(world, cfg.clients, users, seed=seed, page_size=cfg.funnel.page_size,

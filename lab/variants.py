@@ -79,6 +79,7 @@ def run_variant(cfg: Config, variant: str, world_dir: Path, users: int, minutes:
     from lab.bench_serve import load_user_rows
     from sim.chronological import ChronologicalFeed
     from serving.client import GrpcFeedApi
+    from serving.edge import RateLimiter
     from sim.clients import Population, SimClock
     from sim.world import World
 
@@ -99,7 +100,7 @@ def run_variant(cfg: Config, variant: str, world_dir: Path, users: int, minutes:
             vcfg = cfg.model_copy(update={"funnel": cfg.funnel.model_copy(update={"light_k": 1_000_000})})
         server = Server(vcfg, bootstrap_dir=world_dir, clock=clock.now_ms, port=0, metrics_port=0,
                         pipelines=pipelines_for(variant))
-        server.service.limiter.rate = 1e9  # simulated time runs faster than the per-user limit assumes
+        server.service.limiter = RateLimiter(1e9, 10**9)  # simulated time runs faster than the per-user limit assumes
         api = GrpcFeedApi(server.address, cfg.serving.jwt_secret, timeout_s=30)
     rec = PageRecorder(api, world, clock)
     pop = Population(world, cfg.clients, users, seed=seed, page_size=cfg.funnel.page_size,

@@ -62,16 +62,20 @@ def server_offset_ms(cfg: Config) -> int:
     return 0
 
 
-def supervise_workers(argv: list[str], n: int, stop: threading.Event, say: Callable[[str], None] = print) -> None:
-    """Run ``n`` worker processes (``argv`` + ``--worker-index i``) until ``stop`` is set or Ctrl-C,
-    starting again any that exits; then terminate them (SIGKILL after 30 s)."""
-    procs = [subprocess.Popen(argv + ["--worker-index", str(i)]) for i in range(n)]
+def supervise(commands: list[list[str]], names: list[str], stop: threading.Event,
+              say: Callable[[str], None] = print, started: Callable[[], None] | None = None) -> None:
+    """Run every command as a process until ``stop`` is set or Ctrl-C, starting again any that exits
+    (``names`` say which in the message); then terminate them (SIGKILL after 30 s). ``started`` runs
+    once after the first start, in the supervising thread (e.g. to start the balancer)."""
+    procs = [subprocess.Popen(c) for c in commands]
     try:
+        if started is not None:
+            started()
         while not stop.wait(1.0):
             for i, p in enumerate(procs):
                 if p.poll() is not None:  # a worker died: say so and start it again
-                    say(f"[yellow]worker {i} exited ({p.returncode}); restarting[/yellow]")
-                    procs[i] = subprocess.Popen(argv + ["--worker-index", str(i)])
+                    say(f"[yellow]{names[i]} exited ({p.returncode}); restarting[/yellow]")
+                    procs[i] = subprocess.Popen(commands[i])
     except KeyboardInterrupt:
         pass
     for p in procs:
@@ -83,10 +87,83 @@ def supervise_workers(argv: list[str], n: int, stop: threading.Event, say: Calla
             p.kill()
 
 
+def supervise_workers(argv: list[str], n: int, stop: threading.Event, say: Callable[[str], None] = print) -> None:
+    """Run ``n`` worker processes (``argv`` + ``--worker-index i``) until ``stop`` is set or Ctrl-C,
+    starting again any that exits; then terminate them (SIGKILL after 30 s)."""
+    supervise([argv + ["--worker-index", str(i)] for i in range(n)], [f"worker {i}" for i in range(n)], stop, say)
+
+
+def replica_ports(port: int, replicas: int) -> list[int]:
+    """Replica i of `feedrank serve --replicas N` listens on ``port + 1 + i``; the balancer on ``port``."""
+    return [port + 1 + i for i in range(replicas)]
+
+
+def wait_ready(addresses: list[str], stop: threading.Event, timeout_s: float = 900.0) -> bool:
+    """Until every address's health says SERVING (True), ``stop`` is set or the timeout passes (False)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    pending = set(addresses)
+    deadline = time.monotonic() + timeout_s
+    while pending and not stop.is_set() and time.monotonic() < deadline:
+        for a in sorted(pending):
+            with grpc.insecure_channel(a) as ch:
+                try:
+                    h = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if h.status == health_pb2.HealthCheckResponse.SERVING:
+                        pending.discard(a)
+                except grpc.RpcError:
+                    pass
+        stop.wait(0.5)
+    return not pending
+
+
+def run_replicas(cfg: Config, argv: list[str], port: int, replicas: int, workers: int, stop: threading.Event,
+                 say: Callable[[str], None] = print) -> None:
+    """`feedrank serve --replicas N`: N replicas (``argv`` + their port and metrics ports; each with
+    ``workers`` processes) on ``port + 1 .. port + N``, and nginx balancing gRPC calls over them on
+    ``port`` once every replica is ready (:mod:`runtime.balancer`); all supervised until ``stop``."""
+    from runtime.balancer import nginx_command
+
+    host = cfg.serving.host
+    ports = replica_ports(port, replicas)
+    commands = [argv + ["--port", str(p), "--workers", str(workers),
+                        "--metrics-port", str(cfg.serving.metrics_port + i * workers if cfg.serving.metrics_port else 0)]
+                for i, p in enumerate(ports)]
+    home = cfg.data_dir / "nginx"
+    nginx = nginx_command(f"{host}:{port}", [f"{host}:{p}" for p in ports], home)
+    names = [f"replica {i} (:{p})" for i, p in enumerate(ports)]
+    balancer: list[subprocess.Popen] = []
+
+    def start_balancer() -> None:
+        if not wait_ready([f"{host}:{p}" for p in ports], stop):
+            return
+        balancer.append(subprocess.Popen(nginx))
+        say(f"nginx on {host}:{port} balancing gRPC calls over {replicas} replicas ({home / 'nginx.conf'})")
+
+    def watch_balancer() -> None:
+        start_balancer()
+        while not stop.wait(1.0):
+            if balancer and balancer[0].poll() is not None:
+                say(f"[yellow]nginx exited ({balancer[0].returncode}); restarting (see {home / 'error.log'})[/yellow]")
+                balancer[0] = subprocess.Popen(nginx)
+        for b in balancer:
+            b.terminate()
+            try:
+                b.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                b.kill()
+
+    t = threading.Thread(target=watch_balancer, name="balancer", daemon=True)
+    supervise(commands, names, stop, say, started=t.start)
+    stop.set()
+    t.join(timeout=15)
+
+
 def run_worker(cfg: Config, world_dir: Path | None, origin: dict[str, int], port: int, index: int, reuse_port: bool,
-               stop: threading.Event, say: Callable[[str], None] = print) -> None:
-    """One FeedService process on ``port`` (metrics on serving.metrics_port + ``index``) until ``stop``
-    or Ctrl-C. Raises ServiceError when the server cannot start."""
+               stop: threading.Event, say: Callable[[str], None] = print, metrics_port: int = -1) -> None:
+    """One FeedService process on ``port`` (metrics on ``metrics_port`` (default serving.metrics_port) +
+    ``index``) until ``stop`` or Ctrl-C. Raises ServiceError when the server cannot start."""
     from serving.server import Server
 
     clock = None
@@ -94,9 +171,9 @@ def run_worker(cfg: Config, world_dir: Path | None, origin: dict[str, int], port
         wall0, sim0 = origin["wall0_ms"], origin["sim0_ms"]
         clock = lambda: sim0 + int(time.time() * 1000) - wall0  # noqa: E731 - one clock for every worker
     try:
+        base = cfg.serving.metrics_port if metrics_port < 0 else metrics_port
         server = Server(cfg, bootstrap_dir=world_dir, clock=clock, port=port,
-                        metrics_port=cfg.serving.metrics_port + index if cfg.serving.metrics_port else 0,
-                        reuse_port=reuse_port)
+                        metrics_port=base + index if base else 0, reuse_port=reuse_port)
     except Exception as e:  # noqa: BLE001 - whatever stops the start, the operator gets one line
         raise ServiceError(f"cannot start the FeedService: {e}") from None
     say(f"FeedService worker {index} on {server.address} (metrics :{server.metrics_port}); "

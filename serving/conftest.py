@@ -120,3 +120,23 @@ def token(cfg: Config, user: int, admin: bool = False, ttl_s: float = 600.0) -> 
     from serving.edge import config_token
 
     return [("authorization", "Bearer " + config_token(cfg, user, admin, ttl_s))]
+
+
+def serve_process(served_world: ServedWorld, cfg: Config, port: int, log: Path, *args: str,
+                  **env_extra: str) -> Any:
+    """`feedrank serve <args> --world …` as an operator starts it, on ``cfg``'s stack (its own process
+    group, output in ``log``)."""
+    import subprocess
+    import sys
+
+    from serving.edge import auth_env
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEEDRANK_")}
+    env.update(served_world.env)
+    env.update({"FEEDRANK_REDIS": cfg.redis.uri, "FEEDRANK_SERVING_PORT": str(port),
+                "FEEDRANK_SERVING_METRICS_PORT": str(cfg.serving.metrics_port),
+                "FEEDRANK_PATHS_DATA_DIR": str(cfg.data_dir),
+                "FEEDRANK_SERVING_EXPERIMENTS_FILE": cfg.serving.experiments_file, **auth_env(cfg), **env_extra})
+    return subprocess.Popen([sys.executable, "-m", "feedrank.cli", "serve", *args, "--log-format", "text",
+                             "--world", str(served_world.world_dir)], env=env, stdout=open(log, "wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)

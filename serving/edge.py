@@ -252,6 +252,9 @@ class RateLimiter:
         self.buckets: dict[int, tuple[float, float]] = {}
         self.lock = threading.Lock()
 
+    def describe(self) -> str:
+        return f"{self.rate:g}/s, burst {self.burst:g}"
+
     def allow(self, user_id: int, cost: float = 1.0) -> bool:
         now = time.monotonic()
         with self.lock:
@@ -263,6 +266,40 @@ class RateLimiter:
                 for k in sorted(self.buckets, key=lambda k: self.buckets[k][1])[: self.max_users // 2]:
                     del self.buckets[k]
             return ok
+
+
+class SharedRateLimiter:
+    """Per-user limits that every worker and replica enforces together: at most ``burst`` requests in
+    any ``burst / rate`` seconds (rounded, at least 1 s: the sustained rate), counted in Redis by the
+    ``limits`` library's moving window (one atomic Lua script per call), so N replicas give a user the
+    configured limit, not N times it. While Redis is unavailable (``guard``'s circuit is open) each
+    process falls back to its own token bucket, and ``fallbacks`` counts the calls decided that way."""
+
+    def __init__(self, guard: Any, rate: float, burst: int, name: str):
+        from limits import RateLimitItemPerSecond
+        from limits.storage import RedisStorage
+        from limits.strategies import MovingWindowRateLimiter
+
+        from serving.state import RedisUnavailable
+
+        self.unavailable = RedisUnavailable
+        self.guard, self.rate, self.burst = guard, float(rate), int(burst)
+        self.window_s = max(1, round(self.burst / self.rate)) if self.rate > 0 else 1
+        self.item = RateLimitItemPerSecond(self.burst, self.window_s, namespace=name)
+        storage = RedisStorage("redis://", connection_pool=guard.client.connection_pool, key_prefix="feedrank:limit")
+        self.limiter = MovingWindowRateLimiter(storage)
+        self.local = RateLimiter(rate, burst)
+        self.fallbacks = 0
+
+    def describe(self) -> str:
+        return f"{self.burst} per {self.window_s} s"
+
+    def allow(self, user_id: int, cost: float = 1.0) -> bool:
+        try:
+            return bool(self.guard.run(lambda r: self.limiter.hit(self.item, str(user_id), cost=int(cost))))
+        except self.unavailable:
+            self.fallbacks += 1
+            return self.local.allow(user_id, cost)
 
 
 class CursorError(ValueError):

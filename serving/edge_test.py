@@ -344,3 +344,24 @@ def test_feedrank_token_with_configured_keys(tmp_path):
     r = subprocess.run(_feedrank() + ["token", "42", "--ttl-s", "100000"], capture_output=True, text=True, env=env,
                        timeout=120)
     assert r.returncode == 2 and "jwt_max_lifetime_s" in r.stderr, r.stderr
+
+
+def test_the_rate_limit_is_shared_by_every_process_on_one_redis(cfg):
+    """Three limiters (as three replicas: each its own Redis connection) allow a user ``burst`` requests in all,
+    not per replica; another user is untouched; with Redis down each falls back to its own bucket."""
+    from runtime import stack
+    from serving.edge import SharedRateLimiter
+    from serving.state import RedisGuard
+
+    stack.up(cfg)
+    try:
+        replicas = [SharedRateLimiter(RedisGuard(cfg.redis.uri), rate=2.0, burst=10, name="t") for _ in range(3)]
+        assert replicas[0].window_s == 5 and replicas[0].describe() == "10 per 5 s"
+        allowed = sum(replicas[i % 3].allow(42) for i in range(30))
+        assert allowed == 10
+        assert replicas[1].allow(43)
+        assert not replicas[2].allow(44, cost=11)  # more than the burst at once is never allowed
+        stack.down(cfg)
+        assert replicas[0].allow(42) and replicas[0].fallbacks == 1
+    finally:
+        stack.down(cfg)

@@ -1,13 +1,13 @@
 """GetFeed and DebugRanking's work, over the declared pipelines: rank a feed, serve cursor pages and
 refreshes from the ranking cache, run the page's side effects.
 
-A ranking is kept per request id for cursor pages and per (user, feed type) for refreshes within
-``serving.result_cache_ttl_s``: a refresh runs the feed's REFRESH pipeline over the cached ranking
-(minus what was seen or hidden since, the top positions re-scored). A cursor page of a ranking the
-user has sent a signal or feedback about since it was scored runs the same pipeline over what is
-not shown yet, so a like on page 1 re-orders page 2 with the updated features (this replica's
-signals: :meth:`FeedRanker.signalled`). The seen set is written before
-the response, so a refresh never repeats an item; exposure logging runs after it on the
+A ranking is kept per request id for cursor pages (``serving.ranking_ttl_s``) and per (user, feed
+type) for refreshes within ``serving.result_cache_ttl_s``, in Redis, so any replica continues it
+(:class:`serving.rankings.SharedRankings`): a refresh runs the feed's REFRESH pipeline over the
+cached ranking (minus what was seen or hidden since, the top positions re-scored). A cursor page
+of a ranking the user has sent a signal or feedback about since it was scored (on any replica:
+:meth:`FeedRanker.signalled`) runs the same pipeline over what is not shown yet, so a like on
+page 1 re-orders page 2 with the updated features. The seen set is written before the response, so a refresh never repeats an item; exposure logging runs after it on the
 side-effect worker.
 """
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass
 import numpy as np
 
@@ -27,7 +26,7 @@ from serving.components import Candidates, Query
 from serving.edge import CursorCodec
 from serving.funnel import Pipeline
 from serving.metrics import Metrics
-from serving.rankings import Ranking, RankingCache
+from serving.rankings import Ranking, RankingCache, SharedRankings
 from serving.side_effect_worker import SideEffectWorker
 from serving.state import ServingState
 from serving.validation import FEED_ENUM, Invalid
@@ -79,8 +78,8 @@ class FeedRanker:
                  pipelines: Pipelines):
         self.cfg, self.state, self.experiments, self.metrics, self.pipelines = cfg, state, experiments, metrics, pipelines
         self.cursors = CursorCodec.from_config(cfg)  # serving.cursor_secret, not the JWT key
-        self.rankings = RankingCache(cfg.serving.ranking_cache_mb * 2**20)
-        self._signals: OrderedDict[int, int] = OrderedDict()  # user -> time of the latest signal / feedback
+        self.rankings = SharedRankings(state.redis, RankingCache(cfg.serving.ranking_cache_mb * 2**20),
+                                       ttl_s=cfg.serving.ranking_ttl_s, latest_ttl_s=cfg.serving.result_cache_ttl_s)
         self.effects = SideEffectWorker(state, metrics)
 
     def query(self, user_id: int, feed: str, limit: int, budget_s: float, request_id: str | None = None) -> Query:
@@ -95,33 +94,34 @@ class FeedRanker:
             self.metrics.component_runs.labels(label, comp.split(" ", 1)[1]).inc()
         return len(query.executed)
 
-    def _remember(self, r: Ranking) -> None:
-        self.rankings.put(r)
-        self.metrics.ranking_cache_bytes.set(self.rankings.bytes)
-        self.metrics.ranking_cache_evictions.set(self.rankings.evicted)
+    def _remember(self, r: Ranking, query: Query) -> None:
+        self.rankings.put(r, degrade=query.degrade)
+        self.metrics.ranking_cache_bytes.set(self.rankings.local.bytes)
+        self.metrics.ranking_cache_evictions.set(self.rankings.local.evicted)
 
     # ------------------------------------------------------------------ GetFeed
     def get_feed(self, user: int, feed: str, limit: int, cursor: str, budget_s: float) -> FeedPage:
         from_cache = False
+        fallbacks: list[str] = []  # the shared ranking store was unavailable: this replica's copies served
         if cursor:
             cur = self.cursors.decode(cursor)
             if cur.get("u") != user or cur.get("f") != feed:
                 raise Invalid("cursor: issued for another user or feed type")
-            ranking = self.rankings.get(cur["r"])
+            ranking, last_signal = self.rankings.page(cur["r"], user, fallbacks.append)
             offset = int(cur["o"])
-            if ranking is None:  # expired or ranked on another replica: rank again; the seen filter skips served items
+            if ranking is None:  # expired (serving.ranking_ttl_s): rank again; the seen filter skips served items
                 query = self.query(user, feed, limit, budget_s)
                 ranking = self.rank(query, pos_offset=offset)
                 offset = 0
             query = self.query(user, feed, limit, budget_s, ranking.request_id)
-            if offset and feed in self.pipelines.refresh and self._signals.get(user, -1) >= ranking.scored_ms:
+            if offset and feed in self.pipelines.refresh and last_signal >= ranking.scored_ms:
                 # the user acted since this order was computed: re-score what is not shown yet
                 ranking = self.refresh(query, ranking, pos_offset=ranking.pos_offset + offset)
                 offset, from_cache = 0, True
                 self.metrics.cache.labels("rescored_after_signal").inc()
         else:
             query = self.query(user, feed, limit, budget_s)
-            cached = self.rankings.latest(user, feed)
+            cached = self.rankings.latest(user, feed, fallbacks.append)
             ttl_ms = self.cfg.serving.result_cache_ttl_s * 1000
             ranking = None
             if cached is not None and ttl_ms and query.now_ms - cached.created_ms <= ttl_ms and feed in self.pipelines.refresh:
@@ -137,6 +137,8 @@ class FeedRanker:
                     self.metrics.cache.labels("miss").inc()
                 ranking = self.rank(query)
             offset = 0
+        for reason in fallbacks:
+            query.degrade(reason)
         page = ranking.cands.take(np.arange(offset, min(offset + limit, len(ranking.cands))))
         start = len(query.executed)
         if len(page) and "x" not in page and "heads" in page:  # a cached ranking keeps no features: the
@@ -172,7 +174,7 @@ class FeedRanker:
         r = Ranking(query.request_id, query.user_id, query.feed_type, cands, query.now_ms,
                     query.model_version or (self.state.models.heavy_version if query.feed_type != "following" else ""),
                     query.experiments, query.limit, list(query.degraded), pos_offset, query.now_ms)
-        self._remember(r)
+        self._remember(r, query)
         return r
 
     def refresh(self, query: Query, cached: Ranking, pos_offset: int = 0) -> Ranking:
@@ -189,15 +191,12 @@ class FeedRanker:
         r = Ranking(query.request_id, query.user_id, query.feed_type, cands, cached.created_ms,
                     query.model_version or cached.model_version, query.experiments, query.limit, list(query.degraded),
                     pos_offset, query.now_ms)
-        self._remember(r)
+        self._remember(r, query)
         return r
 
     def signalled(self, user: int) -> None:
-        """The user sent a signal or feedback: their next cursor page re-scores what it has not shown."""
-        self._signals[user] = self.state.clock()
-        self._signals.move_to_end(user)
-        while len(self._signals) > 200_000:
-            self._signals.popitem(last=False)
+        """The user sent a signal or feedback: their next cursor page, on any replica, re-scores what it has not shown."""
+        self.rankings.signalled(user, self.state.clock())
 
     def forget_latest(self, user: int) -> None:
         """No refresh serves this user's cached rankings again (a hide, a follow)."""

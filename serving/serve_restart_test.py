@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,8 +18,7 @@ import pytest
 from runtime import stack
 from core.services import free_port
 from runtime.procs import stop_group
-from serving.conftest import token
-from serving.edge import auth_env
+from serving.conftest import serve_process, token
 from serving.protos import pb, rpc
 from serving.state import SERVING_CLOCK
 
@@ -39,16 +37,8 @@ def _wait(what: str, check, timeout: float = 120.0):
 
 def _serve_two_workers(served_world, cfg, port: int, tmp_path, **env_extra: str) -> tuple[subprocess.Popen, Path]:
     """`feedrank serve --workers 2 --world …` as an operator starts it, on ``cfg``'s stack; its log file."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FEEDRANK_")}
-    env.update(served_world.env)
-    env.update({"FEEDRANK_REDIS": cfg.redis.uri, "FEEDRANK_SERVING_PORT": str(port),
-                "FEEDRANK_SERVING_METRICS_PORT": str(cfg.serving.metrics_port),
-                "FEEDRANK_SERVING_EXPERIMENTS_FILE": cfg.serving.experiments_file, **auth_env(cfg), **env_extra})
     out = tmp_path / "serve.log"
-    proc = subprocess.Popen([sys.executable, "-m", "feedrank.cli", "serve", "--workers", "2", "--log-format", "text",
-                             "--world", str(served_world.world_dir)], env=env, stdout=open(out, "wb"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    return proc, out
+    return serve_process(served_world, cfg, port, out, "--workers", "2", **env_extra), out
 
 
 def test_workers_survive_a_redis_restart_and_a_kill(served_world, tmp_path):

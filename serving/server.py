@@ -1,6 +1,9 @@
 """The serving process: a :class:`serving.service.FeedService` on a gRPC server with health, reflection
 and the metrics endpoint (`feedrank serve`). Start-up loads the models, seeds the sponsored
-inventory when none exists, warms the funnel up, then reports SERVING."""
+inventory when none exists, warms the funnel up, and binds the port; health says SERVING only once
+:meth:`Server.readiness` finds every model and index a pipeline needs loaded and usable (a search
+of the index returns posts the catalog knows, a ranking comes back without a model or index
+missing). Until then it says NOT_SERVING, with the reasons logged, and checks again every second."""
 
 from __future__ import annotations
 
@@ -145,38 +148,82 @@ class Server:
         self.port = self.server.add_insecure_port(f"{cfg.serving.host}:{port if port is not None else cfg.serving.port}")
         if self.port == 0:
             raise RuntimeError(f"cannot bind {cfg.serving.host}:{port or cfg.serving.port}")
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.server.start()
-        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        self.health.set(pb.DESCRIPTOR.services_by_name["FeedService"].full_name, health_pb2.HealthCheckResponse.SERVING)
+        self.not_ready = self.readiness()
         mport = metrics_port if metrics_port is not None else cfg.serving.metrics_port
         self.metrics_port = mport
         if mport:
             self.metrics.serve(mport, cfg.serving.host)
-        self._watch = threading.Thread(target=self._watch_models, daemon=True, name="model-metrics")
         self._stop = threading.Event()
+        if self.not_ready:
+            log.error("NOT_SERVING until ready: %s", "; ".join(self.not_ready))
+        else:
+            self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._watch = threading.Thread(target=self._watch_models, daemon=True, name="model-metrics")
         self._watch.start()
         gc.collect()
         gc.freeze()  # start-up objects never move to older generations' scans again
 
-    def _warm_up(self) -> None:
+    def _set_health(self, status: int) -> None:
+        for name in ("", pb.DESCRIPTOR.services_by_name["FeedService"].full_name):
+            self.health.set(name, status)
+
+    def readiness(self) -> list[str]:
+        """Why this server cannot serve yet ([] = ready): a model or the index not loaded, an index whose
+        posts the catalog does not know, a warm-up ranking that came back degraded for a missing model or
+        index, or without ANN candidates."""
+        m = self.loader.models
+        if m is None:
+            return ["models not loaded"]
+        missing = [name for name, v in (("light", m.light), ("heavy", m.heavy), ("two_tower", m.towers),
+                                        ("retrieval", m.index)) if v is None]
+        if missing:
+            return [f"models not loaded: {', '.join(missing)}"]
+        problems = []
+        if self.state.catalog.n == 0:
+            problems.append("the post catalog is empty")
+        if getattr(m.index.index, "ntotal", 0) == 0:
+            problems.append(f"retrieval index {m.retrieval_version} is empty")
+        if problems:
+            return problems
+        q = self._warm_up(rounds=1)
+        model_reasons = [r for r in q.degraded if r.startswith(("no_user_embedding", "pinned_model_unavailable",
+                                                                 "source_error:", "source_timeout:AnnSource"))]
+        if model_reasons:
+            problems.append(f"a warm-up ranking was degraded: {', '.join(model_reasons)}")
+        if not q.source_counts.get("AnnSource"):
+            problems.append(f"the retrieval index {m.retrieval_version} returned no post the catalog knows "
+                            f"({self.state.catalog.n} posts; built for another corpus?)")
+        return problems
+
+    def _warm_up(self, rounds: int = 3) -> Query:
         """One full HOME ranking before SERVING: first FAISS search, first TorchScript call (profiling
         executor) and numpy paths are several times slower than later ones."""
         from serving.ab_tests import Params
 
         home = self.service.feeds.pipelines.feeds["home"]
-        for _ in range(3):
+        for _ in range(rounds):
             q = Query(request_id="warm-up", user_id=-1, feed_type="home", now_ms=self.state.clock(), limit=20,
                       params=Params(tuple(self.cfg.heads.weights().values()), self.cfg.rerank), experiments={},
                       deadline=time.monotonic() + 5.0)
             q.user = UserContext(user_id=-1, cached_candidates=np.zeros(0, dtype=np.int64))
             q.user.embedding = self.loader.models.user_embedding(q.user)
             funnel.run(home, q, self.state, hydrate_query=False)
+        return q
 
     def _watch_models(self) -> None:
         from models.shadow import DECISION_COUNTS
 
+        from grpc_health.v1 import health_pb2
+
         tick = 0
         while not self._stop.wait(1.0):
+            if self.not_ready:
+                self.not_ready = self.readiness()
+                if not self.not_ready:
+                    log.info("ready: SERVING")
+                    self._set_health(health_pb2.HealthCheckResponse.SERVING)
             self.metrics.set_models(self.loader.models.versions())
             self.metrics.shadow_active.set(1 if self.loader.shadow_version else 0)
             for model, versions in self.loader.refused.items():

@@ -23,7 +23,7 @@ from core.events import Engagement, Feedback, Followed, InvalidEvent, Unfollowed
 from features.eventlog import EventLogError
 from serving import marshal, validation as v
 from serving.ab_tests import Experiments
-from serving.edge import Authenticator, AuthError, CursorError, Forbidden, Principal, RateLimiter
+from serving.edge import Authenticator, AuthError, CursorError, Forbidden, Principal, SharedRateLimiter
 from serving.feed import FeedRanker, Pipelines
 from serving.funnel import SourceUnavailable
 from serving.metrics import Metrics
@@ -40,8 +40,10 @@ class FeedService(rpc.FeedServiceServicer):
                  pipelines: Pipelines | None = None):
         self.cfg, self.state, self.loader, self.metrics = cfg, state, loader, metrics
         self.auth = Authenticator.from_config(cfg)  # refuses placeholder / short / shared keys
-        self.limiter = RateLimiter(cfg.serving.rate_limit_rps, cfg.serving.rate_limit_burst)
-        self.signal_limiter = RateLimiter(cfg.serving.signal_rate_limit_rps, cfg.serving.signal_rate_limit_burst)
+        s = cfg.serving  # per-user limits shared by every worker and replica (Redis)
+        self.limiter: Any = SharedRateLimiter(state.redis, s.rate_limit_rps, s.rate_limit_burst, "feed")
+        self.signal_limiter: Any = SharedRateLimiter(state.redis, s.signal_rate_limit_rps, s.signal_rate_limit_burst,
+                                                     "signals")
         self.feeds = FeedRanker(cfg, state, experiments, metrics, pipelines or Pipelines.declared())
 
     @property
@@ -68,8 +70,7 @@ class FeedService(rpc.FeedServiceServicer):
                 raise Forbidden(f"token of user {principal.user_id} cannot act as user {user_id}")
             if not self.limiter.allow(user_id if user_id is not None else principal.user_id):
                 raise Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            f"rate limit exceeded ({self.cfg.serving.rate_limit_rps:g} requests/s, burst "
-                            f"{self.cfg.serving.rate_limit_burst}); retry later")
+                            f"rate limit exceeded ({self.limiter.describe()} per user); retry later")
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
                 raise Abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline already passed")
@@ -170,8 +171,7 @@ class FeedService(rpc.FeedServiceServicer):
         events: list[Engagement] = v.signals(req, user, self.state.catalog, self.cfg, now)
         if not self.signal_limiter.allow(user, cost=max(len(events), 1)):
             raise Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"signal rate limit exceeded ({self.cfg.serving.signal_rate_limit_rps:g} signals/s, burst "
-                        f"{self.cfg.serving.signal_rate_limit_burst}); retry later")
+                        f"signal rate limit exceeded ({self.signal_limiter.describe()} per user); retry later")
         dropped: dict[str, int] = {}
         try:  # only what was served counts (a service's admin token may report other surfaces), and each
             # action once per post: injected clicks change no CTR

@@ -160,6 +160,10 @@ def bench_serve_cmd(scale: str = typer.Option("large", help="World scale (its wo
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(res, indent=2))
     print(json.dumps(res))
+    for lv in res["levels"]:
+        g = lv["goal"]
+        console.print(f"{lv['offered_rps']:g} RPS: p99 {lv['latency_ms']['p99']} ms (goal {g['p99_goal_ms']:g} ms): "
+                      + ("met" if g["met"] else "[red]NOT met[/red]: " + "; ".join(g["why_not"])))
     console.print(f"written to {path}")
 
 

@@ -19,6 +19,9 @@ def serve(
                                              "the server clock then continues from the world's end"),
     port: int = typer.Option(0, help="gRPC port (default serving.port)"),
     workers: int = typer.Option(0, help="Server processes sharing the port (default serving.workers)"),
+    replicas: int = typer.Option(0, help="Run this many replicas (each with --workers processes) on the next "
+                                 "ports, behind nginx balancing gRPC calls on --port (state shared in Redis)"),
+    metrics_port: int = typer.Option(-1, hidden=True, help="Prometheus port of worker 0 (default serving.metrics_port)"),
     describe: bool = typer.Option(False, "--describe", help="Print the pipelines component by component and exit"),
     log_format: str = typer.Option("json", help="json (one object per line, with request ids) or text"),
     worker_index: int = typer.Option(-1, hidden=True),
@@ -27,7 +30,9 @@ def serve(
     """Start the gRPC FeedService (health checking and reflection on; Prometheus on serving.metrics_port + i).
 
     With several workers (serving.workers) this process supervises that many server
-    processes bound to the same port (SO_REUSEPORT); the kernel spreads connections."""
+    processes bound to the same port (SO_REUSEPORT); the kernel spreads connections. With
+    --replicas N it supervises N replicas on ports PORT+1..PORT+N and nginx on PORT, which sends
+    each gRPC call to the next replica (README: several replicas)."""
     import signal
 
     from core.services import ServiceError
@@ -46,10 +51,11 @@ def serve(
         Authenticator.from_config(cfg)
     except InsecureConfig as e:
         fail(str(e), 2)
-    from runtime.serve import publish_clock, run_worker, supervise_workers
+    from runtime.serve import publish_clock, run_replicas, run_worker, supervise_workers
 
     n = workers or cfg.serving.workers
     port = port or cfg.serving.port
+    mport = cfg.serving.metrics_port if metrics_port < 0 else metrics_port
     origin: dict[str, int] = {}
     if clock_origin:  # a worker: the supervisor's clock, so every worker (and restarted ones) agree
         origin = dict(zip(("wall0_ms", "sim0_ms", "world_end_ms"), (int(v) for v in clock_origin.split(","))))
@@ -60,19 +66,28 @@ def serve(
             fail(str(e))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    clock_args = ["--world", str(world_dir), "--clock-origin",
+                  ",".join(str(origin[k]) for k in ("wall0_ms", "sim0_ms", "world_end_ms"))] if world_dir else []
+    if replicas > 0 and worker_index < 0:
+        argv = [sys.executable, "-m", "feedrank.cli", "serve", "--log-format", log_format, *clock_args]
+        console.print(f"FeedService: {replicas} replicas of {n} workers on {cfg.serving.host}:{port + 1}.."
+                      f"{port + replicas}, nginx on {cfg.serving.host}:{port} once they are ready; Ctrl-C stops")
+        try:
+            run_replicas(cfg, argv, port, replicas, n, stop, say=console.print)
+        except ServiceError as e:
+            fail(str(e))
+        return
     if n > 1 and worker_index < 0:
         # the same interpreter and entry point however this one was started (console script or -m)
         argv = [sys.executable, "-m", "feedrank.cli", "serve", "--port", str(port), "--log-format", log_format,
-                "--workers", str(n)]
-        if world_dir is not None:
-            argv += ["--world", str(world_dir), "--clock-origin",
-                     ",".join(str(origin[k]) for k in ("wall0_ms", "sim0_ms", "world_end_ms"))]
+                "--workers", str(n), "--metrics-port", str(mport), *clock_args]
         console.print(f"FeedService: {n} workers on {cfg.serving.host}:{port} "
-                      f"(metrics :{cfg.serving.metrics_port}..{cfg.serving.metrics_port + n - 1}); Ctrl-C stops")
+                      f"(metrics :{mport}..{mport + n - 1}); Ctrl-C stops")
         supervise_workers(argv, n, stop, say=console.print)
         return
     try:
-        run_worker(cfg, world_dir, origin, port, max(worker_index, 0), reuse_port=n > 1, stop=stop, say=console.print)
+        run_worker(cfg, world_dir, origin, port, max(worker_index, 0), reuse_port=n > 1, stop=stop, say=console.print,
+                   metrics_port=mport)
     except ServiceError as e:
         fail(str(e))
 
