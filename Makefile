@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 JVM_DIR := var/jvm
 JVM_STAMP := $(JVM_DIR)/.fetched
 
-.PHONY: test demo venv jvm preflight clean help
+.PHONY: test demo venv jvm sysdeps preflight clean help
 
 help:
 	@echo "make test   - create .venv, install feedrank, run the test suite"
@@ -48,10 +48,21 @@ $(JVM_STAMP): core/jvm/pom.xml
 
 jvm: preflight $(JVM_STAMP)
 
+# Debian packages the tests run for real: nginx, the gRPC load balancer of `feedrank serve --replicas`
+# (serving/replicas_test.py). Installed when missing and we may (root with apt-get), else the one-line fix.
+sysdeps:
+	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's nginx (the load balancer of the replica tests)"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -qq --no-install-recommends nginx >/dev/null 2>&1 || \
+	      { apt-get update -qq && apt-get install -y -qq --no-install-recommends nginx; } || exit 1; \
+	  else echo "the replica tests need nginx: sudo apt-get install -y nginx"; exit 1; fi; }
+
 # The in-process PyFlink job tests (jobs/) each run in their own pytest process: all local jobs of
 # one Python process share its gateway JVM, and once an embedded interpreter got stuck opening
 # operators (seen intermittently) every later job in that JVM stayed INITIALIZING.
-test: venv jvm
+test: venv jvm sysdeps
 	@set +e; \
 	if [ -n "$(PYTEST_ARGS)" ]; then runs=("$(PYTEST_ARGS)"); else runs=("--ignore-glob=jobs/*" $$(ls jobs/*_test.py)); fi; \
 	rc=0; for r in "$${runs[@]}"; do \

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from core.services import ServiceError
 
-INSTALL_HINT = "apt-get install -y nginx-light (Debian's nginx has the grpc module)"
+INSTALL_HINT = "apt-get install -y nginx (Debian's build has the grpc module)"
 
 
 def nginx_binary() -> str:
