@@ -251,6 +251,7 @@ class Serving(_Section):
     rate_limit_burst: PosInt
     result_cache_ttl_s: NonNegInt
     ranking_ttl_s: PosInt
+    max_queued_ms: Annotated[float, Field(ge=0)]
     feature_refresh_ms: PosInt
     snapshot_ttl_s: PosInt
     request_deadline_ms: PosInt

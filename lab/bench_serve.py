@@ -414,16 +414,17 @@ def wait_shadow(mports: list[int], active: bool, timeout_s: float = 120.0) -> No
 
 def bench_serve(cfg: Config, scale: str = "large", rps_levels: tuple[float, ...] = (20.0,), seconds: float = 30.0,
                 progress: Step | None = None, world_dir: Path | None = None, workers: int = 0,
-                shadow: bool = False) -> dict[str, Any]:
+                shadow: bool = False, overrides: dict[str, str] | None = None) -> dict[str, Any]:
     """``shadow``: every level runs twice, without and then with a shadow candidate scoring each HOME page after
-    the response (models.shadow), so the JSON shows what shadow scoring costs the latency budget."""
+    the response (models.shadow), so the JSON shows what shadow scoring costs the latency budget.
+    ``overrides``: FEEDRANK_* settings of the server (e.g. the ANN candidate count)."""
     import psutil
 
     from models import shadow as shadow_mod
     from models.store import ModelStore
 
     step = progress or (lambda s, f: None)
-    with serving_stack(cfg, scale, workers, step, world_dir) as st:
+    with serving_stack(cfg, scale, workers, step, world_dir, **(overrides or {})) as st:
         bcfg, address, world, mports, n_workers = st.bcfg, st.address, st.world, st.metrics_ports, st.workers
         has_follows = np.flatnonzero(np.bincount(world.follow_src, minlength=world.n_users) > 0)
         users = np.random.default_rng(1).choice(has_follows, min(100_000, has_follows.size), replace=False)
@@ -432,10 +433,14 @@ def bench_serve(cfg: Config, scale: str = "large", rps_levels: tuple[float, ...]
         def rss_mb() -> float:
             return sum(p.memory_info().rss for p in [ps, *ps.children(recursive=True)]) / 2**20
 
+        def cpu_s() -> float:  # user + system CPU of the server's processes
+            return sum(sum(p.cpu_times()[:2]) for p in [ps, *ps.children(recursive=True)])
+
         def level(seed: int, rps: float) -> dict[str, Any]:
-            before = scrape_metrics(mports)
+            before, cpu0 = scrape_metrics(mports), cpu_s()
             res = run_load(address, bcfg.serving.jwt_secret, users, rps, seconds, seed=seed)
-            after = scrape_metrics(mports)
+            after, cpu1 = scrape_metrics(mports), cpu_s()
+            res["server_cpu_ms_per_request"] = round((cpu1 - cpu0) * 1000 / max(res["codes"].get("OK", 0), 1), 2)
             res["stages"] = stage_quantiles(before, after)
             res["candidates_per_request"] = {k: round(v / max(res["requests"], 1), 1) for k, v in
                                              _counter_delta(before, after, "feedrank_candidates_total").items()}

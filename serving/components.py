@@ -200,6 +200,9 @@ class Component(ABC):
     kind: ClassVar[str] = "component"
     reads: tuple[str, ...] = ()
     writes: tuple[str, ...] = ()
+    #: A cheaper stand-in run instead when the request has no time left for this stage, or an input column
+    #: is missing because an earlier stage fell back (:mod:`serving.deadlines`); None: always runs.
+    deadline_fallback: "Component | None" = None
 
     @property
     def name(self) -> str:
@@ -214,7 +217,8 @@ class Component(ABC):
         params = f" [{self.params()}]" if self.params() else ""
         cols = (f"  reads {', '.join(self.reads)}" if self.reads else "") + \
                (f"  writes {', '.join(self.writes)}" if self.writes else "")
-        return f"{self.kind:<14} {self.name}{params}{cols}"
+        late = f"  (out of time: {self.deadline_fallback.name})" if self.deadline_fallback is not None else ""
+        return f"{self.kind:<14} {self.name}{params}{cols}{late}"
 
 
 class QueryHydrator(Component):

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, Union
 
 import numpy as np
 
+from serving.deadlines import COSTS
 from serving.components import (AD, IN_NETWORK, OUT_OF_NETWORK, Candidates, CandidateSource,
                                 Component, FeatureHydrator, Filter, FunnelContext, Query, QueryHydrator, Scorer,
                                 Selector, SideEffect, member)
@@ -172,12 +173,33 @@ def fetch_candidates(pipeline: Pipeline, query: Query, ctx: FunnelContext) -> Ca
     return cands
 
 
+def _within_deadline(stages: list[Stage], i: int, query: Query, cands: Candidates) -> Stage:
+    """``stages[i]``, or its ``deadline_fallback`` when an input column is missing (an earlier stage fell back)
+    or the request's remaining time is less than the stage's cost estimate plus the estimates of the later
+    stages that must run anyway (:mod:`serving.deadlines`)."""
+    stage = stages[i]
+    fallback = getattr(stage, "deadline_fallback", None)
+    if fallback is None:
+        return stage
+    if any(c not in cands for c in stage.reads):
+        return fallback
+    need = COSTS.expected_ms(stage.name) + sum(COSTS.expected_ms(s.name) for s in stages[i + 1:]
+                                               if getattr(s, "deadline_fallback", None) is None)
+    if need and query.remaining_s() * 1000 < need:
+        query.degrade(f"deadline:{stage.name}")
+        _trace(query, stage.name, "skipped", detail=f"{query.remaining_s() * 1000:.1f} ms left, needs ~{need:.1f} ms")
+        return fallback
+    return stage
+
+
 def run_stages(stages: list[Stage], query: Query, ctx: FunnelContext, cands: Candidates) -> Candidates:
-    """Hydrators, scorers and selectors in order, timed (per component name) and traced."""
-    for stage in stages:
+    """Hydrators, scorers and selectors in order, timed (per component name) and traced; a stage the request
+    has no time left for is replaced by its cheaper stand-in (:func:`_within_deadline`)."""
+    for i in range(len(stages)):
         t0 = time.perf_counter()
-        if not isinstance(stage, Selector) and not len(cands):
+        if not isinstance(stages[i], Selector) and not len(cands):
             continue
+        stage = _within_deadline(stages, i, query, cands)
         _ran(query, stage)
         if isinstance(stage, FeatureHydrator):
             stage.hydrate(query, ctx, cands)
@@ -192,7 +214,10 @@ def run_stages(stages: list[Stage], query: Query, ctx: FunnelContext, cands: Can
                 kept = cands.index_of(query.debug_post) is not None
                 _trace(query, stage.name, "selected" if kept else "not_selected", cands,
                        "position" if "position" in cands else None)
-        query.timings_ms[stage.name] = query.timings_ms.get(stage.name, 0.0) + (time.perf_counter() - t0) * 1000
+        ms = (time.perf_counter() - t0) * 1000
+        query.timings_ms[stage.name] = query.timings_ms.get(stage.name, 0.0) + ms
+        if stage is stages[i]:
+            COSTS.observe(stage.name, ms)
     return cands
 
 

@@ -29,8 +29,25 @@ def _stats(ctx: FunnelContext, ids: np.ndarray) -> dict[str, np.ndarray]:
     return {name: out[:, POST_STAT[name]] for name in POST_STATS_INT}
 
 
+class SkippedHydrator(FeatureHydrator):
+    """A hydrator's stand-in when the request has no time left for it: no features (the scorers that
+    need them fall back in turn)."""
+
+    def __init__(self, of: str):
+        self.of = of
+
+    @property
+    def name(self) -> str:
+        return f"skip:{self.of}"
+
+    def hydrate(self, query: Query, ctx: FunnelContext, cands: Candidates) -> None:
+        return None
+
+
 class LightFeatureHydrator(FeatureHydrator):
     """The light ranker's ~20 cheap features for every candidate (10K rows)."""
+
+    deadline_fallback = SkippedHydrator("LightFeatureHydrator")
 
     reads = ("ann",)   # and "has_ann" where the ANN source wrote it
     writes = ("x_light", "ann")
@@ -92,6 +109,7 @@ class HeavyFeatureHydrator(FeatureHydrator):
 
     reads = ("x_light",)
     writes = ("x",)
+    deadline_fallback = SkippedHydrator("HeavyFeatureHydrator")
 
     def hydrate(self, query: Query, ctx: FunnelContext, cands: Candidates) -> None:
         u, cat = query.user, ctx.catalog

@@ -23,6 +23,8 @@ class Metrics:
                                       registry=r)
         self.candidates = Counter("feedrank_candidates_total", "Candidates fetched per source", ["source"], registry=r)
         self.cache = Counter("feedrank_result_cache_total", "Result cache lookups on refresh", ["result"], registry=r)
+        self.shed = Counter("feedrank_shed_total", "GetFeed requests refused at once because the worker's queued "
+                            "work exceeded serving.max_queued_ms (also counted as RESOURCE_EXHAUSTED)", registry=r)
         self.degraded = Counter("feedrank_degraded_responses_total", "Responses served degraded", ["reason"], registry=r)
         self.model = Gauge("feedrank_model_version_info", "Model version in use (value 1)", ["model", "version"],
                            registry=r)

@@ -22,11 +22,48 @@ def scale(score: np.ndarray, factor: np.ndarray | float) -> np.ndarray:
     return np.where(score >= 0, score * factor, score / factor).astype(np.float32)
 
 
+class AnnRecencyScorer(Scorer):
+    """The light ranker's stand-in when a request has no time left for the light features: the ANN
+    similarity, less a tenth per hour of age (ads kept for the re-ranker, as the light ranker does)."""
+
+    reads = ("ann",)
+    writes = ("light_score",)
+
+    def score(self, query: Query, ctx: FunnelContext, cands: Candidates) -> None:
+        age_h = np.maximum(query.now_ms - ctx.catalog.published_ms[cands.ids], 0) / HOUR_MS
+        s = (cands["ann"] - 0.1 * np.log1p(age_h)).astype(np.float32)
+        s[cands.source == AD] = np.inf
+        cands["light_score"] = s
+
+
+class LightScoreScorer(Scorer):
+    """The heavy ranker's stand-in when a request has no time left for it: the light ranker's P(click)
+    (the sigmoid of its logit) as the click head, the other heads 0, score = the click weight x P(click);
+    ads, which the light ranker does not score, bid x the organic rows' mean P(click)."""
+
+    reads = ("light_score",)
+    writes = ("heads", "score")
+
+    def score(self, query: Query, ctx: FunnelContext, cands: Candidates) -> None:
+        p = np.zeros((len(cands), len(HEAD_NAMES)), dtype=np.float32)
+        ad = cands.source == AD
+        logit = np.where(ad, 0.0, cands["light_score"]).astype(np.float64)
+        click = 1.0 / (1.0 + np.exp(-np.clip(logit, -30, 30)))
+        click[ad] = click[~ad].mean() if (~ad).any() else 0.0
+        p[:, CLICK] = click
+        score = p[:, CLICK] * np.float32(query.params.head_weights[CLICK])
+        if ad.any():
+            score[ad] = cands["bid"][ad] * p[ad, CLICK]
+        cands["heads"] = p
+        cands["score"] = score.astype(np.float32)
+
+
 class LightRankerScorer(Scorer):
     """Logistic regression over the light features (10K rows, well under a millisecond)."""
 
     reads = ("x_light",)
     writes = ("light_score",)
+    deadline_fallback = AnnRecencyScorer()
 
     def score(self, query: Query, ctx: FunnelContext, cands: Candidates) -> None:
         s = ctx.models.light.score(cands["x_light"]).astype(np.float32)
@@ -40,6 +77,7 @@ class HeavyRankerScorer(Scorer):
 
     reads = ("x",)     # and an ad's "bid" (AdSource)
     writes = ("heads", "score")
+    deadline_fallback = LightScoreScorer()
 
     def score(self, query: Query, ctx: FunnelContext, cands: Candidates) -> None:
         from serving.model_loader import score_heavy

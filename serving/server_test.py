@@ -654,3 +654,31 @@ def test_a_like_on_page_1_reorders_page_2_of_the_same_cursor(stub, serving):
     assert np.mean(rank_now) < np.mean(rank_before), (rank_now, rank_before)
     p3 = _feed(stub, serving, u, pb.HOME, cursor=p2.next_cursor, limit=limit)  # no new signal: as re-scored
     assert [it.post_id for it in p3.items] == now[limit: 2 * limit]
+
+
+def test_a_request_never_starts_a_stage_it_has_no_time_left_for(stub, serving):
+    """A stage whose cost estimate exceeds the time the request has left is replaced by its stand-in and
+    the response says so: here a heavy ranker estimated at 10 s (every request's deadline is at most
+    serving.request_deadline_ms), then the light features; with the real estimates back, nothing is skipped."""
+    from serving.deadlines import COSTS
+
+    u1, u2, u3 = _users(serving, 3, offset=130)
+    saved = COSTS.snapshot()
+    try:
+        COSTS.set("HeavyRankerScorer", 10_000.0)
+        r = _feed(stub, serving, u1)
+        assert "deadline:HeavyRankerScorer" in r.degraded_reasons, list(r.degraded_reasons)
+        assert len(r.items) == serving.cfg.funnel.page_size
+        organic = [it for it in r.items if it.source != pb.AD]
+        assert all(it.heads.like == 0 and 0 < it.heads.click < 1 for it in organic)  # the light ranker's P(click)
+        COSTS.set("HeavyRankerScorer", saved.get("HeavyRankerScorer", 3.0))
+        COSTS.set("LightFeatureHydrator", 10_000.0)
+        r = _feed(stub, serving, u2, pb.EXPLORE)
+        assert "deadline:LightFeatureHydrator" in r.degraded_reasons, list(r.degraded_reasons)
+        assert len(r.items) == serving.cfg.funnel.page_size  # ranked by ANN similarity and recency
+    finally:
+        for name in ("HeavyRankerScorer", "LightFeatureHydrator"):
+            COSTS.set(name, saved.get(name, 0.0))
+    r = _feed(stub, serving, u3)
+    assert not r.degraded, list(r.degraded_reasons)
+    assert any(it.heads.like > 0 for it in r.items)

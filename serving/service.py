@@ -23,6 +23,7 @@ from core.events import Engagement, Feedback, Followed, InvalidEvent, Unfollowed
 from features.eventlog import EventLogError
 from serving import marshal, validation as v
 from serving.ab_tests import Experiments
+from serving.deadlines import Admission
 from serving.edge import Authenticator, AuthError, CursorError, Forbidden, Principal, SharedRateLimiter
 from serving.feed import FeedRanker, Pipelines
 from serving.funnel import SourceUnavailable
@@ -45,6 +46,7 @@ class FeedService(rpc.FeedServiceServicer):
         self.signal_limiter: Any = SharedRateLimiter(state.redis, s.signal_rate_limit_rps, s.signal_rate_limit_burst,
                                                      "signals")
         self.feeds = FeedRanker(cfg, state, experiments, metrics, pipelines or Pipelines.declared())
+        self.admission = Admission(cfg.serving.max_queued_ms)
 
     @property
     def experiments(self) -> Experiments:
@@ -132,7 +134,18 @@ class FeedService(rpc.FeedServiceServicer):
 
     # ------------------------------------------------------------------ reads
     def GetFeed(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return self._handle("GetFeed", request, context, self._get_feed, request.user_id)
+        sharing = self.admission.enter()
+        if sharing is None:
+            self.metrics.rpcs.labels("GetFeed", grpc.StatusCode.RESOURCE_EXHAUSTED.name).inc()
+            self.metrics.shed.inc()
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"overloaded: ~{self.admission.queued_ms:.0f} ms of requests queued in this worker "
+                          f"(serving.max_queued_ms {self.admission.max_queued_ms:g}); retry with backoff")
+        t0 = time.perf_counter()
+        try:
+            return self._handle("GetFeed", request, context, self._get_feed, request.user_id)
+        finally:
+            self.admission.leave((time.perf_counter() - t0) * 1000, sharing)
 
     def _get_feed(self, principal: Principal, req: Any, context: grpc.ServicerContext) -> Any:
         user = v.check_id(req.user_id, "user_id")

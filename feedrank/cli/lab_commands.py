@@ -167,6 +167,35 @@ def bench_serve_cmd(scale: str = typer.Option("large", help="World scale (its wo
     console.print(f"written to {path}")
 
 
+@bench_app.command("cost")
+def bench_cost_cmd(rps: float = typer.Option(10.0, help="Offered load of every run, requests/s (low: no queueing)"),
+                   seconds: float = typer.Option(20.0, help="Seconds per run"),
+                   ann_k: str = typer.Option("2000,4000,8000", help="ANN candidate counts run on the largest world")) -> None:
+    """The cost curve: server CPU and GetFeed latency per request against the posts in the corpus (every
+    generated world: 50K, 200K, 1M) and the candidates per request (the largest world). JSON + PNG."""
+    from lab.bench import scratch_removed_on_success, write_result
+    from lab.bench_cost import bench_cost, plot_cost
+
+    ks = tuple(int(x) for x in rps_levels(ann_k))
+    with progress_bars() as prog, scratch_removed_on_success():
+        try:
+            res = bench_cost(load_cfg(), rps, seconds, ks, progress=StageProgress(prog))
+        except RuntimeError as e:
+            fail(str(e))
+    path = write_result("cost", res)
+    png = plot_cost(res, path.with_suffix(".png"))
+    rows = ["| corpus | posts | ANN k | candidates / request | server CPU ms / request | p50 ms | p99 ms | RSS MB |",
+            "|---|---|---|---|---|---|---|---|"]
+    for p in res["by_posts"] + [q for q in res["by_ann_k"] if q["ann_k"] != res["by_posts"][-1]["ann_k"]]:
+        rows.append(f"| {p['scale']} | {p['posts']:,} | {p['ann_k']} | {p['candidates_per_request']:,.0f} | "
+                    f"{p['cpu_ms_per_request']} | {p['p50_ms']} | {p['p99_ms']} | {p['server_rss_mb']:,.0f} |")
+    md = path.with_suffix(".md")
+    md.write_text("\n".join([f"# bench: cost ({path.stem})", "", *rows, "", f"![cost curve]({png.name})", "",
+                              md.read_text()]))
+    console.print("\n".join(rows))
+    console.print(f"written to {path} and {png}")
+
+
 @bench_app.command("signals")
 def bench_signals_cmd(scale: str = typer.Option("small", help="World scale (its world must exist, and `feedrank train` models)"),
                       clients: str = typer.Option("1,8,16,32", help="Comma-separated concurrent clients (closed loop)"),
