@@ -173,9 +173,17 @@ def _scrape_one(port: int, out: dict[str, float]) -> None:
     for line in text.splitlines():
         if line.startswith(("feedrank_stage_latency_seconds_bucket", "feedrank_stage_latency_seconds_count",
                             "feedrank_rpc_latency_seconds_bucket", "feedrank_result_cache_total",
-                            "feedrank_candidates_total", "feedrank_degraded_responses_total", "feedrank_shadow_")):
+                            "feedrank_candidates_total", "feedrank_degraded_responses_total", "feedrank_shadow_",
+                            "feedrank_rpcs_total", "feedrank_shed_total")):
             key, _, val = line.rpartition(" ")
             out[key] = out.get(key, 0.0) + float(val)
+
+
+def _get_feed_answered(port: int) -> float:
+    """GetFeed calls one worker answered OK since it started."""
+    got = scrape_metrics([port])
+    return sum(v for k, v in got.items() if k.startswith("feedrank_rpcs_total") and 'rpc="GetFeed"' in k
+               and 'code="OK"' in k)
 
 
 def stage_quantiles(before: dict, after: dict, qs=(0.5, 0.99)) -> dict[str, dict[str, float]]:
@@ -216,15 +224,17 @@ def _counter_delta(before: dict, after: dict, prefix: str) -> dict[str, float]:
 
 
 def run_load(address: str, secret: str, users: np.ndarray, rps: float, seconds: float, seed: int = 0,
-             feed: str = "home") -> dict[str, Any]:
-    """Open-loop GetFeed load; latencies from each request's scheduled time."""
+             feed: str = "home", connections: int = 32) -> dict[str, Any]:
+    """Open-loop GetFeed load over ``connections`` connections (many clients: the kernel spreads connections,
+    not requests, over SO_REUSEPORT workers); latencies from each request's scheduled time."""
     import grpc
 
     from serving.edge import make_token
     from serving.protos import pb, rpc
 
     ft = {"home": pb.HOME, "explore": pb.EXPLORE, "following": pb.FOLLOWING}[feed]
-    channels = [grpc.insecure_channel(address) for _ in range(4)]
+    channels = [grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(connections)]
     stubs = [rpc.FeedServiceStub(c) for c in channels]
     rng = np.random.default_rng(seed)
     n = int(rps * seconds)
@@ -353,6 +363,7 @@ def serving_stack(cfg: Config, scale: str, workers: int = 0, step: Step | None =
                     "FEEDRANK_SERVING_PORT": str(port), "FEEDRANK_SERVING_METRICS_PORT": str(mport),
                     "FEEDRANK_SERVING_WORKERS": str(n_workers),
                     "FEEDRANK_EVENTS_FSYNC": "true" if bcfg.events.fsync else "false", **auth_env(bcfg)})
+        env.update({k: v for k, v in overrides.items() if k not in env})  # the caller's settings of the server
         log = open(bcfg.data_dir / "serve.log", "w")
         step("starting the server", 0.0)
         t_start = time.perf_counter()
@@ -438,9 +449,11 @@ def bench_serve(cfg: Config, scale: str = "large", rps_levels: tuple[float, ...]
 
         def level(seed: int, rps: float) -> dict[str, Any]:
             before, cpu0 = scrape_metrics(mports), cpu_s()
+            per_worker = [_get_feed_answered(p) for p in mports]
             res = run_load(address, bcfg.serving.jwt_secret, users, rps, seconds, seed=seed)
             after, cpu1 = scrape_metrics(mports), cpu_s()
             res["server_cpu_ms_per_request"] = round((cpu1 - cpu0) * 1000 / max(res["codes"].get("OK", 0), 1), 2)
+            res["get_feed_answered_per_worker"] = [_get_feed_answered(p) - b for p, b in zip(mports, per_worker)]
             res["stages"] = stage_quantiles(before, after)
             res["candidates_per_request"] = {k: round(v / max(res["requests"], 1), 1) for k, v in
                                              _counter_delta(before, after, "feedrank_candidates_total").items()}
