@@ -140,3 +140,14 @@ def serve_process(served_world: ServedWorld, cfg: Config, port: int, log: Path, 
     return subprocess.Popen([sys.executable, "-m", "feedrank.cli", "serve", *args, "--log-format", "text",
                              "--world", str(served_world.world_dir)], env=env, stdout=open(log, "wb"),
                             stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 120.0) -> Any:
+    """``check()``'s first truthy value, polled every 0.5 s; AssertionError naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -20,21 +20,11 @@ from core.services import free_port
 from runtime import stack
 from runtime.procs import stop_group
 from runtime.serve import replica_ports
-from serving.conftest import serve_process, token
+from serving.conftest import serve_process, token, wait_for
 from serving.protos import pb, rpc
 
 pytestmark = pytest.mark.slow
 BURST, RPS = 8, 1.0  # a user's limit: 8 calls in any 8 s, whichever replica answers them
-
-
-def _wait(what: str, check: Any, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +44,8 @@ def replicas(served_world: Any, tmp_path_factory: pytest.TempPathFactory) -> Ite
                          FEEDRANK_SERVING_RATE_LIMIT_RPS=str(RPS), FEEDRANK_SERVING_RATE_LIMIT_BURST=str(BURST))
     channels: list[grpc.Channel] = []
     try:
-        _wait("nginx in front of both replicas", lambda: "balancing gRPC calls over" in out.read_text() or proc.poll() is not None,
-              timeout=300)
+        wait_for("nginx in front of both replicas",
+                 lambda: "balancing gRPC calls over" in out.read_text() or proc.poll() is not None, timeout=300)
         assert proc.poll() is None, out.read_text()[-3000:]
 
         def stub(p: int) -> Any:

@@ -18,21 +18,11 @@ import pytest
 from runtime import stack
 from core.services import free_port
 from runtime.procs import stop_group
-from serving.conftest import serve_process, token
+from serving.conftest import serve_process, token, wait_for
 from serving.protos import pb, rpc
 from serving.state import SERVING_CLOCK
 
 pytestmark = pytest.mark.slow
-
-
-def _wait(what: str, check, timeout: float = 120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _serve_two_workers(served_world, cfg, port: int, tmp_path, **env_extra: str) -> tuple[subprocess.Popen, Path]:
@@ -51,7 +41,7 @@ def test_workers_survive_a_redis_restart_and_a_kill(served_world, tmp_path):
                            feature_views=["user_topic"])
     proc, out = _serve_two_workers(served_world, cfg, port, tmp_path)
     try:
-        _wait("two workers", lambda: out.read_text().count("FeedService worker") >= 2, timeout=240)
+        wait_for("two workers", lambda: out.read_text().count("FeedService worker") >= 2, timeout=240)
         stub = rpc.FeedServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
         assert stub.GetFeed(pb.GetFeedRequest(user_id=3), metadata=token(cfg, 3), timeout=20).items
 
@@ -63,11 +53,11 @@ def test_workers_survive_a_redis_restart_and_a_kill(served_world, tmp_path):
         workers = [c for c in psutil.Process(proc.pid).children() if "serve" in " ".join(c.cmdline())]
         assert len(workers) == 2
         os.kill(workers[0].pid, signal.SIGKILL)
-        _wait("the replacement worker", lambda: out.read_text().count("FeedService worker") >= 3, timeout=240)
+        wait_for("the replacement worker", lambda: out.read_text().count("FeedService worker") >= 3, timeout=240)
         time.sleep(10)  # a crash-looping replacement would have exited again by now
         log = out.read_text()
         assert log.count("exited") == 1 and "KeyError" not in log, log[-3000:]
-        assert _wait("the clock key written back", lambda: redis_client(cfg).hgetall(SERVING_CLOCK), timeout=30)
+        assert wait_for("the clock key written back", lambda: redis_client(cfg).hgetall(SERVING_CLOCK), timeout=30)
         for u in range(10, 16):  # new connections: the kernel spreads them over both workers
             ch = grpc.insecure_channel(f"127.0.0.1:{port}")
             r = rpc.FeedServiceStub(ch).GetFeed(pb.GetFeedRequest(user_id=u), metadata=token(cfg, u), timeout=20)
@@ -100,7 +90,7 @@ def test_a_worker_killed_in_a_burst_loses_no_acknowledged_signal(served_world, t
     lock = threading.Lock()
     stop = threading.Event()
     try:
-        _wait("two workers", lambda: out.read_text().count("FeedService worker") >= 2, timeout=240)
+        wait_for("two workers", lambda: out.read_text().count("FeedService worker") >= 2, timeout=240)
         md = token(cfg, 1, admin=True)  # a service token: the posts need not have been served
 
         def burst(k: int) -> None:
@@ -127,7 +117,7 @@ def test_a_worker_killed_in_a_burst_loses_no_acknowledged_signal(served_world, t
         threads = [threading.Thread(target=burst, args=(k,)) for k in range(6)]
         for t in threads:
             t.start()
-        _wait("a few hundred acknowledged calls", lambda: len(acked) >= 300, timeout=60)
+        wait_for("a few hundred acknowledged calls", lambda: len(acked) >= 300, timeout=60)
         # the worker that took the most of the burst (each serves its own metrics on metrics_port + index)
         import urllib.request
 
