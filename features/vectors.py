@@ -26,6 +26,12 @@ _EXTRA_LO = np.array([f.lo for f in HEAVY_EXTRA], dtype=np.float32)
 _EXTRA_HI = np.array([f.hi for f in HEAVY_EXTRA], dtype=np.float32)
 
 
+def _clip(x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """``np.clip(x, lo, hi)`` in place: maximum then minimum, ~3x faster than np.clip on [n, 20] rows."""
+    np.maximum(x, lo, out=x)
+    return np.minimum(x, hi, out=x)
+
+
 def rate(k: np.ndarray, n: np.ndarray, prior: float = PRIOR_CTR) -> np.ndarray:
     """Smoothed rate k / n under the Beta prior (PRIOR_N pseudo-impressions at ``prior``)."""
     return (k + PRIOR_N * prior) / (n + PRIOR_N)
@@ -38,15 +44,17 @@ def light(*, age_h: np.ndarray, affinity: np.ndarray, follows: np.ndarray, in_ne
           original: np.ndarray, flagged: np.ndarray, user_clicks: np.ndarray | float) -> np.ndarray:
     """[n, 20] float32 in LIGHT_FEATURES order. Per-user inputs may be scalars (one request's user)."""
     n = np.shape(age_h)[0]
-    x = np.stack([
-        np.exp(-age_h / RECENCY_HOURS), np.log1p(age_h), np.log1p(affinity), follows.astype(float),
-        in_network.astype(float), ann,
+    cols = (
+        np.exp(-age_h / RECENCY_HOURS), np.log1p(age_h), np.log1p(affinity), follows, in_network, ann,
         topic_click_share, topic_negative_share, ctype_click_share,
         rate(clicks, impressions), rate(likes, impressions, LIKE_PRIOR), rate(negatives, impressions, NEGATIVE_PRIOR),
         np.log1p(clicks_1h), np.log1p(impressions), topic_trend, np.log1p(author_followers), author_ctr,
-        original.astype(float), flagged.astype(float), np.broadcast_to(np.log1p(user_clicks), (n,)),
-    ], axis=1).astype(np.float32)
-    return np.clip(x, _LIGHT_LO, _LIGHT_HI)
+        original, flagged, np.log1p(user_clicks),
+    )
+    x = np.empty((n, len(cols)), dtype=np.float32)  # filled column by column: no [n, 20] float64 copy
+    for j, c in enumerate(cols):
+        x[:, j] = c
+    return _clip(x, _LIGHT_LO, _LIGHT_HI)
 
 
 @dataclass
@@ -116,4 +124,4 @@ def heavy_extra(*, user_emb: np.ndarray, post_emb: np.ndarray, user_topic_clicks
                   viewed, liked_topic, liked_author], axis=1),
     ]).astype(np.float32)
     assert out.shape[1] == len(HEAVY_EXTRA), (out.shape, len(HEAVY_EXTRA))
-    return np.clip(out, _EXTRA_LO, _EXTRA_HI)
+    return _clip(out, _EXTRA_LO, _EXTRA_HI)

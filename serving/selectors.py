@@ -79,6 +79,8 @@ class TopKSelector(Selector):
         ad = cands.source == AD
         organic = np.flatnonzero(~ad)
         s = cands[self.column][organic]
+        if not self.reserve_quotas and s.size > 2 * k:
+            organic, s = _at_least_top(organic, s, k)  # 10K -> ~k before the sort: the same first k
         order = organic[np.argsort(-s, kind="stable")]
         keep = order[:k]
         if self.reserve_quotas and order.size > k:
@@ -96,6 +98,16 @@ class TopKSelector(Selector):
             keep = np.concatenate([keep, *extra])
             keep = keep[np.sort(np.unique(keep, return_index=True)[1])]
         return cands.take(np.concatenate([keep, np.flatnonzero(ad)]))
+
+
+def _at_least_top(idx: np.ndarray, s: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The entries scoring at least the k-th best, in their original order, so a stable sort of them
+    starts exactly as a stable sort of all would (ties at the k-th score kept; NaN scores rank last)."""
+    kth = -np.partition(-s, k - 1)[k - 1]
+    if not np.isfinite(kth):
+        return idx, s
+    keep = s >= kth
+    return idx[keep], s[keep]
 
 
 def cold_mask(query: Query, ctx: FunnelContext, cands: Candidates) -> np.ndarray:
@@ -159,21 +171,30 @@ class RerankSelector(Selector):
         is_ad = cands.source == AD
         organic = [int(i) for i in np.argsort(-np.where(is_ad, -np.inf, score), kind="stable") if not is_ad[i]]
         ads = [int(i) for i in np.argsort(-np.where(is_ad, score, -np.inf), kind="stable") if is_ad[i]]
-        oon = ~is_ad & (cands.source != IN_NETWORK)
-        had_oon = bool(oon.any())  # the out-of-network rule applies only when there were such candidates
-        fresh = (query.now_ms - cat.published_ms[cands.ids]) <= rr.fresh_hours * HOUR_MS
-        author = cat.author[cands.ids]
+        oon_mask = ~is_ad & (cands.source != IN_NETWORK)
+        had_oon = bool(oon_mask.any())  # the out-of-network rule applies only when there were such candidates
+        fresh_mask = (query.now_ms - cat.published_ms[cands.ids]) <= rr.fresh_hours * HOUR_MS
         ad_every = rr.ad_every if self.ads else 0
         block = max(1, round(1 / rr.min_out_of_network)) if rr.min_out_of_network > 0 and self.out_of_network else 0
         q_block = math.ceil(rr.min_out_of_network * block) if block else 0
         block_oon = 0
         q_fresh = math.ceil(rr.fresh_fraction * limit)
         q_explore = rr.explore_slots if "light_score" in cands else 0
-        cold = cold_mask(query, ctx, cands) if q_explore else np.zeros(n, dtype=bool)
-        light = cands["light_score"] if q_explore else None
+        cold_mask_ = cold_mask(query, ctx, cands) if q_explore else np.zeros(n, dtype=bool)
+        # the slot loop below is per-candidate Python over the ~50 survivors: plain lists, not numpy scalars
+        oon, fresh, cold = oon_mask.tolist(), fresh_mask.tolist(), cold_mask_.tolist()
+        oon_fresh = (oon_mask & fresh_mask).tolist()
+        author = cat.author[cands.ids].tolist()
+        light = cands["light_score"].tolist() if q_explore else None
+        streak = rr.max_consecutive_author
+
+        def too_many(recent: list[int], i: int) -> bool:  # one too many in a row by i's author
+            return len(recent) == streak and all(author[j] == author[i] for j in recent)
+
         order: list[int] = []
         reasons: list[list[str]] = []
-        used = np.zeros(n, dtype=bool)
+        used = [False] * n
+        left = organic  # organic candidates not placed yet, best first
         page_fresh = page_org = page_explore = 0
         while True:
             slot = len(order) + 1  # 1-based position in the whole ranking
@@ -185,9 +206,8 @@ class RerankSelector(Selector):
             if ad_every and slot % ad_every == 0:
                 while ads and used[ads[0]]:
                     ads.pop(0)
-                recent = order[-rr.max_consecutive_author:]
-                ok = [i for i in ads if not (len(recent) == rr.max_consecutive_author
-                                             and all(author[j] == author[i] for j in recent))]
+                recent = order[-streak:]
+                ok = [i for i in ads if not too_many(recent, i)]
                 if ok:  # the best ad that does not make a 4th item in a row by one author
                     i = ok[0]
                     ads.remove(i)
@@ -195,7 +215,7 @@ class RerankSelector(Selector):
                     order.append(i)
                     reasons.append(["sponsored", "ad_slot"])
                     continue
-            remaining = [i for i in organic if not used[i]]
+            remaining = left
             if not remaining:
                 break
             n_org = limit - (limit // ad_every if ad_every else 0)
@@ -205,13 +225,13 @@ class RerankSelector(Selector):
             if block:
                 block_end = ((slot - 1) // block + 1) * block
                 organic_left_in_block = sum(1 for p in range(slot, block_end + 1) if not (ad_every and p % ad_every == 0))
-            if block and had_oon and q_block - block_oon >= organic_left_in_block \
-                    and not any(oon[i] for i in remaining) and len(order) >= limit:
+            oon_due = block and q_block - block_oon >= organic_left_in_block
+            if oon_due and had_oon and not any(oon[i] for i in remaining) and len(order) >= limit:
                 break  # the pool has no out-of-network item left: end the ranking here rather than break the rule
-            if block and q_block - block_oon >= organic_left_in_block and any(oon[i] for i in remaining):
+            if oon_due and any(oon[i] for i in remaining):
                 want, tag = oon, "out_of_network_quota"
-                if page_fresh < _due(q_fresh, n_org, page_org) and any(oon[i] and fresh[i] for i in remaining):
-                    want, tag = oon & fresh, "out_of_network_quota"
+                if page_fresh < _due(q_fresh, n_org, page_org) and any(oon_fresh[i] for i in remaining):
+                    want, tag = oon_fresh, "out_of_network_quota"
                 why.append(tag)
             elif page_explore < min(q_explore, _due(q_explore, n_org, 2 * page_org)) and any(cold[i] for i in remaining):
                 want = cold
@@ -220,20 +240,14 @@ class RerankSelector(Selector):
             elif page_fresh < _due(q_fresh, n_org, page_org) and any(fresh[i] for i in remaining):
                 want = fresh
                 why.append("freshness_quota")
-            pool = [i for i in remaining if want is None or want[i]]
-            recent = order[-rr.max_consecutive_author:]
-            pick = None
-            for i in pool:
-                if len(recent) == rr.max_consecutive_author and all(author[j] == author[i] for j in recent):
-                    continue  # would be one too many in a row by this author
-                pick = i
-                break
+            recent = order[-streak:]
+            pick = next((i for i in remaining if (want is None or want[i]) and not too_many(recent, i)), None)
             if pick is None:
-                pick = next((i for i in remaining if not (len(recent) == rr.max_consecutive_author
-                                                          and all(author[j] == author[i] for j in recent))), None)
+                pick = next((i for i in remaining if not too_many(recent, i)), None)
             if pick is None:
                 break  # only one author left: end the ranking (a short page; the next request ranks afresh)
             used[pick] = True
+            left.remove(pick)
             order.append(pick)
             page_org += 1
             block_oon += int(oon[pick])
