@@ -423,6 +423,57 @@ def wait_shadow(mports: list[int], active: bool, timeout_s: float = 120.0) -> No
     raise RuntimeError(f"the workers did not {'load' if active else 'drop'} the shadow candidate in {timeout_s:.0f} s")
 
 
+def retrieval_recall(bcfg: Config, world: Any, users: np.ndarray, n_queries: int = 100,
+                     nprobes: tuple[int, ...] = (96, 128, 160, 192, 256), seed: int = 0) -> dict[str, Any]:
+    """Recall@ann_k of the index the server loaded, against exact search over every post, for
+    ``n_queries`` of the bench's users embedded as the server embeds them (their Feast user_topic row
+    and follows through the user tower), at the served nprobe and a few others (one FAISS thread)."""
+    import faiss
+    import pandas as pd
+
+    from core.units import DAY_MS
+    from models.retrieval import recall
+    from models.store import ModelStore
+    from models.train import load_numpy_towers, load_retrieval
+    from serving.components import UserContext
+    from serving.model_loader import user_embedding
+
+    store = ModelStore.from_config(bcfg)
+    index, version = load_retrieval(store)
+    _, path = store.fetch("retrieval", version)
+    emb = np.load(path / "post_emb.npy").astype(np.float32)
+    towers = load_numpy_towers(store)
+    rows = pd.read_parquet(bcfg.data_dir / "feast" / "user_topic.parquet").set_index("user_id")
+    order = np.argsort(world.follow_src, kind="stable")
+    src, dst = world.follow_src[order], world.follow_dst[order]
+    picked = np.random.default_rng(seed).choice(users, min(n_queries, users.size), replace=False)
+    q = []
+    for u in picked.tolist():
+        ctx = UserContext(user_id=u, following=np.unique(dst[np.searchsorted(src, u):np.searchsorted(src, u, "right")]))
+        if u in rows.index:
+            r = rows.loc[u]
+            for name in ("topic_clicks", "topic_negative", "ctype_clicks"):
+                if r[name] is not None and len(r[name]):
+                    setattr(ctx, name, np.asarray(r[name], dtype=np.float32))
+            ctx.clicks, ctx.negatives = int(r["clicks"] or 0), int(r["negatives"] or 0)
+        q.append(user_embedding(towers, ctx))
+    queries = np.asarray(q, dtype=np.float32)
+    k = bcfg.candidates.ann_k
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    exact = index.exact(queries, k, np.arange(emb.shape[0]), emb, world.post_ts[: emb.shape[0]] / DAY_MS)
+    faiss.omp_set_num_threads(1)
+    sweep = []
+    for npb in sorted({*nprobes, bcfg.retrieval.nprobe}):
+        index.set_nprobe(npb)
+        t0 = time.perf_counter()
+        got = np.concatenate([index.search(queries[i: i + 1], k)[1] for i in range(len(queries))])
+        sweep.append({"nprobe": npb, "recall": round(recall(got, exact), 4),
+                      "ms_per_query": round((time.perf_counter() - t0) * 1000 / len(queries), 2)})
+    served = next(t for t in sweep if t["nprobe"] == bcfg.retrieval.nprobe)
+    return {"k": k, "queries": len(queries), "nlist": int(getattr(index.index, "nlist", 0)), "nprobe": bcfg.retrieval.nprobe, "recall_at_k": served["recall"],
+            "goal": 0.95, "met": served["recall"] >= 0.95, "nprobe_sweep": sweep}
+
+
 def bench_serve(cfg: Config, scale: str = "large", rps_levels: tuple[float, ...] = (20.0,), seconds: float = 30.0,
                 progress: Step | None = None, world_dir: Path | None = None, workers: int = 0,
                 shadow: bool = False, overrides: dict[str, str] | None = None) -> dict[str, Any]:
@@ -464,6 +515,9 @@ def bench_serve(cfg: Config, scale: str = "large", rps_levels: tuple[float, ...]
             res["goal"] = goal_met(res, p99_goal_ms(rps))
             return res
 
+        step("retrieval recall vs exact search", 0.0)
+        recall_res = retrieval_recall(bcfg, world, users)  # before any load: it has the cores to itself
+        step("retrieval recall vs exact search", 1.0)
         levels = []
         candidate = shadow_candidate(bcfg) if shadow else None
         run_load(address, bcfg.serving.jwt_secret, users[:2000], 10.0, 5.0, seed=99)  # warm-up, not reported
@@ -491,7 +545,7 @@ def bench_serve(cfg: Config, scale: str = "large", rps_levels: tuple[float, ...]
         return {"scale": scale, "world": str(st.world_dir), "posts": int(world.n_posts), "users": int(world.n_users),
                 "follows": int(world.follow_src.size), "models": st.versions, "server_startup_s": round(st.startup_s, 1),
                 "server": {"worker_processes": n_workers, "torch_threads": 1, "faiss_threads": 1, "grpc_threads": 8},
-                "retrieval": {"index": bcfg.retrieval.index, "nlist": bcfg.retrieval.nlist, "nprobe": bcfg.retrieval.nprobe,
-                              "ann_k": bcfg.candidates.ann_k},
+                "retrieval": {"index": bcfg.retrieval.index, "nlist": recall_res["nlist"], "nprobe": bcfg.retrieval.nprobe,
+                              "ann_k": bcfg.candidates.ann_k, "recall": recall_res},
                 "p99_goals_ms": [[upto, goal] for upto, goal in P99_GOALS_MS if upto != float("inf")] + [["above", P99_GOALS_MS[-1][1]]],
                 "shadow_candidate": candidate, "levels": levels}

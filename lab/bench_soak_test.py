@@ -64,3 +64,22 @@ def test_a_short_soak_samples_memory_accepts_the_signals_and_answers_only_ok(tin
     assert path.parent == out and path.name.startswith("soak-") and path.suffix == ".json"
     assert png == path.with_suffix(".png") and png.stat().st_size > 5000
     assert json.loads(path.read_text())["plot"] == png.name
+
+
+def test_bench_serve_reports_retrieval_recall_against_exact_search_and_each_level_verdict(tiny_cfg_and_world):
+    from lab.bench_serve import bench_serve
+
+    cfg, wdir, root = tiny_cfg_and_world
+    res = bench_serve(cfg, "small", (10.0,), seconds=5.0, world_dir=wdir, workers=1)
+
+    rc = res["retrieval"]["recall"]
+    assert rc["k"] == cfg.candidates.ann_k and rc["queries"] == 100 and rc["nprobe"] == res["retrieval"]["nprobe"]
+    assert rc["nlist"] == res["retrieval"]["nlist"] == cfg.retrieval.nlist  # the index the server loaded
+    by_nprobe = {t["nprobe"]: t["recall"] for t in rc["nprobe_sweep"]}
+    assert rc["recall_at_k"] == by_nprobe[rc["nprobe"]] and rc["met"] == (rc["recall_at_k"] >= 0.95)
+    # probing every list is exact search: the bench's queries and its exact reference agree with the index
+    exhaustive = [r for n, r in by_nprobe.items() if n >= rc["nlist"]]
+    assert exhaustive and all(r >= 0.999 for r in exhaustive)
+    level = res["levels"][0]
+    assert level["requests"] == 50 and level["codes"] == {"OK": 50} and level["degraded"] == 0
+    assert level["goal"]["met"] == (level["latency_ms"]["p99"] <= level["goal"]["p99_goal_ms"])

@@ -35,18 +35,23 @@ class Models:
     retrieval_version: str
 
     def user_embedding(self, ctx: Any) -> np.ndarray:
-        from models.towers import author_bucket
-
-        nn_, nc = ctx.negatives, ctx.clicks
-        dense = np.hstack([ctx.topic_clicks, ctx.topic_negative, ctx.ctype_clicks,
-                           [nn_ / max(nn_ + nc, 1), np.log1p(nc) / 8.0]]).astype(np.float32)[None, :]
-        f = ctx.following
-        ids = author_bucket(f) if f.size else np.zeros(1, dtype=np.int64)
-        return self.towers.user(dense, ids, np.zeros(1, dtype=np.int64))[0]
+        return user_embedding(self.towers, ctx)
 
     def versions(self) -> dict[str, str]:
         return {"light": self.light_version, "heavy": self.heavy_version, "two_tower": self.two_tower_version,
                 "retrieval": self.retrieval_version}
+
+
+def user_embedding(towers: Any, ctx: Any) -> np.ndarray:
+    """The user tower's embedding of a :class:`~serving.components.UserContext` (Feast rows + follows)."""
+    from models.towers import author_bucket
+
+    nn_, nc = ctx.negatives, ctx.clicks
+    dense = np.hstack([ctx.topic_clicks, ctx.topic_negative, ctx.ctype_clicks,
+                       [nn_ / max(nn_ + nc, 1), np.log1p(nc) / 8.0]]).astype(np.float32)[None, :]
+    f = ctx.following
+    ids = author_bucket(f) if f.size else np.zeros(1, dtype=np.int64)
+    return towers.user(dense, ids, np.zeros(1, dtype=np.int64))[0]
 
 
 def score_heavy(model: Any, x: np.ndarray) -> np.ndarray:

@@ -164,6 +164,9 @@ def bench_serve_cmd(scale: str = typer.Option("large", help="World scale (its wo
         g = lv["goal"]
         console.print(f"{lv['offered_rps']:g} RPS: p99 {lv['latency_ms']['p99']} ms (goal {g['p99_goal_ms']:g} ms): "
                       + ("met" if g["met"] else "[red]NOT met[/red]: " + "; ".join(g["why_not"])))
+    rc = res["retrieval"]["recall"]
+    console.print(f"retrieval recall@{rc['k']} vs exact at nprobe {rc['nprobe']}: {rc['recall_at_k']} over "
+                  f"{rc['queries']} users (goal >= {rc['goal']}): " + ("met" if rc["met"] else "[red]NOT met[/red]"))
     console.print(f"written to {path}")
 
 
