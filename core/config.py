@@ -241,6 +241,7 @@ class Serving(_Section):
     workers: PosInt
     max_concurrent_rpcs: PosInt
     metrics_port: Port
+    http_port: Annotated[int, Field(ge=0, lt=65536)]  # 0 = no HTTP API
     jwt_secret: Annotated[str, Field(min_length=8)]  # the shipped placeholder is refused at start (serving.edge)
     jwt_public_key: str
     jwt_issuer: str

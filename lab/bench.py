@@ -213,6 +213,7 @@ def isolated_config(cfg: Config, name: str, events: str = "file", **overrides: s
     env.update(embedded_auth())  # the bench stack's own random JWT / cursor keys (placeholders are refused)
     env.update({"FEEDRANK_PATHS_DATA_DIR": str(root), "FEEDRANK_EVENTS": bench_events_uri(root, events),
                 "FEEDRANK_REDIS": f"redis://127.0.0.1:{free_port()}/0", "FEEDRANK_FLINK_REST_PORT": str(free_port()),
+                "FEEDRANK_SERVING_HTTP_PORT": str(free_port()),
                 "FEEDRANK_MODEL_STORE": cfg.resolve_uri(cfg.model_store.uri)}, **overrides)
     return load_config(env)
 

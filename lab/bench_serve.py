@@ -361,6 +361,7 @@ def serving_stack(cfg: Config, scale: str, workers: int = 0, step: Step | None =
         env.update({"FEEDRANK_PATHS_DATA_DIR": str(bcfg.data_dir), "FEEDRANK_REDIS": bcfg.redis.uri,
                     "FEEDRANK_EVENTS": bcfg.events.uri, "FEEDRANK_MODEL_STORE": bcfg.model_store.uri,
                     "FEEDRANK_SERVING_PORT": str(port), "FEEDRANK_SERVING_METRICS_PORT": str(mport),
+                    "FEEDRANK_SERVING_HTTP_PORT": str(bcfg.serving.http_port),
                     "FEEDRANK_SERVING_WORKERS": str(n_workers),
                     "FEEDRANK_EVENTS_FSYNC": "true" if bcfg.events.fsync else "false", **auth_env(bcfg)})
         env.update({k: v for k, v in overrides.items() if k not in env})  # the caller's settings of the server

@@ -20,6 +20,7 @@ def test_short_demo_runs_everything_and_reports_measured_figures(make_cfg, tmp_p
                    FEEDRANK_SIM_SCALES_SMALL_POSTS="8000", FEEDRANK_SIM_SCALES_SMALL_IMPRESSIONS="200000",
                    FEEDRANK_RETRIEVAL_NLIST="64", FEEDRANK_RETRIEVAL_NPROBE="32",
                    FEEDRANK_SERVING_PORT=str(free_port()), FEEDRANK_SERVING_METRICS_PORT=str(free_port()),
+                   FEEDRANK_SERVING_HTTP_PORT=str(free_port()),
                    FEEDRANK_EVENTS=f"kafka://127.0.0.1:{free_port()}/engagements")
     out = io.StringIO()
     rc = run_demo(cfg, scale="small", users=80, minutes=1.5, keep_up=False, console=Console(file=out, width=120),

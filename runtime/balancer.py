@@ -29,10 +29,28 @@ def nginx_binary() -> str:
     return path
 
 
-def nginx_conf(listen: str, upstreams: list[str], home: Path, read_timeout_s: float = 30.0) -> str:
-    """An nginx configuration that balances gRPC calls on ``listen`` over ``upstreams`` (host:port each)."""
+def nginx_conf(listen: str, upstreams: list[str], home: Path, read_timeout_s: float = 30.0,
+               http: tuple[str, list[str]] | None = None) -> str:
+    """An nginx configuration that balances gRPC calls on ``listen`` over ``upstreams`` (host:port each),
+    and with ``http`` = (listen, upstreams) the HTTP API likewise."""
     tmp = home / "tmp"
     servers = "\n".join(f"        server {u} max_fails=1 fail_timeout=2s;" for u in upstreams)
+    http_block = "" if http is None else "\n".join([
+        "    upstream feedrank_http {",
+        *(f"        server {u} max_fails=1 fail_timeout=2s;" for u in http[1]),
+        "        keepalive 64;",
+        "    }",
+        "    server {",
+        f"        listen {http[0]};",
+        "        location / {",
+        "            proxy_pass http://feedrank_http;",
+        "            proxy_http_version 1.1;",
+        '            proxy_set_header Connection "";',
+        f"            proxy_read_timeout {read_timeout_s:g}s;",
+        "            proxy_next_upstream error timeout;",
+        "        }",
+        "    }",
+    ]) + "\n"
     user = f"user {getpass.getuser()};\n" if os.geteuid() == 0 else ""  # root's workers would run as nobody
     return f"""{user}worker_processes 1;
 error_log {home}/error.log warn;
@@ -59,14 +77,14 @@ http {{
             grpc_next_upstream error timeout;  # a replica that refuses the connection: the next one
         }}
     }}
-}}
+{http_block}}}
 """
 
 
-def nginx_command(listen: str, upstreams: list[str], home: Path) -> list[str]:
+def nginx_command(listen: str, upstreams: list[str], home: Path, http: tuple[str, list[str]] | None = None) -> list[str]:
     """Write ``home``/nginx.conf and return the command that runs nginx on it in the foreground."""
     binary = nginx_binary()
     (home / "tmp").mkdir(parents=True, exist_ok=True)
     conf = home / "nginx.conf"
-    conf.write_text(nginx_conf(listen, upstreams, home))
+    conf.write_text(nginx_conf(listen, upstreams, home, http=http))
     return [binary, "-p", str(home), "-c", str(conf), "-g", "daemon off;"]

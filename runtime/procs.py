@@ -246,5 +246,6 @@ def child_env(cfg: Config, **extra: str) -> dict[str, str]:
                 "FEEDRANK_EVENTS": cfg.events.uri, "FEEDRANK_MODEL_STORE": cfg.resolve_uri(cfg.model_store.uri),
                 "FEEDRANK_LAKE_URI": cfg.resolve_uri(cfg.lake.uri),
                 "FEEDRANK_SERVING_PORT": str(cfg.serving.port), "FEEDRANK_SERVING_METRICS_PORT": str(cfg.serving.metrics_port),
+                "FEEDRANK_SERVING_HTTP_PORT": str(cfg.serving.http_port),
                 "FEEDRANK_SERVING_WORKERS": "1", "FEEDRANK_STREAMING_BOOTSTRAP_WORLD": "", **auth_env(cfg), **extra})
     return env

@@ -119,19 +119,22 @@ def wait_ready(addresses: list[str], stop: threading.Event, timeout_s: float = 9
 
 
 def run_replicas(cfg: Config, argv: list[str], port: int, replicas: int, workers: int, stop: threading.Event,
-                 say: Callable[[str], None] = print) -> None:
+                 say: Callable[[str], None] = print, http_port: int = 0) -> None:
     """`feedrank serve --replicas N`: N replicas (``argv`` + their port and metrics ports; each with
     ``workers`` processes) on ``port + 1 .. port + N``, and nginx balancing gRPC calls over them on
-    ``port`` once every replica is ready (:mod:`runtime.balancer`); all supervised until ``stop``."""
+    ``port`` once every replica is ready (:mod:`runtime.balancer`); all supervised until ``stop``. With
+    ``http_port`` the replicas' HTTP APIs are on ``http_port + 1 ..`` and nginx balances them on ``http_port``."""
     from runtime.balancer import nginx_command
 
     host = cfg.serving.host
     ports = replica_ports(port, replicas)
-    commands = [argv + ["--port", str(p), "--workers", str(workers),
+    http_ports = replica_ports(http_port, replicas) if http_port else [0] * replicas
+    commands = [argv + ["--port", str(p), "--workers", str(workers), "--http-port", str(h),
                         "--metrics-port", str(cfg.serving.metrics_port + i * workers if cfg.serving.metrics_port else 0)]
-                for i, p in enumerate(ports)]
+                for i, (p, h) in enumerate(zip(ports, http_ports))]
     home = cfg.data_dir / "nginx"
-    nginx = nginx_command(f"{host}:{port}", [f"{host}:{p}" for p in ports], home)
+    nginx = nginx_command(f"{host}:{port}", [f"{host}:{p}" for p in ports], home,
+                          http=(f"{host}:{http_port}", [f"{host}:{h}" for h in http_ports]) if http_port else None)
     names = [f"replica {i} (:{p})" for i, p in enumerate(ports)]
     balancer: list[subprocess.Popen] = []
 
@@ -161,9 +164,11 @@ def run_replicas(cfg: Config, argv: list[str], port: int, replicas: int, workers
 
 
 def run_worker(cfg: Config, world_dir: Path | None, origin: dict[str, int], port: int, index: int, reuse_port: bool,
-               stop: threading.Event, say: Callable[[str], None] = print, metrics_port: int = -1) -> None:
+               stop: threading.Event, say: Callable[[str], None] = print, metrics_port: int = -1,
+               http_port: int = -1) -> None:
     """One FeedService process on ``port`` (metrics on ``metrics_port`` (default serving.metrics_port) +
-    ``index``) until ``stop`` or Ctrl-C. Raises ServiceError when the server cannot start."""
+    ``index``; the HTTP API on ``http_port``, default serving.http_port, shared by the workers) until
+    ``stop`` or Ctrl-C. Raises ServiceError when the server cannot start."""
     from serving.server import Server
 
     clock = None
@@ -173,10 +178,12 @@ def run_worker(cfg: Config, world_dir: Path | None, origin: dict[str, int], port
     try:
         base = cfg.serving.metrics_port if metrics_port < 0 else metrics_port
         server = Server(cfg, bootstrap_dir=world_dir, clock=clock, port=port,
-                        metrics_port=base + index if base else 0, reuse_port=reuse_port)
+                        metrics_port=base + index if base else 0, reuse_port=reuse_port,
+                        http_port=None if http_port < 0 else http_port)
     except Exception as e:  # noqa: BLE001 - whatever stops the start, the operator gets one line
         raise ServiceError(f"cannot start the FeedService: {e}") from None
-    say(f"FeedService worker {index} on {server.address} (metrics :{server.metrics_port}); "
+    say(f"FeedService worker {index} on {server.address} (metrics :{server.metrics_port}"
+        + (f", HTTP API :{server.http.port}" if server.http else "") + "); "
         f"models {server.loader.models.versions()}")
     try:
         while not stop.wait(5.0):

@@ -39,6 +39,7 @@ class ServedWorld:
         env.update(self.env)
         env["FEEDRANK_REDIS"] = f"redis://127.0.0.1:{free_port()}/0"
         env["FEEDRANK_SERVING_EXPERIMENTS_FILE"] = str(self.root / "no-experiments.toml")
+        env["FEEDRANK_SERVING_HTTP_PORT"] = "0"  # a test that calls the HTTP API picks a free port
         env.update(overrides)
         return load_config(env)
 
@@ -135,6 +136,7 @@ def serve_process(served_world: ServedWorld, cfg: Config, port: int, log: Path, 
     env.update(served_world.env)
     env.update({"FEEDRANK_REDIS": cfg.redis.uri, "FEEDRANK_SERVING_PORT": str(port),
                 "FEEDRANK_SERVING_METRICS_PORT": str(cfg.serving.metrics_port),
+                "FEEDRANK_SERVING_HTTP_PORT": str(cfg.serving.http_port),
                 "FEEDRANK_PATHS_DATA_DIR": str(cfg.data_dir),
                 "FEEDRANK_SERVING_EXPERIMENTS_FILE": cfg.serving.experiments_file, **auth_env(cfg), **env_extra})
     return subprocess.Popen([sys.executable, "-m", "feedrank.cli", "serve", *args, "--log-format", "text",

@@ -34,8 +34,12 @@ def replicas(served_world: Any, tmp_path_factory: pytest.TempPathFactory) -> Ite
     port, mport = free_port(), free_port()
     while any(p in (mport, mport + 1) for p in replica_ports(port, 2)) or mport == port:
         mport = free_port()
+    hport = free_port()  # the HTTP API: nginx on hport, the replicas on hport + 1, + 2
+    while {hport, *replica_ports(hport, 2)} & {port, mport, mport + 1, *replica_ports(port, 2)}:
+        hport = free_port()
     cfg = served_world.config(FEEDRANK_SERVING_PORT=str(port), FEEDRANK_SERVING_METRICS_PORT=str(mport),
-                              FEEDRANK_SERVING_RATE_LIMIT_RPS=str(RPS), FEEDRANK_SERVING_RATE_LIMIT_BURST=str(BURST))
+                              FEEDRANK_SERVING_RATE_LIMIT_RPS=str(RPS), FEEDRANK_SERVING_RATE_LIMIT_BURST=str(BURST),
+                              FEEDRANK_SERVING_HTTP_PORT=str(hport))
     stack.up(cfg)
     apply(cfg).materialize(datetime(2020, 1, 1, tzinfo=timezone.utc), datetime(2030, 1, 1, tzinfo=timezone.utc),
                            feature_views=["user_topic", "topic_stats"])
@@ -53,7 +57,8 @@ def replicas(served_world: Any, tmp_path_factory: pytest.TempPathFactory) -> Ite
             return rpc.FeedServiceStub(channels[-1])
 
         a, b = replica_ports(port, 2)
-        yield {"cfg": cfg, "lb": stub(port), "a": stub(a), "b": stub(b), "metrics": [mport, mport + 1], "log": out}
+        yield {"cfg": cfg, "lb": stub(port), "a": stub(a), "b": stub(b), "metrics": [mport, mport + 1], "log": out,
+               "http": f"http://127.0.0.1:{hport}"}
     finally:
         for ch in channels:
             ch.close()
@@ -141,3 +146,22 @@ def test_a_post_hidden_through_one_replica_stays_hidden_on_both(replicas):
             served += list(stub.GetFeed(pb.GetFeedRequest(user_id=user, feed_type=feed), metadata=md, timeout=20).items)
     assert len(served) > 60
     assert victim not in {it.post_id for it in served}
+
+
+def test_the_http_api_is_balanced_over_the_replicas_too(replicas):
+    import requests
+
+    from serving.edge import config_token
+
+    user = 1400
+    auth = {"Authorization": "Bearer " + config_token(replicas["cfg"], user, False, 600.0)}
+    before = [_served_ok(m) for m in replicas["metrics"]]
+    first = requests.get(f"{replicas['http']}/api/v1/feed", params={"limit": 10}, headers=auth, timeout=30)
+    assert first.status_code == 200, first.text
+    page = first.json()
+    assert [i["position"] for i in page["items"]] == list(range(1, 11)) and page["next_cursor"]
+    second = requests.get(f"{replicas['http']}/api/v1/feed", params={"cursor": page["next_cursor"], "limit": 10},
+                          headers=auth, timeout=30).json()
+    assert second["request_id"] == page["request_id"] and [i["position"] for i in second["items"]] == list(range(11, 21))
+    after = [_served_ok(m) for m in replicas["metrics"]]
+    assert all(a - b == 1 for a, b in zip(after, before)), (before, after)  # one call on each replica

@@ -102,7 +102,8 @@ class Server:
 
     def __init__(self, cfg: Config, bootstrap_dir: str | Path | None = None, clock: Callable[[], int] | None = None,
                  port: int | None = None, metrics_port: int | None = None, workers: int = 8,
-                 reuse_port: bool = False, pipelines: dict[str, Pipeline] | None = None):
+                 reuse_port: bool = False, pipelines: dict[str, Pipeline] | None = None, http_port: int | None = None):
+        """``http_port``: the HTTP/JSON API's port (None = serving.http_port; 0 = none)."""
         import faiss
         import torch
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -155,6 +156,13 @@ class Server:
         self.metrics_port = mport
         if mport:
             self.metrics.serve(mport, cfg.serving.host)
+        self.http = None
+        hport = cfg.serving.http_port if http_port is None else http_port
+        if hport:
+            from serving.http_api import HttpServer
+
+            self.http = HttpServer(self.service, cfg.serving.host, hport, reuse_port=reuse_port,
+                                   ready=lambda: not self.not_ready)
         self._stop = threading.Event()
         if self.not_ready:
             log.error("NOT_SERVING until ready: %s", "; ".join(self.not_ready))
@@ -246,6 +254,8 @@ class Server:
 
         self.health.enter_graceful_shutdown()
         self._stop.set()
+        if self.http is not None:
+            self.http.stop()
         self.server.stop(grace).wait()
         self.service.feeds.effects.stop()
         self.loader.stop()

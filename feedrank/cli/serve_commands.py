@@ -22,6 +22,7 @@ def serve(
     replicas: int = typer.Option(0, help="Run this many replicas (each with --workers processes) on the next "
                                  "ports, behind nginx balancing gRPC calls on --port (state shared in Redis)"),
     metrics_port: int = typer.Option(-1, hidden=True, help="Prometheus port of worker 0 (default serving.metrics_port)"),
+    http_port: int = typer.Option(-1, hidden=True, help="HTTP API port (default serving.http_port; 0 = none)"),
     describe: bool = typer.Option(False, "--describe", help="Print the pipelines component by component and exit"),
     log_format: str = typer.Option("json", help="json (one object per line, with request ids) or text"),
     worker_index: int = typer.Option(-1, hidden=True),
@@ -56,6 +57,7 @@ def serve(
     n = workers or cfg.serving.workers
     port = port or cfg.serving.port
     mport = cfg.serving.metrics_port if metrics_port < 0 else metrics_port
+    hport = cfg.serving.http_port if http_port < 0 else http_port
     origin: dict[str, int] = {}
     if clock_origin:  # a worker: the supervisor's clock, so every worker (and restarted ones) agree
         origin = dict(zip(("wall0_ms", "sim0_ms", "world_end_ms"), (int(v) for v in clock_origin.split(","))))
@@ -73,21 +75,21 @@ def serve(
         console.print(f"FeedService: {replicas} replicas of {n} workers on {cfg.serving.host}:{port + 1}.."
                       f"{port + replicas}, nginx on {cfg.serving.host}:{port} once they are ready; Ctrl-C stops")
         try:
-            run_replicas(cfg, argv, port, replicas, n, stop, say=console.print)
+            run_replicas(cfg, argv, port, replicas, n, stop, say=console.print, http_port=hport)
         except ServiceError as e:
             fail(str(e))
         return
     if n > 1 and worker_index < 0:
         # the same interpreter and entry point however this one was started (console script or -m)
         argv = [sys.executable, "-m", "feedrank.cli", "serve", "--port", str(port), "--log-format", log_format,
-                "--workers", str(n), "--metrics-port", str(mport), *clock_args]
-        console.print(f"FeedService: {n} workers on {cfg.serving.host}:{port} "
-                      f"(metrics :{mport}..{mport + n - 1}); Ctrl-C stops")
+                "--workers", str(n), "--metrics-port", str(mport), "--http-port", str(hport), *clock_args]
+        console.print(f"FeedService: {n} workers on {cfg.serving.host}:{port} (metrics :{mport}..{mport + n - 1}"
+                      + (f", HTTP API :{hport}" if hport else "") + "); Ctrl-C stops")
         supervise_workers(argv, n, stop, say=console.print)
         return
     try:
         run_worker(cfg, world_dir, origin, port, max(worker_index, 0), reuse_port=n > 1, stop=stop, say=console.print,
-                   metrics_port=mport)
+                   metrics_port=mport, http_port=hport)
     except ServiceError as e:
         fail(str(e))
 
