@@ -164,7 +164,7 @@ def test_fuzzing_the_api_from_its_openapi_document_finds_no_server_error(api, tm
            "--checks", "not_a_server_error,status_code_conformance,response_schema_conformance,content_type_conformance",
            "-H", f"Authorization: {token}", "--max-examples", "40", "--seed", "1", "--workers", "1",
            "--phases", "examples,coverage,fuzzing", "--report", "json", "--report-json-path", str(report)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)  # its cache there too
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     cases = re.search(r"(\d+) generated, (\d+) passed", out.stdout)
     assert cases and int(cases[1]) >= 200 and cases[1] == cases[2], out.stdout[-2000:]  # 526 with seed 1
