@@ -30,7 +30,6 @@ def make_cfg(tmp_path: Path) -> Callable[..., Config]:
         env["FEEDRANK_EVENTS"] = "file://" + str(tmp_path / "var" / "events")
         env["FEEDRANK_REDIS"] = f"redis://127.0.0.1:{free_port()}/0"
         env["FEEDRANK_FLINK_REST_PORT"] = str(free_port())
-        env["FEEDRANK_SERVING_HTTP_PORT"] = str(free_port())
         env["FEEDRANK_MODEL_STORE"] = "file://" + str(tmp_path / "var" / "models")
         env["FEEDRANK_LAKE_URI"] = "file://" + str(tmp_path / "var" / "lake")
         env.update(overrides)

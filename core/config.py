@@ -242,8 +242,15 @@ class Serving(_Section):
     max_concurrent_rpcs: PosInt
     metrics_port: Port
     http_port: Annotated[int, Field(ge=0, lt=65536)]  # 0 = no HTTP API
+    tls_cert: str
+    tls_key: str
+    tls_ca: str
+    otlp_endpoint: str
+    otlp_service_name: str
     jwt_secret: Annotated[str, Field(min_length=8)]  # the shipped placeholder is refused at start (serving.edge)
     jwt_public_key: str
+    jwt_jwks_url: str
+    jwt_jwks_cache_s: PosInt
     jwt_issuer: str
     jwt_audience: str
     jwt_max_lifetime_s: PosInt

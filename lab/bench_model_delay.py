@@ -79,7 +79,7 @@ def bench_model_delay(cfg: Config, world_dir: Path, users: int = 300, minutes: f
         sim0, wall0 = clock.now_ms(), time.time()
         world.trends.append(TrendShift(int(cfg.sim.trend_shifts[0].topic) if cfg.sim.trend_shifts else 3,
                                        sim0 + 30_000, 1.5))
-        server = Server(bcfg, bootstrap_dir=world_dir, clock=clock.now_ms, port=0, metrics_port=0)
+        server = Server(bcfg, bootstrap_dir=world_dir, clock=clock.now_ms, port=0, metrics_port=0, http_port=0)
         api = GrpcFeedApi(server.address, bcfg.serving.jwt_secret, timeout_s=30)
         real_get = api.get_feed
 

@@ -151,7 +151,7 @@ def run_arm(cfg: Config, arm: str, world_dir: Path, users: int, minutes: float, 
         t0_ms = clock.now_ms()
         shift_at = t0_ms + int(minutes * 30_000)
         world.trends.append(TrendShift(topic, shift_at, boost))
-        server = Server(acfg, bootstrap_dir=world_dir, clock=clock.now_ms, port=0, metrics_port=0)
+        server = Server(acfg, bootstrap_dir=world_dir, clock=clock.now_ms, port=0, metrics_port=0, http_port=0)
         server.service.limiter = RateLimiter(1e9, 10**9)  # simulated time runs faster than the per-user limit assumes
         api = GrpcFeedApi(server.address, cfg.serving.jwt_secret, timeout_s=30)
         rec = ShiftRecorder(api, world, clock, topic, t0_ms, int(bucket_min * 60_000), t0_ms + int(minutes * 60_000))

@@ -98,7 +98,7 @@ def run_variant(cfg: Config, variant: str, world_dir: Path, users: int, minutes:
         vcfg = cfg
         if variant == "V2_without_light_ranker":
             vcfg = cfg.model_copy(update={"funnel": cfg.funnel.model_copy(update={"light_k": 1_000_000})})
-        server = Server(vcfg, bootstrap_dir=world_dir, clock=clock.now_ms, port=0, metrics_port=0,
+        server = Server(vcfg, bootstrap_dir=world_dir, clock=clock.now_ms, port=0, metrics_port=0, http_port=0,
                         pipelines=pipelines_for(variant))
         server.service.limiter = RateLimiter(1e9, 10**9)  # simulated time runs faster than the per-user limit assumes
         api = GrpcFeedApi(server.address, cfg.serving.jwt_secret, timeout_s=30)

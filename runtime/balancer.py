@@ -30,10 +30,14 @@ def nginx_binary() -> str:
 
 
 def nginx_conf(listen: str, upstreams: list[str], home: Path, read_timeout_s: float = 30.0,
-               http: tuple[str, list[str]] | None = None) -> str:
+               http: tuple[str, list[str]] | None = None, tls: tuple[str, str] | None = None) -> str:
     """An nginx configuration that balances gRPC calls on ``listen`` over ``upstreams`` (host:port each),
-    and with ``http`` = (listen, upstreams) the HTTP API likewise."""
+    and with ``http`` = (listen, upstreams) the HTTP API likewise; with ``tls`` = (certificate, key)
+    it serves TLS with them and speaks TLS to the replicas (which serve it too)."""
     tmp = home / "tmp"
+    ssl = " ssl" if tls else ""
+    certs = f"\n        ssl_certificate {tls[0]};\n        ssl_certificate_key {tls[1]};" if tls else ""
+    grpc_scheme, http_scheme = ("grpcs", "https") if tls else ("grpc", "http")
     servers = "\n".join(f"        server {u} max_fails=1 fail_timeout=2s;" for u in upstreams)
     http_block = "" if http is None else "\n".join([
         "    upstream feedrank_http {",
@@ -41,9 +45,9 @@ def nginx_conf(listen: str, upstreams: list[str], home: Path, read_timeout_s: fl
         "        keepalive 64;",
         "    }",
         "    server {",
-        f"        listen {http[0]};",
+        f"        listen {http[0]}{ssl};{certs}",
         "        location / {",
-        "            proxy_pass http://feedrank_http;",
+        f"            proxy_pass {http_scheme}://feedrank_http;",
         "            proxy_http_version 1.1;",
         '            proxy_set_header Connection "";',
         f"            proxy_read_timeout {read_timeout_s:g}s;",
@@ -68,10 +72,10 @@ http {{
         keepalive 64;
     }}
     server {{
-        listen {listen} http2;
+        listen {listen}{ssl} http2;{certs}
         http2_max_concurrent_streams 1024;
         location / {{
-            grpc_pass grpc://feedrank_replicas;
+            grpc_pass {grpc_scheme}://feedrank_replicas;
             grpc_read_timeout {read_timeout_s:g}s;
             grpc_send_timeout {read_timeout_s:g}s;
             grpc_next_upstream error timeout;  # a replica that refuses the connection: the next one
@@ -81,10 +85,11 @@ http {{
 """
 
 
-def nginx_command(listen: str, upstreams: list[str], home: Path, http: tuple[str, list[str]] | None = None) -> list[str]:
+def nginx_command(listen: str, upstreams: list[str], home: Path, http: tuple[str, list[str]] | None = None,
+                  tls: tuple[str, str] | None = None) -> list[str]:
     """Write ``home``/nginx.conf and return the command that runs nginx on it in the foreground."""
     binary = nginx_binary()
     (home / "tmp").mkdir(parents=True, exist_ok=True)
     conf = home / "nginx.conf"
-    conf.write_text(nginx_conf(listen, upstreams, home, http=http))
+    conf.write_text(nginx_conf(listen, upstreams, home, http=http, tls=tls))
     return [binary, "-p", str(home), "-c", str(conf), "-g", "daemon off;"]

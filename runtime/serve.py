@@ -98,16 +98,18 @@ def replica_ports(port: int, replicas: int) -> list[int]:
     return [port + 1 + i for i in range(replicas)]
 
 
-def wait_ready(addresses: list[str], stop: threading.Event, timeout_s: float = 900.0) -> bool:
+def wait_ready(cfg: Config, addresses: list[str], stop: threading.Event, timeout_s: float = 900.0) -> bool:
     """Until every address's health says SERVING (True), ``stop`` is set or the timeout passes (False)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from serving.edge import open_channel
 
     pending = set(addresses)
     deadline = time.monotonic() + timeout_s
     while pending and not stop.is_set() and time.monotonic() < deadline:
         for a in sorted(pending):
-            with grpc.insecure_channel(a) as ch:
+            with open_channel(cfg, a) as ch:
                 try:
                     h = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
                     if h.status == health_pb2.HealthCheckResponse.SERVING:
@@ -133,13 +135,16 @@ def run_replicas(cfg: Config, argv: list[str], port: int, replicas: int, workers
                         "--metrics-port", str(cfg.serving.metrics_port + i * workers if cfg.serving.metrics_port else 0)]
                 for i, (p, h) in enumerate(zip(ports, http_ports))]
     home = cfg.data_dir / "nginx"
+    from serving.edge import tls_files
+
     nginx = nginx_command(f"{host}:{port}", [f"{host}:{p}" for p in ports], home,
-                          http=(f"{host}:{http_port}", [f"{host}:{h}" for h in http_ports]) if http_port else None)
+                          http=(f"{host}:{http_port}", [f"{host}:{h}" for h in http_ports]) if http_port else None,
+                          tls=tls_files(cfg))
     names = [f"replica {i} (:{p})" for i, p in enumerate(ports)]
     balancer: list[subprocess.Popen] = []
 
     def start_balancer() -> None:
-        if not wait_ready([f"{host}:{p}" for p in ports], stop):
+        if not wait_ready(cfg, [f"{host}:{p}" for p in ports], stop):
             return
         balancer.append(subprocess.Popen(nginx))
         say(f"nginx on {host}:{port} balancing gRPC calls over {replicas} replicas ({home / 'nginx.conf'})")

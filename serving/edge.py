@@ -85,8 +85,8 @@ def check_secrets(cfg: Any) -> None:
     ``cfg`` has real keys: the JWT secret (not needed when an RS256 public key is configured)
     and the cursor key, which must differ from the JWT secret."""
     s = cfg.serving
-    found = [None if s.jwt_public_key else _secret_problem("serving.jwt_secret", s.jwt_secret,
-                                                           ", or configure serving.jwt_public_key (RS256)"),
+    found = [None if s.jwt_public_key or s.jwt_jwks_url else _secret_problem(
+                 "serving.jwt_secret", s.jwt_secret, ", or configure serving.jwt_public_key or jwt_jwks_url (RS256)"),
              _secret_problem("serving.cursor_secret", s.cursor_secret,
                              ", the same value on every replica of a deployment")]
     problems = [p for p in found if p]
@@ -102,7 +102,7 @@ def embedded_auth() -> dict[str, str]:
     nobody else knows them."""
     return {"FEEDRANK_SERVING_JWT_SECRET": secrets.token_urlsafe(32),
             "FEEDRANK_SERVING_CURSOR_SECRET": secrets.token_urlsafe(32),
-            "FEEDRANK_SERVING_JWT_PUBLIC_KEY": "", "FEEDRANK_SERVING_JWT_ISSUER": "",
+            "FEEDRANK_SERVING_JWT_PUBLIC_KEY": "", "FEEDRANK_SERVING_JWT_JWKS_URL": "", "FEEDRANK_SERVING_JWT_ISSUER": "",
             "FEEDRANK_SERVING_JWT_AUDIENCE": ""}
 
 
@@ -117,9 +117,37 @@ def auth_env(cfg: Any) -> dict[str, str]:
     """The ``FEEDRANK_*`` variables that give a child process ``cfg``'s authentication settings."""
     s = cfg.serving
     return {"FEEDRANK_SERVING_JWT_SECRET": s.jwt_secret, "FEEDRANK_SERVING_CURSOR_SECRET": s.cursor_secret,
-            "FEEDRANK_SERVING_JWT_PUBLIC_KEY": s.jwt_public_key, "FEEDRANK_SERVING_JWT_ISSUER": s.jwt_issuer,
+            "FEEDRANK_SERVING_JWT_PUBLIC_KEY": s.jwt_public_key, "FEEDRANK_SERVING_JWT_JWKS_URL": s.jwt_jwks_url,
+            "FEEDRANK_SERVING_JWT_ISSUER": s.jwt_issuer,
             "FEEDRANK_SERVING_JWT_AUDIENCE": s.jwt_audience,
             "FEEDRANK_SERVING_JWT_MAX_LIFETIME_S": str(s.jwt_max_lifetime_s)}
+
+
+def tls_files(cfg: Any) -> tuple[str, str] | None:
+    """(certificate, key) PEM paths when TLS is configured (serving.tls_cert and tls_key), else None;
+    :class:`InsecureConfig` when only one is set or either cannot be read."""
+    s = cfg.serving
+    if not s.tls_cert and not s.tls_key:
+        return None
+    if not (s.tls_cert and s.tls_key):
+        raise InsecureConfig("serving.tls_cert and serving.tls_key must be set together (PEM paths), or neither")
+    files = (str(cfg.path(s.tls_cert)), str(cfg.path(s.tls_key)))
+    for name, f in zip(("tls_cert", "tls_key"), files):
+        if not Path(f).is_file():
+            raise InsecureConfig(f"serving.{name}: cannot read {f}")
+    return files
+
+
+def open_channel(cfg: Any, address: str, options: list[tuple[str, Any]] | None = None) -> Any:
+    """A gRPC channel to a FeedService of ``cfg``: TLS (trusting serving.tls_ca, or the server's own
+    certificate when that is "") when the server has TLS, plaintext otherwise."""
+    import grpc
+
+    tls = tls_files(cfg)
+    if not tls:
+        return grpc.insecure_channel(address, options=options)
+    root = Path(cfg.path(cfg.serving.tls_ca) if cfg.serving.tls_ca else tls[0]).read_bytes()
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=root), options=options)
 
 
 @dataclass(frozen=True)
@@ -138,10 +166,19 @@ def _numeric_date(claims: dict[str, Any], name: str) -> float:
     return float(v)
 
 
+class KeysUnavailable(RuntimeError):
+    """The issuer's JWKS could not be fetched: the server cannot verify tokens now (UNAVAILABLE, not the caller's fault)."""
+
+
 class Authenticator:
     def __init__(self, secret: str, public_key_path: str = "", *, issuer: str = "", audience: str = "",
-                 max_lifetime_s: float = 86400.0):
+                 max_lifetime_s: float = 86400.0, jwks_url: str = "", jwks_cache_s: float = 300.0):
         self.issuer, self.audience, self.max_lifetime_s = issuer, audience, float(max_lifetime_s)
+        self.jwks = None
+        if jwks_url:  # RS256 keys from the issuer, chosen by each token's kid (PyJWT's cached JWKS client)
+            self.jwks = jwt.PyJWKClient(jwks_url, cache_keys=True, lifespan=int(jwks_cache_s), timeout=5)
+            self.key, self.algorithm, self.public_key = None, "RS256", None
+            return
         try:
             self.public_key = Path(public_key_path).read_text() if public_key_path else None
         except (OSError, UnicodeDecodeError) as e:
@@ -171,7 +208,8 @@ class Authenticator:
         s = cfg.serving
         check_secrets(cfg)
         return cls(s.jwt_secret, str(cfg.path(s.jwt_public_key)) if s.jwt_public_key else "", issuer=s.jwt_issuer,
-                   audience=s.jwt_audience, max_lifetime_s=s.jwt_max_lifetime_s)
+                   audience=s.jwt_audience, max_lifetime_s=s.jwt_max_lifetime_s, jwks_url=s.jwt_jwks_url,
+                   jwks_cache_s=s.jwt_jwks_cache_s)
 
     def principal(self, metadata: Any) -> Principal:
         auth = next((v for k, v in (metadata or ()) if k == "authorization"), None)
@@ -187,8 +225,9 @@ class Authenticator:
         if alg != self.algorithm:
             raise AuthError(f"invalid token: algorithm {str(alg)[:20]!r} is not accepted (only {self.algorithm})")
         required = ["exp", "iat", "sub"] + (["iss"] if self.issuer else []) + (["aud"] if self.audience else [])
+        key = self.key if self.jwks is None else self._jwks_key(token)
         try:
-            claims = jwt.decode(token, self.key, algorithms=[self.algorithm], issuer=self.issuer or None,
+            claims = jwt.decode(token, key, algorithms=[self.algorithm], issuer=self.issuer or None,
                                 audience=self.audience or None,
                                 options={"require": required, "verify_aud": bool(self.audience),
                                          "verify_iat": False})
@@ -216,6 +255,17 @@ class Authenticator:
         return Principal(int(sub), admin)
 
 
+    def _jwks_key(self, token: str) -> Any:
+        try:
+            return self.jwks.get_signing_key_from_jwt(token).key
+        except jwt.PyJWKClientConnectionError as e:
+            raise KeysUnavailable(f"cannot verify tokens: the JWKS at {self.jwks.uri} is unreachable ({e})") from None
+        except jwt.PyJWKClientError as e:  # no kid, or a kid the issuer's set does not hold
+            raise AuthError(f"invalid token: {e}") from None
+        except jwt.PyJWTError as e:
+            raise AuthError(f"invalid token: {e}") from None
+
+
 def make_token(secret: str, user_id: int, admin: bool = False, ttl_s: float = 3600.0, *, issuer: str = "",
                audience: str = "") -> str:
     """An HS256 token for ``user_id`` (tests, the simulated clients, `feedrank token`); ``iss`` /
@@ -233,9 +283,9 @@ def config_token(cfg: Any, user_id: int, admin: bool = False, ttl_s: float = 360
     """An HS256 token a server with ``cfg`` accepts: its secret, issuer and audience. Raises
     :class:`InsecureConfig` for a placeholder secret, ValueError when the server would refuse it."""
     s = cfg.serving
-    if s.jwt_public_key:
-        raise ValueError("serving.jwt_public_key is set: the server accepts only RS256 tokens from your issuer "
-                         "(this mints HS256)")
+    if s.jwt_public_key or s.jwt_jwks_url:
+        raise ValueError("serving.jwt_public_key / jwt_jwks_url is set: the server accepts only RS256 tokens from "
+                         "your issuer (this mints HS256)")
     _refuse([p for p in [_secret_problem("serving.jwt_secret", s.jwt_secret)] if p], "refusing to sign a token")
     if not 0 < ttl_s <= s.jwt_max_lifetime_s:
         raise ValueError(f"ttl must be > 0 and <= serving.jwt_max_lifetime_s ({s.jwt_max_lifetime_s} s), got {ttl_s:g}")

@@ -14,7 +14,10 @@ from typing import Any, Callable, Iterator, Union
 
 import numpy as np
 
+from opentelemetry import context as otel_context
+
 from serving.deadlines import COSTS
+from serving.tracing import tracer
 from serving.components import (AD, IN_NETWORK, OUT_OF_NETWORK, Candidates, CandidateSource,
                                 Component, FeatureHydrator, Filter, FunnelContext, Query, QueryHydrator, Scorer,
                                 Selector, SideEffect, member)
@@ -129,7 +132,15 @@ def _ran(query: Query, comp: Component) -> None:
 def fetch_candidates(pipeline: Pipeline, query: Query, ctx: FunnelContext) -> Candidates:
     t0 = time.perf_counter()
     timeout = min(ctx.cfg.candidates.source_timeout_ms / 1000.0, max(query.remaining_s(), 0.001))
-    futures = {_POOL.submit(s.fetch, query, ctx): s for s in pipeline.sources}
+    parent = otel_context.get_current()  # the request's span, for the sources' spans in the pool's threads
+
+    def fetch(s: CandidateSource) -> Candidates:
+        with tracer.start_as_current_span(f"source:{s.name}", context=parent) as span:
+            c = s.fetch(query, ctx)
+            span.set_attribute("candidates", len(c))
+            return c
+
+    futures = {_POOL.submit(fetch, s): s for s in pipeline.sources}
     done, _ = wait(futures, timeout=timeout)
     parts: list[Candidates] = []
     for fut, src in futures.items():  # in declaration order: earlier sources win duplicates
@@ -201,19 +212,10 @@ def run_stages(stages: list[Stage], query: Query, ctx: FunnelContext, cands: Can
             continue
         stage = _within_deadline(stages, i, query, cands)
         _ran(query, stage)
-        if isinstance(stage, FeatureHydrator):
-            stage.hydrate(query, ctx, cands)
-        elif isinstance(stage, Scorer):
-            stage.score(query, ctx, cands)
-            if query.debug_post is not None and stage.writes:
-                _trace(query, stage.name, "scored", cands, stage.writes[-1] if stage.writes[-1] != "fatigue" else "score")
-        else:
-            before = query.debug_post is not None and cands.index_of(query.debug_post) is not None
-            cands = stage.select(query, ctx, cands)
-            if before:
-                kept = cands.index_of(query.debug_post) is not None
-                _trace(query, stage.name, "selected" if kept else "not_selected", cands,
-                       "position" if "position" in cands else None)
+        with tracer.start_as_current_span(stage.name) as span:
+            span.set_attribute("candidates_in", len(cands))
+            cands = _run_stage(stage, query, ctx, cands)
+            span.set_attribute("candidates_out", len(cands))
         ms = (time.perf_counter() - t0) * 1000
         query.timings_ms[stage.name] = query.timings_ms.get(stage.name, 0.0) + ms
         if stage is stages[i]:
@@ -221,16 +223,44 @@ def run_stages(stages: list[Stage], query: Query, ctx: FunnelContext, cands: Can
     return cands
 
 
+def _run_stage(stage: Stage, query: Query, ctx: FunnelContext, cands: Candidates) -> Candidates:
+    """One hydrator, scorer or selector on the candidates (a selector returns new ones); traced for DebugRanking."""
+    if isinstance(stage, FeatureHydrator):
+        stage.hydrate(query, ctx, cands)
+    elif isinstance(stage, Scorer):
+        stage.score(query, ctx, cands)
+        if query.debug_post is not None and stage.writes:
+            _trace(query, stage.name, "scored", cands, stage.writes[-1] if stage.writes[-1] != "fatigue" else "score")
+    else:
+        before = query.debug_post is not None and cands.index_of(query.debug_post) is not None
+        cands = stage.select(query, ctx, cands)
+        if before:
+            kept = cands.index_of(query.debug_post) is not None
+            _trace(query, stage.name, "selected" if kept else "not_selected", cands,
+                   "position" if "position" in cands else None)
+    return cands
+
+
 def run(pipeline: Pipeline, query: Query, ctx: FunnelContext, hydrate_query: bool = True) -> Candidates:
     """The ranked candidates (with columns: heads, score, x, reasons, position, ...). ``hydrate_query=False``
     only for a query whose user is set already (the start-up warm-up)."""
+    with tracer.start_as_current_span(f"pipeline:{pipeline.name}") as span:
+        cands = _run(pipeline, query, ctx, hydrate_query)
+        span.set_attribute("candidates", len(cands))
+        return cands
+
+
+def _run(pipeline: Pipeline, query: Query, ctx: FunnelContext, hydrate_query: bool) -> Candidates:
     t0 = time.perf_counter()
     if hydrate_query:
         for h in pipeline.query_hydrators:
             _ran(query, h)
-            h.hydrate(query, ctx)
+            with tracer.start_as_current_span(h.name):
+                h.hydrate(query, ctx)
         query.timings_ms["user"] = (time.perf_counter() - t0) * 1000
-    cands = fetch_candidates(pipeline, query, ctx)
+    with tracer.start_as_current_span("sources") as span:
+        cands = fetch_candidates(pipeline, query, ctx)
+        span.set_attribute("candidates", len(cands))
     t0 = time.perf_counter()
     for f in pipeline.filters:
         if not len(cands):

@@ -263,12 +263,14 @@ def create_app(service: Any, ready: Callable[[], bool] = lambda: True) -> Any:
 
     def subject(call: HttpCall) -> int:
         """The token's user (the default user_id); UNAUTHENTICATED as the RPC would answer it."""
-        from serving.edge import AuthError
+        from serving.edge import AuthError, KeysUnavailable
 
         try:
             return service.auth.principal(call.invocation_metadata()).user_id
         except AuthError as e:
             raise RpcAborted(grpc.StatusCode.UNAUTHENTICATED, str(e)) from None
+        except KeysUnavailable as e:
+            raise RpcAborted(grpc.StatusCode.UNAVAILABLE, f"{e}; retry") from None
 
     auth_header = Header(None, alias="Authorization", description="Bearer <JWT>")
 
@@ -325,10 +327,11 @@ def create_app(service: Any, ready: Callable[[], bool] = lambda: True) -> Any:
 
 class HttpServer:
     """uvicorn serving :func:`create_app` in a background thread of this worker, on a socket bound
-    here (SO_REUSEPORT when the workers share the port); port 0 picks a free one."""
+    here (SO_REUSEPORT when the workers share the port); port 0 picks a free one; ``tls`` =
+    (certificate, key) PEM paths serves HTTPS."""
 
     def __init__(self, service: Any, host: str, port: int, reuse_port: bool = False,
-                 ready: Callable[[], bool] = lambda: True):
+                 ready: Callable[[], bool] = lambda: True, tls: tuple[str, str] | None = None):
         import uvicorn
 
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -338,7 +341,8 @@ class HttpServer:
         self.sock.bind((host, port))
         self.sock.listen(2048)  # connections wait in the backlog until uvicorn accepts them
         self.port = self.sock.getsockname()[1]
-        config = uvicorn.Config(create_app(service, ready), log_level="warning", access_log=False, lifespan="off")
+        config = uvicorn.Config(create_app(service, ready), log_level="warning", access_log=False, lifespan="off",
+                                ssl_certfile=tls[0] if tls else None, ssl_keyfile=tls[1] if tls else None)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
                                        name="http-api")

@@ -21,6 +21,7 @@ import numpy as np
 from core.config import Config
 from serving import funnel
 from serving.components import Query, UserContext
+from serving.edge import tls_files
 from serving.feed import Pipelines
 from serving.funnel import Pipeline
 from serving.metrics import Metrics
@@ -112,8 +113,11 @@ class Server:
         from serving.ab_tests import Experiments
         from serving.model_loader import ModelLoader
 
+        from serving import tracing
+
         torch.set_num_threads(1)
         faiss.omp_set_num_threads(1)
+        tracing.configure(cfg)
         self.cfg = cfg
         self.metrics = Metrics()
         self.state = ServingState(cfg, clock=clock, bootstrap_dir=bootstrap_dir)
@@ -146,7 +150,13 @@ class Server:
         reflection.enable_server_reflection(
             (pb.DESCRIPTOR.services_by_name["FeedService"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME),
             self.server)
-        self.port = self.server.add_insecure_port(f"{cfg.serving.host}:{port if port is not None else cfg.serving.port}")
+        bind = f"{cfg.serving.host}:{port if port is not None else cfg.serving.port}"
+        tls = tls_files(cfg)
+        if tls:
+            key, cert = (Path(f).read_bytes() for f in (tls[1], tls[0]))
+            self.port = self.server.add_secure_port(bind, grpc.ssl_server_credentials([(key, cert)]))
+        else:
+            self.port = self.server.add_insecure_port(bind)
         if self.port == 0:
             raise RuntimeError(f"cannot bind {cfg.serving.host}:{port or cfg.serving.port}")
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -162,7 +172,7 @@ class Server:
             from serving.http_api import HttpServer
 
             self.http = HttpServer(self.service, cfg.serving.host, hport, reuse_port=reuse_port,
-                                   ready=lambda: not self.not_ready)
+                                   ready=lambda: not self.not_ready, tls=tls)
         self._stop = threading.Event()
         if self.not_ready:
             log.error("NOT_SERVING until ready: %s", "; ".join(self.not_ready))

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import grpc
 import numpy as np
+from opentelemetry import context as otel_context, trace
 
 from core.config import Config
 from core.events import Engagement, Feedback, Followed, InvalidEvent, Unfollowed, is_positive
@@ -24,12 +25,13 @@ from features.eventlog import EventLogError
 from serving import marshal, validation as v
 from serving.ab_tests import Experiments
 from serving.deadlines import Admission
-from serving.edge import Authenticator, AuthError, CursorError, Forbidden, Principal, SharedRateLimiter
+from serving.edge import Authenticator, AuthError, CursorError, Forbidden, KeysUnavailable, Principal, SharedRateLimiter
 from serving.feed import FeedRanker, Pipelines
 from serving.funnel import SourceUnavailable
 from serving.metrics import Metrics
 from serving.protos import pb, rpc
 from serving.state import RedisUnavailable, ServingState
+from serving.tracing import tracer
 from serving.validation import Abort, Invalid
 
 log = logging.getLogger("feedrank.serving.service")
@@ -64,6 +66,8 @@ class FeedService(rpc.FeedServiceServicer):
         code, message = grpc.StatusCode.OK, ""
         request_id = uuid.uuid4().hex
         response: Any = None
+        span = tracer.start_span(f"feedrank.{name}", attributes={"rpc.method": name, "feedrank.user_id": user_id or 0})
+        attached = otel_context.attach(trace.set_span_in_context(span))
         try:
             principal = self.auth.principal(context.invocation_metadata())
             if admin and not principal.admin:
@@ -88,6 +92,8 @@ class FeedService(rpc.FeedServiceServicer):
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
         except RedisUnavailable as e:
             code, message = grpc.StatusCode.UNAVAILABLE, f"state store unavailable, nothing was written; retry: {e}"
+        except KeysUnavailable as e:
+            code, message = grpc.StatusCode.UNAVAILABLE, f"{e}; retry"
         except SourceUnavailable as e:
             code, message = grpc.StatusCode.UNAVAILABLE, f"{e}; retry"
         except EventLogError as e:  # file://: a write or fsync failed (e.g. a full disk); kafka://: no broker ack
@@ -99,6 +105,14 @@ class FeedService(rpc.FeedServiceServicer):
             log.exception("%s failed", name, extra={"fields": {"request_id": request_id, "rpc": name}})
             code, message = grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})"
         finally:
+            otel_context.detach(attached)
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
+            if response is not None and name == "GetFeed":
+                span.set_attributes({"feedrank.request_id": response.request_id, "feedrank.items": len(response.items),
+                                     "feedrank.degraded": list(response.degraded_reasons)})
+            if code != grpc.StatusCode.OK:
+                span.set_status(trace.Status(trace.StatusCode.ERROR, f"{code.name}: {message}"[:200]))
+            span.end()
             ms = (time.perf_counter() - t0) * 1000
             self.metrics.rpcs.labels(name, code.name).inc()
             self.metrics.rpc_latency.labels(name).observe(ms / 1000)
