@@ -22,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from core.config import HEAD_NAMES, Config, ConfigError, Rerank
 
 BUCKETS = 10_000
+# what `feedrank experiments report` reads out per variant, and what a guardrail may bound
+READOUT_METRICS = ("ctr", "like_rate", "comment_rate", "share_rate", "long_dwell_rate", "negative_rate", "session_depth")
 
 
 class Variant(BaseModel):
@@ -57,6 +59,17 @@ class Experiment(BaseModel):
     salt: str = ""
     enabled: bool = True
     variants: list[Variant] = Field(min_length=1)
+    # read-out metric -> the largest relative change vs control a variant may show (negative: the largest fall),
+    # flagged by `feedrank experiments report` when a significant change crosses it
+    guardrails: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("guardrails")
+    @classmethod
+    def _guardrails(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = set(v) - set(READOUT_METRICS)
+        if bad:
+            raise ValueError(f"unknown guardrail metric(s) {sorted(bad)}; metrics are {list(READOUT_METRICS)}")
+        return v
 
     @model_validator(mode="after")
     def _unique(self) -> "Experiment":

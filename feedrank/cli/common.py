@@ -35,6 +35,9 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(feast_app, name="feast")
 batch_app = typer.Typer(help="Batch pipelines (Apache Beam) over the served-data lake.", no_args_is_help=True)
 app.add_typer(batch_app, name="batch")
+experiments_app = typer.Typer(help="A/B experiments (experiments.toml): read-outs from the served-data lake.",
+                              no_args_is_help=True)
+app.add_typer(experiments_app, name="experiments")
 # soft_wrap: an error is one line however narrow the terminal (or its absence: 80 columns) is
 console = Console(stderr=True, soft_wrap=True)
 

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from feedrank.cli.common import app, bench_app, console, load_cfg, fail, progress_bars, resolve_world, StageProgress, write_bench, rps_levels
+from feedrank.cli.common import app, bench_app, experiments_app, console, load_cfg, fail, progress_bars, resolve_world, StageProgress, write_bench, rps_levels
 
 
 @bench_app.callback()
@@ -271,3 +271,59 @@ def demo(
 
     sys.exit(run_demo(load_cfg(), scale=scale, users=users, minutes=minutes, keep_up=keep_up, console=console,
                       retrain=retrain))
+
+
+def _when(text: str, last_ms: int | None) -> int | None:
+    """An ISO date/time (UTC unless it names a zone), or a duration (90m, 6h, 7d) before the last logged exposure."""
+    import datetime as dt
+    import re
+
+    if not text:
+        return None
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([mhd])", text.strip())
+    if m:
+        if last_ms is None:
+            return None
+        return int(last_ms - float(m[1]) * {"m": 60_000, "h": 3_600_000, "d": 86_400_000}[m[2]])
+    try:
+        t = dt.datetime.fromisoformat(text)
+    except ValueError:
+        fail(f"--since/--until: {text!r} is neither an ISO date/time (2026-01-15, 2026-01-15T08:00) nor a duration (6h, 7d)")
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.timezone.utc)
+    return int(t.timestamp() * 1000)
+
+
+@experiments_app.command("report")
+def experiments_report(
+    since: str = typer.Option("", help="From this ISO date/time (UTC), or a duration (6h, 7d) before the last exposure"),
+    until: str = typer.Option("", help="Until this ISO date/time or duration before the last exposure"),
+    file: Optional[Path] = typer.Option(None, help="Experiments file (default serving.experiments_file)"),
+    out: Optional[Path] = typer.Option(None, help="Directory of report.{md,json,png} (default reports/experiments-report-<stamp>)"),
+) -> None:
+    """Per experiment and variant, from the lake's exposures and engagements: users, exposures, CTR, each head's
+    rate, negative feedback, session depth with 95% CIs and the difference to control, a sample-ratio-mismatch
+    check and the configured guardrails."""
+    from datetime import datetime, timezone
+
+    from core.config import PROJECT_ROOT
+    from features.lake import read_table
+    from lab.experiment_report import report, write
+    from core.config import ConfigError
+
+    cfg = load_cfg()
+    ts = read_table(cfg, "exposures", columns=["ts"]).column("ts").to_numpy()
+    last = int(ts.max()) if ts.size else None
+    try:
+        rep = report(cfg, file, _when(since, last), _when(until, last))
+    except (ConfigError, OSError) as e:
+        fail(str(e))
+    if not rep["experiments"]:
+        fail(f"no logged exposure names an experiment ({rep['exposures']:,} exposures in the window): "
+             "run the lake job (`feedrank jobs run lake`) over traffic served with experiments.toml")
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    paths = write(rep, out or PROJECT_ROOT / "reports" / f"experiments-report-{stamp}")
+    from lab.experiment_report import markdown
+
+    print(markdown(rep))
+    console.print(f"written to {paths['md']} (+ .json, .png)")
