@@ -378,6 +378,35 @@ class Clients(_Section):
     publish_per_min: Annotated[float, Field(ge=0)]
 
 
+class K8s(_Section):
+    namespace: str
+    image: str
+    flink_image: str
+    flink_version: str
+    flink_python_jar: str
+    flink_parallelism: PosInt
+    flink_taskmanager_memory: str
+    checkpoint_uri: str
+    model_store_uri: str
+    lake_uri: str
+    secret: str
+    serving_replicas: PosInt
+    serving_max_replicas: PosInt
+    serving_cpu_target_percent: Annotated[int, Field(gt=0, le=100)]
+    serving_cpu: str
+    serving_memory: str
+    redis_image: str
+    redis_memory: str
+    redis_storage: str
+    kafka_version: str
+    kafka_brokers: PosInt
+    kafka_partitions: PosInt
+    kafka_storage: str
+    daily_schedule: str
+    batch_memory: str
+    k8s_version: str
+
+
 class Config(_Section):
     """The whole configuration. ``root`` is where relative paths are resolved."""
 
@@ -402,6 +431,7 @@ class Config(_Section):
     online_learning: OnlineLearning
     sim: Sim
     clients: Clients
+    k8s: K8s
 
     def path(self, p: str | Path) -> Path:
         """Resolve a configured path relative to the project root."""

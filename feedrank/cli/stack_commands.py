@@ -211,3 +211,31 @@ def feast_export(world: Optional[Path] = typer.Option(None, help="Simulated worl
 
     cfg = load_cfg()
     print(json.dumps(export(cfg, resolve_world(cfg, world))))
+
+
+k8s_app = typer.Typer(help="Kubernetes manifests generated from feedrank.toml (deploy/k8s/).", no_args_is_help=True)
+app.add_typer(k8s_app, name="k8s")
+
+
+@k8s_app.command("render")
+def k8s_render(out: Optional[Path] = typer.Option(None, help="Where to write them (default deploy/k8s/feedrank.yaml)"),
+               check: bool = typer.Option(False, "--check", help="Validate and compare with OUT instead of writing")) -> None:
+    """Write the manifests (FeedService Deployment + Service + HPA, Redis, Strimzi Kafka, the streaming jobs as
+    FlinkDeployments, the daily CronJob), validated against the Kubernetes schemas (k8s.k8s_version)."""
+    from core.config import PROJECT_ROOT
+    from runtime.k8s import manifests, render, validate
+
+    cfg = load_cfg()
+    out = out or PROJECT_ROOT / "deploy" / "k8s" / "feedrank.yaml"
+    res = validate(manifests(cfg), cfg.k8s.k8s_version)
+    if res["errors"]:
+        fail("invalid manifests: " + "; ".join(res["errors"]))
+    text = render(cfg)
+    if check:
+        if not out.exists() or out.read_text() != text:
+            fail(f"{out} is not what feedrank.toml renders: run `feedrank k8s render`")
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+    console.print(f"{out}: {len(res['validated'])} resources valid against Kubernetes {cfg.k8s.k8s_version}; "
+                  f"custom resources without a schema here: {', '.join(res['not_validated'])}")
