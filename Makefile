@@ -49,15 +49,18 @@ $(JVM_STAMP): core/jvm/pom.xml
 jvm: preflight $(JVM_STAMP)
 
 # Debian packages the tests run for real: nginx, the gRPC load balancer of `feedrank serve --replicas`
-# (serving/replicas_test.py). Installed when missing and we may (root with apt-get), else the one-line fix.
+# (serving/replicas_test.py), and prometheus (promtool and a real Prometheus: serving/monitoring_test.py).
+# Installed when missing and we may (root with apt-get), else the one-line fix.
+SYSDEPS = nginx:/usr/sbin/nginx prometheus:/usr/bin/promtool
 sysdeps:
-	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { \
+	@missing=""; for d in $(SYSDEPS); do [ -x "$${d#*:}" ] || missing="$$missing $${d%%:*}"; done; \
+	[ -z "$$missing" ] || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing Debian's nginx (the load balancer of the replica tests)"; \
+	    echo "installing Debian's$$missing (the replica and monitoring tests run them)"; \
 	    export DEBIAN_FRONTEND=noninteractive; \
-	    apt-get install -y -qq --no-install-recommends nginx >/dev/null 2>&1 || \
-	      { apt-get update -qq && apt-get install -y -qq --no-install-recommends nginx; } || exit 1; \
-	  else echo "the replica tests need nginx: sudo apt-get install -y nginx"; exit 1; fi; }
+	    apt-get install -y -qq --no-install-recommends $$missing >/dev/null 2>&1 || \
+	      { apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing; } || exit 1; \
+	  else echo "the replica and monitoring tests need:$$missing: sudo apt-get install -y$$missing"; exit 1; fi; }
 
 # The in-process PyFlink job tests (jobs/) each run in their own pytest process: all local jobs of
 # one Python process share its gateway JVM, and once an embedded interpreter got stuck opening

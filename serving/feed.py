@@ -81,6 +81,7 @@ class FeedRanker:
         self.rankings = SharedRankings(state.redis, RankingCache(cfg.serving.ranking_cache_mb * 2**20),
                                        ttl_s=cfg.serving.ranking_ttl_s, latest_ttl_s=cfg.serving.result_cache_ttl_s)
         self.effects = SideEffectWorker(state, metrics)
+        self._evicted = 0  # the ranking cache's evictions already counted
 
     def query(self, user_id: int, feed: str, limit: int, budget_s: float, request_id: str | None = None) -> Query:
         params, assigned = self.experiments.params(self.cfg, user_id)
@@ -97,7 +98,10 @@ class FeedRanker:
     def _remember(self, r: Ranking, query: Query) -> None:
         self.rankings.put(r, degrade=query.degrade)
         self.metrics.ranking_cache_bytes.set(self.rankings.local.bytes)
-        self.metrics.ranking_cache_evictions.set(self.rankings.local.evicted)
+        evicted = self.rankings.local.evicted
+        if evicted > self._evicted:
+            self.metrics.ranking_cache_evictions.inc(evicted - self._evicted)
+            self._evicted = evicted
 
     # ------------------------------------------------------------------ GetFeed
     def get_feed(self, user: int, feed: str, limit: int, cursor: str, budget_s: float) -> FeedPage:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import warnings
 
+from typing import Any, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 STAGE_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.035, 0.05,
                  0.075, 0.1, 0.25, 0.5, 1.0)
@@ -36,7 +39,7 @@ class Metrics:
         # one per UNAVAILABLE answer; GetFeed counts one per page whose exposures failed every retry.
         self.ranking_cache_bytes = Gauge("feedrank_ranking_cache_bytes", "Bytes held by the ranking cache (cursor "
                                          "pages, refreshes); bounded by serving.ranking_cache_mb", registry=r)
-        self.ranking_cache_evictions = Gauge("feedrank_ranking_cache_evictions", "Rankings evicted from the ranking "
+        self.ranking_cache_evictions = Counter("feedrank_ranking_cache_evictions", "Rankings evicted from the ranking "
                                              "cache since start (least recently used first)", registry=r)
         self.signals = Counter("feedrank_signals_total", "SubmitSignals signals by outcome (accepted, not_served, "
                                "repeated, unvalidated: accepted while Redis was unavailable)", ["outcome"], registry=r)
@@ -61,6 +64,8 @@ class Metrics:
                                     "refused to load (feature schema mismatch); the previous one serves", ["model"],
                                     registry=r)
         self._versions: dict[str, str] = {}
+        self.jobs = StreamJobsCollector()
+        r.register(self.jobs)
 
     def set_models(self, versions: dict[str, str]) -> None:
         for model, v in versions.items():
@@ -76,3 +81,50 @@ class Metrics:
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host, registry=self.registry)
+
+
+LEARNER_DECISIONS = ("promoted", "rejected", "rolled_back", "rebased", "superseded")
+
+
+class StreamJobsCollector:
+    """The streaming jobs' own progress counters (their Redis hash ``feedrank:jobs:<job>:progress``, which the
+    server reads every few seconds: :meth:`update`) as metrics, so one scrape of a replica shows the
+    feature job's throughput and freshness and the online learner's decisions beside the serving ones."""
+
+    def __init__(self) -> None:
+        self.progress: dict[str, dict[str, Any]] = {}
+        self.now_ms = 0        # the serving clock (event time) when read
+        self.wall_ms = 0
+
+    def update(self, progress: dict[str, dict[str, Any]], now_ms: int, wall_ms: int) -> None:
+        self.progress, self.now_ms, self.wall_ms = progress, now_ms, wall_ms
+
+    def collect(self) -> Iterator[Any]:
+        events = CounterMetricFamily("feedrank_stream_events", "Events the feature job applied, per view (its count)",
+                                     labels=["stream", "view"])
+        fresh = GaugeMetricFamily("feedrank_stream_freshness_seconds", "The serving clock minus the newest event "
+                                  "time the feature job applied, per view (grows while no events arrive)",
+                                  labels=["stream", "view"])
+        flushed = GaugeMetricFamily("feedrank_stream_flush_age_seconds", "Seconds since the feature job last wrote "
+                                    "a view to the online store", labels=["stream", "view"])
+        features = self.progress.get("features", {})
+        for key, v in features.items():
+            view = key[: -len("_events")] if key.endswith("_events") and not key.startswith("dedupe_") else None
+            if view is None or not isinstance(v, float):
+                continue
+            events.add_metric(["features", view], v)
+            max_ts, at = features.get(f"{view}_max_ts"), features.get(f"{view}_flushed_at_ms")
+            if isinstance(max_ts, float) and max_ts > 0:
+                fresh.add_metric(["features", view], max(self.now_ms - max_ts, 0) / 1000)
+            if isinstance(at, float) and at > 0:
+                flushed.add_metric(["features", view], max(self.wall_ms - at, 0) / 1000)
+        decisions = CounterMetricFamily("feedrank_learner_decisions", "The online learner's decisions (promoted, "
+                                        "rejected, rolled_back, rebased, superseded)", labels=["decision"])
+        examples = CounterMetricFamily("feedrank_learner_examples", "Examples the online learner trained on")
+        learner = self.progress.get("learner", {})
+        for d in LEARNER_DECISIONS:
+            if isinstance(learner.get(d), float):
+                decisions.add_metric([d], learner[d])
+        if isinstance(learner.get("examples"), float):
+            examples.add_metric([], learner["examples"])
+        yield from (events, fresh, flushed, decisions, examples)

@@ -21,6 +21,7 @@ import numpy as np
 from core.config import Config
 from serving import funnel
 from serving.components import Query, UserContext
+from features.progress import read_progress
 from serving.edge import tls_files
 from serving.feed import Pipelines
 from serving.funnel import Pipeline
@@ -252,8 +253,10 @@ class Server:
                     counts = self.state.redis.run(lambda r: r.hgetall(DECISION_COUNTS))
                     for k, v in counts.items():
                         self.metrics.shadow_decisions.labels(k.decode()).set(int(v))
+                    self.metrics.jobs.update({job: read_progress(self.cfg, job) for job in ("features", "learner")},
+                                             self.state.clock(), int(time.time() * 1000))
                 except Exception as e:  # noqa: BLE001 - the gauge keeps its last value; the health check reports Redis
-                    log.warning("shadow decision counts unavailable: %s", e)
+                    log.warning("shadow decision counts or job progress unavailable: %s", e)
 
     @property
     def address(self) -> str:
