@@ -26,6 +26,8 @@ from typing import Any, Callable
 import grpc
 from pydantic import BaseModel, Field
 
+from core.events import FeedType
+from serving.client import ACTIONS, FEEDBACK, FEED_TYPES
 from serving.protos import pb
 
 log = logging.getLogger("feedrank.serving.http")
@@ -73,25 +75,9 @@ class HttpCall:
 
 # ---------------------------------------------------------------------------------------- models
 
-class FeedTypeName(str, Enum):
-    home = "home"
-    explore = "explore"
-    following = "following"
-
-
-class SignalActionName(str, Enum):
-    view = "view"
-    click = "click"
-    like = "like"
-    comment = "comment"
-    share = "share"
-    dwell = "dwell"
-
-
-class FeedbackTypeName(str, Enum):
-    hide = "hide"
-    not_interested = "not_interested"
-    see_less = "see_less"
+# the API's names are the gRPC client's (serving.client): one mapping from names to the proto's values
+SignalActionName = Enum("SignalActionName", {a: a for a in ACTIONS}, type=str)
+FeedbackTypeName = Enum("FeedbackTypeName", {f: f for f in FEEDBACK}, type=str)
 
 
 class FeedbackTargetName(str, Enum):
@@ -239,7 +225,6 @@ def create_app(service: Any, ready: Callable[[], bool] = lambda: True) -> Any:
     app = FastAPI(title="feedrank FeedService", version="1", docs_url=None, redoc_url=None,
                   description="The feed API of seed 003 over the gRPC FeedService: same auth (Authorization: "
                               "Bearer <JWT>), limits and validation; errors are {error, message}.")
-    feed_types = {FeedTypeName.home: pb.HOME, FeedTypeName.explore: pb.EXPLORE, FeedTypeName.following: pb.FOLLOWING}
 
     def error(status: int, code: str, message: str, retry: bool = False) -> JSONResponse:
         return JSONResponse({"error": code, "message": message}, status_code=status,
@@ -282,14 +267,14 @@ def create_app(service: Any, ready: Callable[[], bool] = lambda: True) -> Any:
         return JSONResponse({"status": "NOT_SERVING"}, status_code=503)
 
     @app.get("/api/v1/feed", response_model=FeedPage, responses=ERRORS, summary="The next page of the ranked feed")
-    def get_feed(type: FeedTypeName = Query(FeedTypeName.home, description="home | explore | following"),
+    def get_feed(type: FeedType = Query(FeedType.HOME, description="home | explore | following"),
                  cursor: str = Query("", max_length=4096, description="next_cursor of the previous page"),
                  limit: int = Query(20, ge=1, le=100),
                  user_id: int | None = Query(None, ge=0, le=U64, description="default: the token's subject"),
                  authorization: str | None = auth_header) -> FeedPage:
         call = HttpCall(authorization)
         user = subject(call) if user_id is None else user_id
-        req = pb.GetFeedRequest(user_id=user, feed_type=feed_types[type], cursor=cursor, limit=limit)
+        req = pb.GetFeedRequest(user_id=user, feed_type=FEED_TYPES[type.value], cursor=cursor, limit=limit)
         return feed_page(service.GetFeed(req, call))
 
     @app.post("/api/v1/feed/signals", response_model=SignalsResult, responses=ERRORS,
@@ -298,7 +283,7 @@ def create_app(service: Any, ready: Callable[[], bool] = lambda: True) -> Any:
         call = HttpCall(authorization)
         user = subject(call) if body.user_id is None else body.user_id
         req = pb.SubmitSignalsRequest(user_id=user, signals=[
-            pb.Signal(post_id=s.post_id, action=pb.SignalAction.Value(s.action.value.upper()), dwell_ms=s.dwell_ms,
+            pb.Signal(post_id=s.post_id, action=ACTIONS[s.action.value], dwell_ms=s.dwell_ms,
                       position=s.position, request_id=s.request_id, ts_ms=s.ts_ms, author_id=s.author_id)
             for s in body.signals])
         r = service.SubmitSignals(req, call)
@@ -309,7 +294,7 @@ def create_app(service: Any, ready: Callable[[], bool] = lambda: True) -> Any:
     def submit_feedback(body: FeedbackBody, authorization: str | None = auth_header) -> FeedbackResult:
         call = HttpCall(authorization)
         user = subject(call) if body.user_id is None else body.user_id
-        req = pb.SubmitFeedbackRequest(user_id=user, kind=pb.FeedbackKind.Value(body.feedback_type.value.upper()),
+        req = pb.SubmitFeedbackRequest(user_id=user, kind=FEEDBACK[body.feedback_type.value],
                                        target=pb.FeedbackTarget.Value(body.target.value.upper()), post_id=body.post_id,
                                        author_id=body.author_id, topic=body.topic, ts_ms=body.ts_ms)
         service.SubmitFeedback(req, call)
@@ -318,8 +303,8 @@ def create_app(service: Any, ready: Callable[[], bool] = lambda: True) -> Any:
     @app.get("/api/v1/feed/debug", response_model=DebugResult, responses=ERRORS,
              summary="For ranking engineers (admin token): the post's features, head scores and funnel journey")
     def debug(user_id: int = Query(ge=0, le=U64), post_id: int = Query(ge=0, le=U64),
-              type: FeedTypeName = Query(FeedTypeName.home), authorization: str | None = auth_header) -> DebugResult:
-        req = pb.DebugRankingRequest(user_id=user_id, post_id=post_id, feed_type=feed_types[type])
+              type: FeedType = Query(FeedType.HOME), authorization: str | None = auth_header) -> DebugResult:
+        req = pb.DebugRankingRequest(user_id=user_id, post_id=post_id, feed_type=FEED_TYPES[type.value])
         return debug_result(service.DebugRanking(req, HttpCall(authorization)))
 
     return app

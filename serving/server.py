@@ -253,8 +253,9 @@ class Server:
                     counts = self.state.redis.run(lambda r: r.hgetall(DECISION_COUNTS))
                     for k, v in counts.items():
                         self.metrics.shadow_decisions.labels(k.decode()).set(int(v))
-                    self.metrics.jobs.update({job: read_progress(self.cfg, job) for job in ("features", "learner")},
-                                             self.state.clock(), int(time.time() * 1000))
+                    progress = self.state.redis.run(
+                        lambda r: {job: read_progress(self.cfg, job, r) for job in ("features", "learner")})
+                    self.metrics.jobs.update(progress, self.state.clock(), int(time.time() * 1000))
                 except Exception as e:  # noqa: BLE001 - the gauge keeps its last value; the health check reports Redis
                     log.warning("shadow decision counts or job progress unavailable: %s", e)
 
