@@ -42,25 +42,26 @@ venv: preflight $(STAMP)
 # the pom's digest, as core/jvm.py checks it.
 $(JVM_STAMP): core/jvm/pom.xml
 	@echo "fetching JVM artifacts (core/jvm/pom.xml) into $(JVM_DIR)"
-	rm -rf $(JVM_DIR)/kafka $(JVM_DIR)/flink
+	rm -rf $(JVM_DIR)/kafka $(JVM_DIR)/flink $(JVM_DIR)/crds
 	mvn -B -q -Dstyle.color=never -f core/jvm/pom.xml package -Djvm.out=$(CURDIR)/$(JVM_DIR)
 	@sha256sum core/jvm/pom.xml | cut -d' ' -f1 > $(JVM_STAMP)
 
 jvm: preflight $(JVM_STAMP)
 
 # Debian packages the tests run for real: nginx, the gRPC load balancer of `feedrank serve --replicas`
-# (serving/replicas_test.py), and prometheus (promtool and a real Prometheus: serving/monitoring_test.py).
+# (serving/replicas_test.py), prometheus (promtool and a real Prometheus: serving/monitoring_test.py), and
+# chromium with its driver (Selenium drives the /debug page headless: serving/served_test.py).
 # Installed when missing and we may (root with apt-get), else the one-line fix.
-SYSDEPS = nginx:/usr/sbin/nginx prometheus:/usr/bin/promtool
+SYSDEPS = nginx:/usr/sbin/nginx prometheus:/usr/bin/promtool chromium:/usr/bin/chromium chromium-driver:/usr/bin/chromedriver
 sysdeps:
 	@missing=""; for d in $(SYSDEPS); do [ -x "$${d#*:}" ] || missing="$$missing $${d%%:*}"; done; \
 	[ -z "$$missing" ] || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing Debian's$$missing (the replica and monitoring tests run them)"; \
+	    echo "installing Debian's$$missing (the replica, monitoring and debug-page tests run them)"; \
 	    export DEBIAN_FRONTEND=noninteractive; \
 	    apt-get install -y -qq --no-install-recommends $$missing >/dev/null 2>&1 || \
 	      { apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing; } || exit 1; \
-	  else echo "the replica and monitoring tests need:$$missing: sudo apt-get install -y$$missing"; exit 1; fi; }
+	  else echo "the replica, monitoring and debug-page tests need:$$missing: sudo apt-get install -y$$missing"; exit 1; fi; }
 
 # The in-process PyFlink job tests (jobs/) each run in their own pytest process: all local jobs of
 # one Python process share its gateway JVM, and once an embedded interpreter got stuck opening

@@ -262,6 +262,7 @@ class Serving(_Section):
     max_queued_ms: Annotated[float, Field(ge=0)]
     feature_refresh_ms: PosInt
     snapshot_ttl_s: PosInt
+    served_record_ttl_s: PosInt
     request_deadline_ms: PosInt
     experiments_file: str
     exposure_log_attempts: PosInt

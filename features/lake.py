@@ -147,6 +147,26 @@ def files(cfg: Config, table: str, dates: Iterable[str] | None = None) -> list[P
     return [f for p in parts for f in sorted(p.glob("hr=*/*")) if f.is_file() and not f.name.startswith((".", "_"))]
 
 
+def served_rows(cfg: Config, snapshot_id: str, ts_ms: int) -> tuple[Any, Any, str] | None:
+    """(post ids, float32 rows, feature schema hash) of the ``features_served`` row with ``snapshot_id``,
+    looked up in the hour partition of its event time ``ts_ms`` only (DebugRanking of a served page);
+    None when the lake has not archived it (yet)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    day, hour = partition(ts_ms)
+    fs = [f for f in files(cfg, "features_served", [day]) if f.parent.name == f"hr={hour}"]
+    for f in fs:
+        t = _read_file(f, ["snapshot_id", "post_ids", "feature_schema", "n_features", "rows"])
+        t = t.filter(pc.equal(t.column("snapshot_id"), snapshot_id))
+        if t.num_rows:
+            ids = np.asarray(t.column("post_ids")[0].as_py(), dtype=np.int64)
+            n = int(t.column("n_features")[0].as_py())
+            rows = np.frombuffer(t.column("rows")[0].as_py(), dtype="<f4").reshape(ids.size, n).astype(np.float32)
+            return ids, rows, str(t.column("feature_schema")[0].as_py())
+    return None
+
+
 def read_table(cfg: Config, table: str, dates: Iterable[str] | None = None, columns: list[str] | None = None,
                where: Callable[[Any], Any] | None = None, unique: bool = True) -> Any:
     """One table of the lake as a pyarrow Table, repeats of an event_id dropped (the first kept; ``unique``

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from features.snapshots import SnapshotStore
     from serving.catalog import FollowGraph, PostCatalog
     from serving.model_loader import ModelLoader, Models
+    from serving.served import ServedRecords
     from serving.state import RedisGuard
 
 # Source codes: the proto's Source enum values, named as the events name them (core.events.Source)
@@ -95,6 +96,8 @@ class Query:
     trace: list[dict[str, Any]] = field(default_factory=list)  # DebugRanking: what happened to debug_post
     model_version: str = ""
     executed: list[str] = field(default_factory=list)           # "<kind> <name>" of each component run, in order
+    funnel: list[tuple[str, int, int]] = field(default_factory=list)  # (stage, candidates in, out), in run order
+    pipeline: str = ""                                          # the pipeline that ranked it ("" = a cursor page)
 
     def remaining_s(self) -> float:
         return self.deadline - time.monotonic()
@@ -174,6 +177,7 @@ class FunnelContext(Protocol):
     loader: "ModelLoader"
     redis: "RedisGuard"
     snapshots: "SnapshotStore"
+    served: "ServedRecords"
     events: "EventLog"
 
     def user_context(self, user_id: int, degrade: Callable[[str], None], need_cache: bool = True) -> UserContext: ...

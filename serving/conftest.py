@@ -74,9 +74,10 @@ def world_clock(end_ms: int) -> Callable[[], int]:
 
 
 @contextmanager
-def running_server(served_world: ServedWorld, **overrides: str) -> Iterator[Any]:
+def running_server(served_world: ServedWorld, clock: Callable[[], int] | None = None, **overrides: str) -> Iterator[Any]:
     """A server on its own embedded Redis, with the Feast user rows materialized; ``overrides``
-    are FEEDRANK_* settings (e.g. an event log on a disk a test fills)."""
+    are FEEDRANK_* settings (e.g. an event log on a disk a test fills); ``clock`` (epoch ms) defaults to
+    the world's, running from its end."""
     from datetime import datetime, timezone
 
     from features.feast_repo import apply
@@ -90,7 +91,7 @@ def running_server(served_world: ServedWorld, **overrides: str) -> Iterator[Any]
         store = apply(cfg)
         store.materialize(datetime(2020, 1, 1, tzinfo=timezone.utc), datetime(2030, 1, 1, tzinfo=timezone.utc),
                           feature_views=["user_topic", "topic_stats"])
-        server = Server(cfg, bootstrap_dir=served_world.world_dir, clock=world_clock(served_world.end_ms), port=0,
+        server = Server(cfg, bootstrap_dir=served_world.world_dir, clock=clock or world_clock(served_world.end_ms), port=0,
                         metrics_port=free_port())
         yield server
     finally:

@@ -20,13 +20,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from core.config import Config
-from serving import funnel
+from serving import funnel, served
 from serving.ab_tests import Experiments
 from serving.components import Candidates, Query
 from serving.edge import CursorCodec
 from serving.funnel import Pipeline
 from serving.metrics import Metrics
 from serving.rankings import Ranking, RankingCache, SharedRankings
+from serving.served import ServedExplanation
 from serving.side_effect_worker import SideEffectWorker
 from serving.state import ServingState
 from serving.validation import FEED_ENUM, Invalid
@@ -218,10 +219,38 @@ class FeedRanker:
         if i is not None:
             query.debug_source = int(ranked.source[i])
         trace, query.trace = query.trace, []
+        counts, pipe_name = list(query.funnel), query.pipeline
         one = funnel.run(self.pipelines.debug, query, self.state)
         self._count_runs(self.pipelines.debug.name, query, start)
-        query.trace = trace
+        query.trace, query.funnel, query.pipeline = trace, counts, pipe_name
         return ranked, one
+
+    def explain_served(self, user: int, post: int, request_id: str) -> ServedExplanation:
+        """``post`` as request ``request_id`` served it to ``user``: its page's record, the features it was served
+        with (lake, else snapshot) and the served model's head scores re-computed on them (a check that they
+        are the rows it was scored on). :class:`serving.served.NotServed` when there is no such record."""
+        from serving.model_loader import score_heavy
+
+        pages = self.state.redis.run(lambda r: self.state.served.pages(r, request_id))
+        page, item, counts = served.find(pages, request_id, user, post)
+        row, source = served.served_row(self.cfg, self.state.snapshots, self.state.redis, page, post)
+        out = ServedExplanation(request_id, page, item, counts, row, source)
+        if row is None:
+            out.notes.append("features unavailable: the lake has not archived this page and its Redis snapshot "
+                             "expired (serving.snapshot_ttl_s)")
+        elif page["model_version"]:
+            try:
+                out.rescored = score_heavy(self.state.loader.heavy_for(page["model_version"]), row[None, :])[0]
+            except Exception as e:  # noqa: BLE001 - the explanation stands without the re-score; it says why
+                out.notes.append(f"not re-scored: model {page['model_version']} did not load ({e})")
+        return out
+
+    def cursor_request(self, cursor: str, user: int) -> str:
+        """The request id a cursor continues (DebugRanking by cursor); Invalid for another user's cursor."""
+        cur = self.cursors.decode(cursor)
+        if cur.get("u") != user:
+            raise Invalid("cursor: issued for another user")
+        return str(cur["r"])
 
 
 def describe_declared() -> list[str]:

@@ -160,6 +160,7 @@ def fetch_candidates(pipeline: Pipeline, query: Query, ctx: FunnelContext) -> Ca
             query.degrade(f"source_error:{src.name}")
             continue
         query.source_counts[src.name] = len(c)
+        query.funnel.append((f"source:{src.name}", 0, len(c)))
         if query.debug_post is not None:
             _trace(query, f"source:{src.name}", "retrieved" if c.index_of(query.debug_post) is not None else "not_retrieved",
                    c, "ann")
@@ -180,6 +181,7 @@ def fetch_candidates(pipeline: Pipeline, query: Query, ctx: FunnelContext) -> Ca
                            ann=np.zeros(1, dtype=np.float32))
         cands = Candidates.concat([cands, extra])
         _trace(query, "sources", "added_for_debug", detail="no source retrieved it; scored anyway")
+    query.funnel.append(("sources", sum(len(p) for p in parts), len(cands)))  # after duplicates are merged
     query.timings_ms["sources"] = (time.perf_counter() - t0) * 1000
     return cands
 
@@ -214,8 +216,11 @@ def run_stages(stages: list[Stage], query: Query, ctx: FunnelContext, cands: Can
         _ran(query, stage)
         with tracer.start_as_current_span(stage.name) as span:
             span.set_attribute("candidates_in", len(cands))
+            n_in = len(cands)
             cands = _run_stage(stage, query, ctx, cands)
             span.set_attribute("candidates_out", len(cands))
+        if isinstance(stage, Selector):
+            query.funnel.append((stage.name, n_in, len(cands)))
         ms = (time.perf_counter() - t0) * 1000
         query.timings_ms[stage.name] = query.timings_ms.get(stage.name, 0.0) + ms
         if stage is stages[i]:
@@ -245,6 +250,7 @@ def run(pipeline: Pipeline, query: Query, ctx: FunnelContext, hydrate_query: boo
     """The ranked candidates (with columns: heads, score, x, reasons, position, ...). ``hydrate_query=False``
     only for a query whose user is set already (the start-up warm-up)."""
     with tracer.start_as_current_span(f"pipeline:{pipeline.name}") as span:
+        query.pipeline = pipeline.name
         cands = _run(pipeline, query, ctx, hydrate_query)
         span.set_attribute("candidates", len(cands))
         return cands
@@ -272,6 +278,7 @@ def _run(pipeline: Pipeline, query: Query, ctx: FunnelContext, hydrate_query: bo
             if i is not None:
                 _trace(query, f"filter:{f.name}", "kept" if keep[i] else "removed", cands)
         query.source_counts[f"removed:{f.name}"] = int((~keep).sum())
+        query.funnel.append((f"filter:{f.name}", len(cands), int(keep.sum())))
         cands = cands.take(np.flatnonzero(keep))
     query.timings_ms["filters"] = (time.perf_counter() - t0) * 1000
     if not len(cands):  # every source failed (flagged degraded already) or all filtered: empty, well-formed

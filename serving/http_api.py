@@ -4,6 +4,8 @@
     POST /api/v1/feed/signals                         client engagement signals          (SubmitSignals)
     POST /api/v1/feed/feedback                        negative feedback on an item       (SubmitFeedback)
     GET  /api/v1/feed/debug?user_id=…&post_id=…       why a post ranks where it does     (DebugRanking, admin)
+         …&request_id=… | &cursor=…                   why a past request served it there
+    GET  /debug                                       that, as a page for ranking engineers
     GET  /openapi.json                                this API, generated from the models below
 
 Each endpoint builds the RPC's request message and calls the FeedService method itself, so
@@ -21,6 +23,7 @@ import socket
 import threading
 import time
 from enum import Enum
+from pathlib import Path
 from typing import Any, Callable
 
 import grpc
@@ -32,6 +35,7 @@ from serving.protos import pb
 
 log = logging.getLogger("feedrank.serving.http")
 
+DEBUG_PAGE = Path(__file__).resolve().parent / "web" / "debug.html"
 U64 = 2**63 - 1      # ids: the service's own range check (validation.MAX_ID) names the field when beyond it
 U32 = 2**32 - 1
 I64 = 2**63 - 1
@@ -164,21 +168,43 @@ class StageDecision(BaseModel):
     detail: str
 
 
+class StageCount(BaseModel):
+    stage: str
+    candidates_in: int
+    candidates_out: int
+
+
 class DebugResult(BaseModel):
     post_id: int
-    served: bool = Field(description="in the user's current page")
+    served: bool = Field(description="fresh: in the user's current page; by request: true")
     position: int
-    features: dict[str, float] = Field(description="the full heavy-ranker feature vector, by name")
-    heads: HeadScores
+    features: dict[str, float] = Field(description="the full heavy-ranker feature vector, by name (by request: "
+                                                   "as served)")
+    heads: HeadScores | None = Field(description="P(head) (by request: as served)")
     stages: list[StageDecision] = Field(description="the post's journey through the funnel")
     model_version: str
     experiments: dict[str, str]
+    request_id: str = Field(description='the request explained ("" = a fresh ranking)')
+    served_ms: int = Field(description="when it was served (by request) or ranked (fresh), epoch ms")
+    features_from: str = Field(description="fresh | lake (exact rows) | snapshot (Redis, float16) | unavailable")
+    funnel: list[StageCount] = Field(description="every stage's candidate counts in the ranking that placed it")
+    source: str
+    score: float = Field(description="the final score the re-ranker ordered by")
+    heavy_score: float = Field(description="the weighted head scores before the adjustments")
+    weighted: dict[str, float] = Field(description='score parts: weight x P(head) per head and "adjustments"; '
+                                                   'an ad: "bid_x_click"')
+    rescored: HeadScores | None = Field(description="by request: the served model re-run on the served features")
+    reasons: list[str] = Field(description="the re-rank rules that placed it")
+    score_order: int = Field(description="its place by score alone, before the re-rank rules")
+    page: list[FeedItem] = Field(description="by request: the page it was served on")
+    notes: list[str] = Field(description="what could not be explained, and why")
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": Error, "description": name}
     for status, name in ((400, "invalid argument (the field and the reason)"), (401, "no, malformed or expired token"),
                          (403, "acting as another user, or an admin endpoint without admin"),
+                         (404, "no such served record or post (DebugRanking by request)"),
                          (429, "rate limit or load shedding: retry later"),
                          (500, "internal error (with a request id)"), (503, "a store did not accept the write: retry"),
                          (504, "deadline exceeded"))
@@ -192,20 +218,39 @@ def _heads(h: Any) -> HeadScores:
                       negative=h.negative)
 
 
+def _item(i: Any) -> FeedItem:
+    return FeedItem(post_id=i.post_id, author_id=i.author_id, score=i.score, heads=_heads(i.heads),
+                    source=pb.Source.Name(i.source), position=i.position, reasons=list(i.reasons))
+
+
 def feed_page(r: Any) -> FeedPage:
-    return FeedPage(items=[FeedItem(post_id=i.post_id, author_id=i.author_id, score=i.score, heads=_heads(i.heads),
-                                    source=pb.Source.Name(i.source), position=i.position, reasons=list(i.reasons))
-                           for i in r.items],
+    return FeedPage(items=[_item(i) for i in r.items],
                     next_cursor=r.next_cursor, model_version=r.model_version, experiments=dict(r.experiments),
                     degraded=r.degraded, degraded_reasons=list(r.degraded_reasons), request_id=r.request_id,
                     from_cache=r.from_cache)
 
 
+def _ordered(m: Any, names: list[str]) -> dict[str, float]:
+    """A proto map (unordered) in the schema's order, then any other keys."""
+    return {**{n: m[n] for n in names if n in m}, **{k: v for k, v in sorted(m.items()) if k not in names}}
+
+
 def debug_result(r: Any) -> DebugResult:
-    return DebugResult(post_id=r.post_id, served=r.served, position=r.position, features=dict(r.features),
-                       heads=_heads(r.heads), model_version=r.model_version, experiments=dict(r.experiments),
+    from core.schema import HEAD_NAMES, HEAVY_NAMES
+
+    return DebugResult(post_id=r.post_id, served=r.served, position=r.position,
+                       features=_ordered(r.features, HEAVY_NAMES),
+                       heads=_heads(r.heads) if r.HasField("heads") else None, model_version=r.model_version,
+                       experiments=dict(r.experiments),
                        stages=[StageDecision(stage=s.stage, decision=s.decision, score=s.score, rank=s.rank, of=s.of,
-                                             detail=s.detail) for s in r.stages])
+                                             detail=s.detail) for s in r.stages],
+                       request_id=r.request_id, served_ms=r.served_ms, features_from=r.features_from,
+                       funnel=[StageCount(stage=f.stage, candidates_in=f.candidates_in, candidates_out=f.candidates_out)
+                               for f in r.funnel],
+                       source=pb.Source.Name(r.source), score=r.score, heavy_score=r.heavy_score,
+                       weighted=_ordered(r.weighted, [*HEAD_NAMES, "adjustments"]), rescored=_heads(r.rescored) if r.HasField("rescored") else None,
+                       reasons=list(r.reasons), score_order=r.score_order, page=[_item(i) for i in r.page],
+                       notes=list(r.notes))
 
 
 # ---------------------------------------------------------------------------------------- the app
@@ -219,7 +264,7 @@ def create_app(service: Any, ready: Callable[[], bool] = lambda: True) -> Any:
     server's readiness, answered on /healthz (503 until ready) as gRPC health answers it."""
     from fastapi import FastAPI, Header, Query, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import HTMLResponse, JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     app = FastAPI(title="feedrank FeedService", version="1", docs_url=None, redoc_url=None,
@@ -303,9 +348,18 @@ def create_app(service: Any, ready: Callable[[], bool] = lambda: True) -> Any:
     @app.get("/api/v1/feed/debug", response_model=DebugResult, responses=ERRORS,
              summary="For ranking engineers (admin token): the post's features, head scores and funnel journey")
     def debug(user_id: int = Query(ge=0, le=U64), post_id: int = Query(ge=0, le=U64),
-              type: FeedType = Query(FeedType.HOME), authorization: str | None = auth_header) -> DebugResult:
-        req = pb.DebugRankingRequest(user_id=user_id, post_id=post_id, feed_type=FEED_TYPES[type.value])
+              type: FeedType = Query(FeedType.HOME),
+              request_id: str = Query("", max_length=128, description="explain it as this GetFeed request served it"),
+              cursor: str = Query("", max_length=4096, description="or as the request of this next_cursor served it"),
+              authorization: str | None = auth_header) -> DebugResult:
+        req = pb.DebugRankingRequest(user_id=user_id, post_id=post_id, feed_type=FEED_TYPES[type.value],
+                                     request_id=request_id, cursor=cursor)
         return debug_result(service.DebugRanking(req, HttpCall(authorization)))
+
+    @app.get("/debug", response_class=HTMLResponse, include_in_schema=False)
+    def debug_page() -> HTMLResponse:
+        """For ranking engineers: renders /api/v1/feed/debug (the admin token is entered in the page)."""
+        return HTMLResponse(DEBUG_PAGE.read_text(encoding="utf-8"))
 
     return app
 

@@ -22,7 +22,7 @@ from serving.query_hydrators import UserQueryHydrator
 from serving.scorers import (AuthorDiversityScorer, FeedbackFatigueScorer, HeavyRankerScorer, LightRankerScorer,
                              OriginalBoostScorer, PolicyDemotionScorer, RecencyScorer)
 from serving.selectors import ChronologicalSelector, RerankSelector, TopKSelector
-from serving.side_effects import ExposureLogSideEffect, SeenSideEffect, ShadowScoreSideEffect
+from serving.side_effects import ExposureLogSideEffect, SeenSideEffect, ServedRecordSideEffect, ShadowScoreSideEffect
 from serving.candidate_sources import (AdSource, AnnSource, CachedRankingSource, DebugPostSource, FollowGraphSource,
                              TrendingSource)
 
@@ -41,7 +41,8 @@ def ranking(*, ads: bool, out_of_network: bool) -> list:
 
 
 RANKING = ranking(ads=True, out_of_network=True)                    # HOME's
-SIDE_EFFECTS = [SeenSideEffect(), ExposureLogSideEffect()]          # seen before the response, exposures after
+SIDE_EFFECTS = [SeenSideEffect(), ExposureLogSideEffect(), ServedRecordSideEffect()]  # seen before the response,
+                                                                    # exposures and the served record after
 HOME_SIDE_EFFECTS = [*SIDE_EFFECTS, ShadowScoreSideEffect()]        # ...and a shadow candidate's scores, when one runs
 
 

@@ -76,7 +76,7 @@ class HeavyRankerScorer(Scorer):
     (ads: bid x P(click))."""
 
     reads = ("x",)     # and an ad's "bid" (AdSource)
-    writes = ("heads", "score")
+    writes = ("heads", "heavy_score", "score")  # heavy_score: before the adjustments below change score
     deadline_fallback = LightScoreScorer()
 
     def score(self, query: Query, ctx: FunnelContext, cands: Candidates) -> None:
@@ -98,7 +98,8 @@ class HeavyRankerScorer(Scorer):
         if ad.any():
             score[ad] = cands["bid"][ad] * p[ad, CLICK]
         cands["heads"] = p.astype(np.float32)
-        cands["score"] = score.astype(np.float32)
+        cands["heavy_score"] = score.astype(np.float32)
+        cands["score"] = cands["heavy_score"].copy()
 
 
 class FeedbackFatigueScorer(Scorer):

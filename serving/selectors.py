@@ -65,6 +65,7 @@ class TopKSelector(Selector):
         self.column, self.k_setting = column, k_setting
         self.reserve_quotas, self.out_of_network = reserve_quotas, out_of_network
         self.reads = (column,)
+        self.writes = (f"rank_by_{column}",)  # each survivor's 1-based rank here (ads: 0), for DebugRanking
 
     @property
     def name(self) -> str:
@@ -97,7 +98,11 @@ class TopKSelector(Selector):
                 extra.append(rest[oon][: 2 * math.ceil(rr.min_out_of_network * k)])
             keep = np.concatenate([keep, *extra])
             keep = keep[np.sort(np.unique(keep, return_index=True)[1])]
-        return cands.take(np.concatenate([keep, np.flatnonzero(ad)]))
+        rank = np.zeros(len(cands), dtype=np.int32)
+        rank[order] = np.arange(1, order.size + 1, dtype=np.int32)
+        out = cands.take(np.concatenate([keep, np.flatnonzero(ad)]))
+        out[self.writes[0]] = rank[np.concatenate([keep, np.flatnonzero(ad)])]
+        return out
 
 
 def _at_least_top(idx: np.ndarray, s: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -154,7 +159,7 @@ class RerankSelector(Selector):
     and ``out_of_network`` switch rules 1 and 2 on (HOME) or off (EXPLORE)."""
 
     reads = ("score",)   # and "light_score" for the exploration slots
-    writes = ("reasons", "position")
+    writes = ("reasons", "position", "score_order")  # score_order: its place by score alone (ads: among ads)
 
     def __init__(self, ads: bool, out_of_network: bool):
         self.ads, self.out_of_network = ads, out_of_network
@@ -171,6 +176,7 @@ class RerankSelector(Selector):
         is_ad = cands.source == AD
         organic = [int(i) for i in np.argsort(-np.where(is_ad, -np.inf, score), kind="stable") if not is_ad[i]]
         ads = [int(i) for i in np.argsort(-np.where(is_ad, score, -np.inf), kind="stable") if is_ad[i]]
+        organic_order, ad_order = list(organic), list(ads)
         oon_mask = ~is_ad & (cands.source != IN_NETWORK)
         had_oon = bool(oon_mask.any())  # the out-of-network rule applies only when there were such candidates
         fresh_mask = (query.now_ms - cat.published_ms[cands.ids]) <= rr.fresh_hours * HOUR_MS
@@ -254,7 +260,11 @@ class RerankSelector(Selector):
             page_fresh += int(fresh[pick])
             page_explore += int(cold[pick] and "exploration" in why)
             reasons.append(why)
+        by_score = np.zeros(n, dtype=np.int32)
+        for group in (organic_order, ad_order):
+            by_score[group] = np.arange(1, len(group) + 1, dtype=np.int32)
         out = cands.take(np.array(order, dtype=np.int64))
         out["reasons"] = object_column(reasons)
         out["position"] = np.arange(1, len(order) + 1, dtype=np.int64)
+        out["score_order"] = by_score[np.array(order, dtype=np.int64)]
         return out

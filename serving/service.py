@@ -30,6 +30,7 @@ from serving.feed import FeedRanker, Pipelines
 from serving.funnel import SourceUnavailable
 from serving.metrics import Metrics
 from serving.protos import pb, rpc
+from serving.served import NotServed
 from serving.state import RedisUnavailable, ServingState
 from serving.tracing import tracer
 from serving.validation import Abort, Invalid
@@ -183,6 +184,17 @@ class FeedService(rpc.FeedServiceServicer):
     def _debug(self, principal: Principal, req: Any, context: grpc.ServicerContext) -> Any:
         user, post = v.check_id(req.user_id, "user_id"), v.check_id(req.post_id, "post_id")
         v.known_post(self.state.catalog, post)
+        if req.request_id and req.cursor:
+            raise Invalid("request_id, cursor: give one of them (or neither, for a fresh ranking)")
+        if req.request_id or req.cursor:
+            request_id = req.request_id or self.feeds.cursor_request(req.cursor, user)
+            if len(request_id) > 128:
+                raise Invalid("request_id: at most 128 characters")
+            try:
+                ex = self.feeds.explain_served(user, post, request_id)
+            except NotServed as e:
+                raise Abort(grpc.StatusCode.NOT_FOUND, str(e)) from None
+            return marshal.served_debug_response(ex, self.state)
         feed = v.feed_type(req.feed_type)
         query = self.feeds.query(user, feed, self.cfg.funnel.page_size, self._budget_s(context))
         ranked, one = self.feeds.debug(query, post)

@@ -13,6 +13,12 @@ from serving.components import SOURCE_NAMES, Candidates, FunnelContext, Query, S
 
 
 
+def page_snapshot_id(query: Query, page: Candidates) -> str | None:
+    """The id of a served page's feature rows (the Redis snapshot, the lake's features_served row), carried
+    by its exposures and its served record; None for a page served without rows."""
+    return f"{query.request_id}:{int(page['position'][0])}" if len(page) and "x" in page else None
+
+
 class ExposureLogSideEffect(SideEffect):
     """Every served item -> an Exposure event (position, source, model version, experiments), and the exact
     feature rows the heavy ranker scored -> one FeaturesServed event, appended together (the served-data lake
@@ -33,10 +39,9 @@ class ExposureLogSideEffect(SideEffect):
     def prepare(self, query: Query, ctx: FunnelContext, page: Candidates) -> list[BaseEvent]:
         if not len(page):
             return []
-        snapshot_id = None
+        snapshot_id = page_snapshot_id(query, page)
         events: list[BaseEvent] = []
-        if "x" in page:
-            snapshot_id = f"{query.request_id}:{int(page['position'][0])}"
+        if snapshot_id is not None:
             events.append(FeaturesServed(request_id=query.request_id, snapshot_id=snapshot_id, user_id=query.user_id,
                                          post_ids=page.ids.tolist(), feature_schema=HEAVY_SCHEMA_HASH,
                                          n_features=int(page["x"].shape[1]), rows=FeaturesServed.encode_rows(page["x"]),
@@ -100,3 +105,25 @@ class ShadowScoreSideEffect(SideEffect):
         if payload:
             ctx.events.append_many(payload)
         return len(payload)
+
+
+class ServedRecordSideEffect(SideEffect):
+    """The page's served record (:mod:`serving.served`: every item's scores, ranks, re-rank reasons and the
+    funnel's counts) into Redis under its request id, after the response, so DebugRanking can explain a post
+    as it was served for ``serving.served_record_ttl_s``. A failed write is counted in
+    ``feedrank_side_effect_errors_total{effect="ServedRecordSideEffect"}``; nothing served changes."""
+
+    reads = ("position",)
+    asynchronous = True
+    unit = "pages"
+
+    def prepare(self, query: Query, ctx: FunnelContext, page: Candidates) -> dict[str, Any] | None:
+        from serving.served import page_record
+
+        return page_record(query, page, page_snapshot_id(query, page)) if len(page) else None
+
+    def apply(self, ctx: FunnelContext, payload: dict[str, Any] | None) -> int:
+        if payload is None:
+            return 0
+        ctx.redis.run(lambda r: ctx.served.put(r, payload))
+        return 1

@@ -176,6 +176,9 @@ class ServingState:
         self.topic_trend = np.zeros(N_TOPICS, dtype=np.float32)
         self.events = open_configured_event_log(cfg)
         self.snapshots = SnapshotStore(cfg)
+        from serving.served import ServedRecords
+
+        self.served = ServedRecords(cfg)
         from features.connection import redis_client
 
         # blocking reads: own connection. From the start of the retained streams: changes made before this

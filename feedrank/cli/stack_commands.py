@@ -221,13 +221,16 @@ app.add_typer(k8s_app, name="k8s")
 def k8s_render(out: Optional[Path] = typer.Option(None, help="Where to write them (default deploy/k8s/feedrank.yaml)"),
                check: bool = typer.Option(False, "--check", help="Validate and compare with OUT instead of writing")) -> None:
     """Write the manifests (FeedService Deployment + Service + HPA, Redis, Strimzi Kafka, the streaming jobs as
-    FlinkDeployments, the daily CronJob), validated against the Kubernetes schemas (k8s.k8s_version)."""
+    FlinkDeployments, the daily CronJob), validated against the Kubernetes schemas (k8s.k8s_version) and the
+    Flink operator's CRD schema (fetched by `make jvm`)."""
     from core.config import PROJECT_ROOT
-    from runtime.k8s import manifests, render, validate
+    from core.jvm import ensure
+    from runtime.k8s import crd_schemas, manifests, render, validate
 
     cfg = load_cfg()
     out = out or PROJECT_ROOT / "deploy" / "k8s" / "feedrank.yaml"
-    res = validate(manifests(cfg), cfg.k8s.k8s_version)
+    ensure(cfg)  # the operators' CRD schemas come with the JVM artifacts
+    res = validate(manifests(cfg), cfg.k8s.k8s_version, crd_schemas(cfg))
     if res["errors"]:
         fail("invalid manifests: " + "; ".join(res["errors"]))
     text = render(cfg)
@@ -237,5 +240,8 @@ def k8s_render(out: Optional[Path] = typer.Option(None, help="Where to write the
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
-    console.print(f"{out}: {len(res['validated'])} resources valid against Kubernetes {cfg.k8s.k8s_version}; "
-                  f"custom resources without a schema here: {', '.join(res['not_validated'])}")
+    for w in res["warnings"]:
+        console.print(f"warning: {w}")
+    console.print(f"{out}: {len(res['validated'])} resources valid against Kubernetes {cfg.k8s.k8s_version}, "
+                  f"{len(res['validated_crd'])} against their operator's CRD; custom resources without a schema "
+                  f"here: {', '.join(res['not_validated'])}")
