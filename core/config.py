@@ -175,7 +175,7 @@ class Candidates(_Section):
 
 class Retrieval(_Section):
     dim: PosInt
-    index: Literal["ivf", "ivf_sq8", "flat"]
+    index: Literal["ivf", "ivf_fp16", "ivf_sq8", "flat"]
     nlist: PosInt
     nprobe: PosInt
 
@@ -263,6 +263,7 @@ class Serving(_Section):
     feature_refresh_ms: PosInt
     snapshot_ttl_s: PosInt
     served_record_ttl_s: PosInt
+    malloc_arenas: NonNegInt
     request_deadline_ms: PosInt
     experiments_file: str
     exposure_log_attempts: PosInt

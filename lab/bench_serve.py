@@ -40,7 +40,9 @@ Step = Callable[[str, float], None]
 
 
 def index_cache_dir(cfg: Config, world_dir: Path, tt_version: str) -> Path:
-    return cfg.data_dir / "bench" / "serve-cache" / f"{world_dir.name}-{tt_version}"
+    """The world's index for these towers and ``retrieval.index`` kind (or its Feast export: ``tt_version`` "feast")."""
+    kind = "" if tt_version == "feast" else f"-{cfg.retrieval.index}"
+    return cfg.data_dir / "bench" / "serve-cache" / f"{world_dir.name}-{tt_version}{kind}"
 
 
 def build_world_index(cfg: Config, world_dir: Path, step: Step) -> tuple[Path, str]:
@@ -95,10 +97,11 @@ def build_world_index(cfg: Config, world_dir: Path, step: Step) -> tuple[Path, s
 
 def prune_index_caches(cfg: Config, world_dir: Path, keep: Path) -> list[Path]:
     """Remove the world's cached indexes of earlier towers (~750 MB each on 1M posts); a rolled-back
-    two_tower rebuilds its own. The world's Feast export is kept."""
+    two_tower rebuilds its own. The world's Feast export and the other index kinds of these towers are kept."""
     removed = []
+    towers = keep.name[: -len(f"-{cfg.retrieval.index}")]
     for d in sorted(keep.parent.glob(f"{world_dir.name}-*")):
-        if d not in (keep, index_cache_dir(cfg, world_dir, "feast")):
+        if d != index_cache_dir(cfg, world_dir, "feast") and d.name.rsplit("-", 1)[0] != towers:  # kinds: no "-"
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
     return removed
@@ -471,7 +474,8 @@ def retrieval_recall(bcfg: Config, world: Any, users: np.ndarray, n_queries: int
         sweep.append({"nprobe": npb, "recall": round(recall(got, exact), 4),
                       "ms_per_query": round((time.perf_counter() - t0) * 1000 / len(queries), 2)})
     served = next(t for t in sweep if t["nprobe"] == bcfg.retrieval.nprobe)
-    return {"k": k, "queries": len(queries), "nlist": int(getattr(index.index, "nlist", 0)), "nprobe": bcfg.retrieval.nprobe, "recall_at_k": served["recall"],
+    return {"k": k, "queries": len(queries), "kind": index.kind, "nlist": int(getattr(index.index, "nlist", 0)),
+            "nprobe": bcfg.retrieval.nprobe, "recall_at_k": served["recall"],
             "goal": 0.95, "met": served["recall"] >= 0.95, "nprobe_sweep": sweep}
 
 
@@ -546,7 +550,7 @@ def bench_serve(cfg: Config, scale: str = "large", rps_levels: tuple[float, ...]
         return {"scale": scale, "world": str(st.world_dir), "posts": int(world.n_posts), "users": int(world.n_users),
                 "follows": int(world.follow_src.size), "models": st.versions, "server_startup_s": round(st.startup_s, 1),
                 "server": {"worker_processes": n_workers, "torch_threads": 1, "faiss_threads": 1, "grpc_threads": 8},
-                "retrieval": {"index": bcfg.retrieval.index, "nlist": recall_res["nlist"], "nprobe": bcfg.retrieval.nprobe,
+                "retrieval": {"index": recall_res["kind"], "nlist": recall_res["nlist"], "nprobe": bcfg.retrieval.nprobe,
                               "ann_k": bcfg.candidates.ann_k, "recall": recall_res},
                 "p99_goals_ms": [[upto, goal] for upto, goal in P99_GOALS_MS if upto != float("inf")] + [["above", P99_GOALS_MS[-1][1]]],
                 "shadow_candidate": candidate, "levels": levels}

@@ -18,10 +18,11 @@ def _data(n=20_000, d=128, seed=0):
     return ids, x.astype(np.float32), days, q.astype(np.float32)
 
 
-@pytest.mark.parametrize("kind", ["ivf", "ivf_sq8", "flat"])
+@pytest.mark.parametrize("kind", ["ivf", "ivf_fp16", "ivf_sq8", "flat"])
 def test_search_matches_exact_score_with_recency(kind):
     ids, x, days, q = _data()
     idx = RetrievalIndex(kind=kind, nlist=256, nprobe=256, recency=0.8).build(ids, x, days)
+    assert idx.index.d == idx.width == (144 if kind in ("ivf_fp16", "ivf_sq8") else 129)  # SQ: a SIMD width
     scores, got = idx.search(q, 500)
     want = idx.exact(q, 500, ids, x, days)
     assert recall(got, want) > (0.99 if kind != "ivf_sq8" else 0.9)

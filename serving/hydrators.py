@@ -72,9 +72,9 @@ class LightFeatureHydrator(FeatureHydrator):
         elif "has_ann" in cands:  # ANN candidates carry the cosine already; compute the rest
             ann = cands["ann"].astype(np.float32, copy=True)
             todo = np.flatnonzero(~cands["has_ann"])
-            ann[todo] = cat.emb[ids[todo]] @ u.embedding
+            ann[todo] = cat.embeddings(ids[todo]) @ u.embedding
         else:
-            ann = cat.emb[ids] @ u.embedding
+            ann = cat.embeddings(ids) @ u.embedding
         s = _stats(ctx, ids)
         ctr_a = ctx.author_ctr
         a_ok = (author >= 0) & (author < ctr_a.size)
@@ -117,7 +117,7 @@ class HeavyFeatureHydrator(FeatureHydrator):
         s = _stats(ctx, ids)
         ue = u.embedding if u.embedding is not None else np.zeros(cat.emb.shape[1], dtype=np.float32)
         extra = vectors.heavy_extra(
-            user_emb=ue, post_emb=cat.emb[ids], user_topic_clicks=u.topic_clicks, ctype=cat.ctype[ids],
+            user_emb=ue, post_emb=cat.embeddings(ids), user_topic_clicks=u.topic_clicks, ctype=cat.ctype[ids],
             topic=cat.topic[ids], author=cat.author[ids], user_negatives=u.negatives, user_clicks=u.clicks,
             impressions=s["impressions"], comments=s["comments"], shares=s["shares"], long_dwells=s["long_dwells"],
             hour=(query.now_ms // HOUR_MS) % 24, session=_session(query.now_ms, u, cat))

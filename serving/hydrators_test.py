@@ -112,6 +112,7 @@ def test_serving_hydrators_and_training_compute_the_same_vectors_for_the_same_ro
     t = T0 + 48 * HOUR_MS
     post_emb = rng.normal(size=(w.n_posts, DIM)).astype(np.float32)
     post_emb /= np.linalg.norm(post_emb, axis=1, keepdims=True)
+    post_emb = post_emb.astype(np.float16).astype(np.float32)  # the precision the index ships them at (post_emb.npy)
     checked = 0
     session_cols = [j for j, f in enumerate(HEAVY_FEATURES) if f.group == "session"]
     for user in CHECKED:

@@ -99,6 +99,19 @@ def seed_ads(state: ServingState, n: int, seed: int = 7) -> int:
     return int(pick.size)
 
 
+def limit_malloc_arenas(n: int) -> None:
+    """Cap glibc's malloc arenas (``M_ARENA_MAX``) before the server's threads start: glibc gives each thread
+    that finds the arenas busy a new one, up to 8 per core, and each keeps the memory freed into it."""
+    import ctypes
+
+    if n <= 0:
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, n)  # M_ARENA_MAX
+    except (OSError, AttributeError):  # not glibc: its allocator has its own policy
+        log.info("malloc arenas not limited (no glibc mallopt)")
+
+
 class Server:
     """A running FeedService: gRPC + health + reflection (+ metrics endpoint)."""
 
@@ -118,6 +131,7 @@ class Server:
 
         torch.set_num_threads(1)
         faiss.omp_set_num_threads(1)
+        limit_malloc_arenas(cfg.serving.malloc_arenas)
         tracing.configure(cfg)
         self.cfg = cfg
         self.metrics = Metrics()
