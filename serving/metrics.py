@@ -58,6 +58,8 @@ class Metrics:
                                    registry=r)
         self.shadow_pages = Counter("feedrank_shadow_pages_scored_total", "Served pages scored by the shadow candidate",
                                     registry=r)
+        self.served_records = Counter("feedrank_served_records_total", "Served pages recorded for DebugRanking by "
+                                      "request id (serving.served)", registry=r)
         self.shadow_decisions = Gauge("feedrank_shadow_decisions", "Shadow decisions recorded in Redis, by decision "
                                       "(promote, reject): models.shadow", ["decision"], registry=r)
         self.models_refused = Gauge("feedrank_models_refused", "Versions the store made current that this server "

@@ -99,6 +99,9 @@ def test_an_hour_old_served_post_is_explained_with_the_features_it_was_served_wi
     item = page1["items"][2]  # position 3
     post = item["post_id"]
 
+    # two pages recorded (no shadow candidate runs: no page is counted as shadow-scored)
+    assert api.metrics.served_records._value.get() >= 2 and api.metrics.shadow_pages._value.get() == 0
+
     # at once: the served record and the Redis snapshot (float16) of the page's rows
     r = _explain(api, u, post, request_id=rid)
     assert r.status_code == 200, r.text

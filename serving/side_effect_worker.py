@@ -20,7 +20,7 @@ from typing import Any
 from features.eventlog import EventLogError
 from serving.components import Candidates, FunnelContext, Query, SideEffect
 from serving.metrics import Metrics
-from serving.side_effects import ExposureLogSideEffect
+from serving.side_effects import ExposureLogSideEffect, ServedRecordSideEffect, ShadowScoreSideEffect
 
 log = logging.getLogger("feedrank.serving.side_effects")
 
@@ -72,8 +72,10 @@ class SideEffectWorker:
             effect, query, page = item
             try:
                 n, payload = self._apply(effect, query, page)
-                if effect.unit == "pages":
+                if isinstance(effect, ShadowScoreSideEffect):
                     self.metrics.shadow_pages.inc(n)
+                if isinstance(effect, ServedRecordSideEffect):
+                    self.metrics.served_records.inc(n)
                 if effect.unit == "exposures":
                     self.metrics.exposures.inc(n)
                     if isinstance(effect, ExposureLogSideEffect) and (missing := effect.without_features(payload)):

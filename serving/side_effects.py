@@ -111,11 +111,12 @@ class ServedRecordSideEffect(SideEffect):
     """The page's served record (:mod:`serving.served`: every item's scores, ranks, re-rank reasons and the
     funnel's counts) into Redis under its request id, after the response, so DebugRanking can explain a post
     as it was served for ``serving.served_record_ttl_s``. A failed write is counted in
-    ``feedrank_side_effect_errors_total{effect="ServedRecordSideEffect"}``; nothing served changes."""
+    ``feedrank_side_effect_errors_total{effect="ServedRecordSideEffect"}``, a written one in
+    ``feedrank_served_records_total``; nothing served changes."""
 
     reads = ("position",)
     asynchronous = True
-    unit = "pages"
+    unit = "served records"
 
     def prepare(self, query: Query, ctx: FunnelContext, page: Candidates) -> dict[str, Any] | None:
         from serving.served import page_record
