@@ -233,9 +233,10 @@ class FeedRanker:
 
         pages = self.state.redis.run(lambda r: self.state.served.pages(r, request_id))
         page, item, counts = served.find(pages, request_id, user, post)
-        row, source = served.served_row(self.cfg, self.state.snapshots, self.state.redis, page, post)
-        out = ServedExplanation(request_id, page, item, counts, row, source)
-        if row is None:
+        notes: list[str] = []
+        row, source = served.served_row(self.cfg, self.state.snapshots, self.state.redis, page, post, notes)
+        out = ServedExplanation(request_id, page, item, counts, row, source, notes=notes)
+        if row is None and not notes:
             out.notes.append("features unavailable: the lake has not archived this page and its Redis snapshot "
                              "expired (serving.snapshot_ttl_s)")
         elif page["model_version"]:

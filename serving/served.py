@@ -111,15 +111,22 @@ def find(pages: list[dict[str, Any]], request_id: str, user_id: int, post_id: in
     raise NotServed(f"post {post_id} was not served by request {request_id} (it served positions {shown})")
 
 
-def served_row(cfg: Config, snapshots: Any, redis: Any, page: dict[str, Any], post_id: int) -> tuple[np.ndarray | None, str]:
+def served_row(cfg: Config, snapshots: Any, redis: Any, page: dict[str, Any], post_id: int,
+               notes: list[str]) -> tuple[np.ndarray | None, str]:
     """The heavy-feature row ``post_id`` was served with: the lake's exact float32 row when the lake job has
-    archived the page, else the Redis snapshot's float16 row while it lives, else None."""
+    archived the page, else the Redis snapshot's float16 row while it lives, else None (``notes`` says why
+    a store could not be read)."""
     from features import lake
 
     sid = page.get("snapshot_id")
     if not sid:
+        notes.append("served without feature rows (a degraded ranking)")
         return None, "unavailable"
-    got = lake.served_rows(cfg, sid, int(page["served_ms"]))
+    try:
+        got = lake.served_rows(cfg, sid, int(page["served_ms"]))
+    except Exception as e:  # noqa: BLE001 - an unreadable lake leaves the snapshot; the answer says so
+        notes.append(f"lake not readable: {type(e).__name__}: {e}")
+        got = None
     if got is not None:
         ids, rows, schema = got
         hit = np.flatnonzero(ids == post_id)
@@ -127,7 +134,8 @@ def served_row(cfg: Config, snapshots: Any, redis: Any, page: dict[str, Any], po
             return rows[hit[0]], "lake"
     try:
         snap = redis.run(lambda r: snapshots.get_many([sid])).get(sid)
-    except Exception:  # noqa: BLE001 - Redis down: the explanation says the features are unavailable
+    except Exception as e:  # noqa: BLE001 - Redis down: the explanation says the features are unavailable
+        notes.append(f"snapshot not readable: {type(e).__name__}: {e}")
         snap = None
     if snap is not None:
         ids, rows = snap

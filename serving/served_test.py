@@ -115,9 +115,12 @@ def test_an_hour_old_served_post_is_explained_with_the_features_it_was_served_wi
 
     # an hour later: the snapshot has expired (serving.snapshot_ttl_s = 1 h) and the lake job has archived
     # the page; the post's features have moved on (it is an hour older), the explanation has not
-    _archive(api, rid)
     api.state.redis.client.delete(SNAPSHOT_KEY.format(f"{rid}:1"))
     api.clock.offset_ms += HOUR_MS + 60_000
+    gone = _explain(api, u, post, request_id=rid).json()  # before the lake job has archived it: said, not faked
+    assert gone["features_from"] == "unavailable" and gone["features"] == {} and "expired" in " ".join(gone["notes"])
+    assert gone["position"] == 3 and gone["heads"]["click"] == pytest.approx(item["heads"]["click"], abs=1e-7)
+    _archive(api, rid)
     old = _explain(api, u, post, request_id=rid).json()
     assert old["features_from"] == "lake" and old["position"] == 3
     served = np.array([old["features"][n] for n in HEAVY_NAMES], dtype=np.float32)
