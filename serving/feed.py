@@ -236,9 +236,10 @@ class FeedRanker:
         notes: list[str] = []
         row, source = served.served_row(self.cfg, self.state.snapshots, self.state.redis, page, post, notes)
         out = ServedExplanation(request_id, page, item, counts, row, source, notes=notes)
-        if row is None and not notes:
-            out.notes.append("features unavailable: the lake has not archived this page and its Redis snapshot "
-                             "expired (serving.snapshot_ttl_s)")
+        if row is None:
+            if not notes:
+                out.notes.append("features unavailable: the lake has not archived this page and its Redis snapshot "
+                                 "expired (serving.snapshot_ttl_s)")
         elif page["model_version"]:
             try:
                 out.rescored = score_heavy(self.state.loader.heavy_for(page["model_version"]), row[None, :])[0]

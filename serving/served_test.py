@@ -65,14 +65,20 @@ def _explain(api, user: int, post: int, **params: Any) -> requests.Response:
                         headers=_auth(api, 1, admin=True), timeout=30)
 
 
-def _served_rows(api, request_id: str) -> dict[int, np.ndarray]:
-    """The exact float32 rows the event log holds for the request's pages (what the lake job archives)."""
+def _features_served(api, request_id: str) -> list[FeaturesServed]:
+    """The request's FeaturesServed events in the event log: the exact float32 rows the lake job archives."""
     api.service.feeds.effects.drain()
+    evs = [e for e in (parse_event(x) for x in read_all(api.state.events.reader(), idle_s=0.5))
+           if e.type == "features_served" and e.request_id == request_id]
+    assert evs
+    return evs
+
+
+def _served_rows(api, request_id: str) -> dict[int, np.ndarray]:
     out: dict[int, np.ndarray] = {}
-    for e in (parse_event(x) for x in read_all(api.state.events.reader(), idle_s=0.5)):
-        if e.type == "features_served" and e.request_id == request_id:
-            x = FeaturesServed.decode_rows(e.rows, e.n_features)
-            out.update({p: x[i] for i, p in enumerate(e.post_ids)})
+    for e in _features_served(api, request_id):
+        x = FeaturesServed.decode_rows(e.rows, e.n_features)
+        out.update({p: x[i] for i, p in enumerate(e.post_ids)})
     return out
 
 
@@ -81,11 +87,7 @@ def _archive(api, request_id: str) -> None:
     runs that job itself; here only the rows matter)."""
     from features import lake
 
-    api.service.feeds.effects.drain()
-    evs = [e for e in (parse_event(x) for x in read_all(api.state.events.reader(), idle_s=0.5))
-           if e.type == "features_served" and e.request_id == request_id]
-    assert evs
-    lake.write_rows(api.cfg, "features_served", [lake.row_of("features_served", e) for e in evs])
+    lake.write_rows(api.cfg, "features_served", [lake.row_of("features_served", e) for e in _features_served(api, request_id)])
 
 
 def test_an_hour_old_served_post_is_explained_with_the_features_it_was_served_with(api):
@@ -120,6 +122,19 @@ def test_an_hour_old_served_post_is_explained_with_the_features_it_was_served_wi
     gone = _explain(api, u, post, request_id=rid).json()  # before the lake job has archived it: said, not faked
     assert gone["features_from"] == "unavailable" and gone["features"] == {} and "expired" in " ".join(gone["notes"])
     assert gone["position"] == 3 and gone["heads"]["click"] == pytest.approx(item["heads"]["click"], abs=1e-7)
+    # a lake file that cannot be read is said in the answer, not an error, and nothing is re-scored
+    from features import lake
+
+    day, hour = lake.partition(gone["served_ms"])
+    bad = lake.lake_dir(api.cfg) / "features_served" / f"dt={day}" / f"hr={hour}" / "part-unreadable.parquet"
+    bad.parent.mkdir(parents=True, exist_ok=True)
+    bad.write_bytes(b"not parquet")
+    broken = _explain(api, u, post, request_id=rid)
+    assert broken.status_code == 200, broken.text
+    notes = " ".join(broken.json()["notes"])
+    assert broken.json()["features_from"] == "unavailable" and "lake not readable" in notes
+    assert "not re-scored" not in notes and broken.json()["rescored"] is None
+    bad.unlink()
     _archive(api, rid)
     old = _explain(api, u, post, request_id=rid).json()
     assert old["features_from"] == "lake" and old["position"] == 3
